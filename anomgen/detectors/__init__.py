@@ -1,0 +1,7 @@
+"""Anomaly detectors and the feature extractors they use."""
+
+from anomgen.detectors.features import RawPixels
+from anomgen.detectors.knn import KNNScorer
+from anomgen.detectors.knn_detector import KNNDetector
+
+__all__ = ["KNNDetector", "KNNScorer", "RawPixels"]

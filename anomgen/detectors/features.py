@@ -1,0 +1,27 @@
+"""Feature extractors: modules that map a batch of [0, 1] images (B × 3 × H × W) to features (B × D)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RawPixels(nn.Module):
+    """The image itself as a feature vector (optionally resized and reduced to one grey channel).
+
+    A fine feature space for tiny images (8×8 digits, 28×28 silhouettes), and the FID feature space there.
+    """
+
+    def __init__(self, image_size: int | None = None, grayscale: bool = True) -> None:
+        super().__init__()
+        self.image_size = image_size
+        self.grayscale = grayscale
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.image_size is not None and images.shape[-1] != self.image_size:
+            images = F.interpolate(images, size=(self.image_size, self.image_size), mode="bilinear",
+                                   antialias=True, align_corners=False)
+        if self.grayscale:
+            images = images.mean(dim=1, keepdim=True)
+        return images.flatten(1)

@@ -1,0 +1,142 @@
+"""What the entry points share that is not Lightning: config resolvers, the run's metrics file, code version.
+
+Resolvers (registered by :func:`register_resolvers`, which the entry points and tests call):
+
+- ``${tiny_layout:NAME,DIR}``: write (once) a tiny copy of dataset layout NAME under DIR and return its root; the
+  ``debug=tiny`` profile points every dataset path at one.
+- ``${latest_set:LOG_DIR}``: the synthetic set exported by the last ``train.py`` run under LOG_DIR.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+from collections.abc import Mapping
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+import anomgen
+
+LATEST_TRAIN_RUN = "latest_train_run.txt"
+
+
+def tiny_layout(name: str, directory: str) -> str:
+    from anomgen.data import layouts
+
+    root = Path(directory) / name
+    done = root / ".complete"
+    if not done.exists():
+        tmp = root.with_name(f".{name}.tmp-{os.getpid()}")
+        layouts.tiny_layout(name, tmp)
+        (tmp / ".complete").write_text("tiny test layout written by anomgen.data.layouts\n")
+        try:
+            tmp.rename(root)
+        except OSError:  # another process finished first
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+    return str(root)
+
+
+def latest_train_run(log_dir: str) -> Path | None:
+    pointer = Path(log_dir) / LATEST_TRAIN_RUN
+    return Path(pointer.read_text().strip()) if pointer.is_file() else None
+
+
+def latest_set(log_dir: str) -> str | None:
+    """The ``synthetic_set`` folder of the last train run, or None when there is none."""
+    run = latest_train_run(log_dir)
+    if run is None:
+        return None
+    info = run / "run.json"
+    if info.is_file():
+        path = json.loads(info.read_text()).get("synthetic_set")
+        return path if path and Path(path).is_dir() else None
+    return None
+
+
+def register_resolvers() -> None:
+    for name, fn in (("tiny_layout", tiny_layout), ("latest_set", latest_set)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
+
+
+def flatten(metrics: Mapping, prefix: str = "", sep: str = "/") -> dict:
+    out = {}
+    for key, value in metrics.items():
+        name = f"{prefix}{sep}{key}" if prefix else str(key)
+        if isinstance(value, Mapping):
+            out.update(flatten(value, name, sep))
+        else:
+            out[name] = value
+    return out
+
+
+def to_jsonable(value):
+    """Tensors and numpy scalars to python numbers; NaN / inf to None (JSON has no NaN)."""
+    if hasattr(value, "item") and getattr(value, "numel", lambda: 1)() == 1:
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, (int, float, str, bool)) or value is None:
+        return value
+    return str(value)
+
+
+def write_json(path: str | Path, obj) -> Path:
+    """Write JSON atomically (temporary file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def write_metrics(run_dir: str | Path, metrics: Mapping) -> Path:
+    """The run's final metrics as flat keys in ``<run_dir>/metrics.json``."""
+    return write_json(Path(run_dir) / "metrics.json", {k: to_jsonable(v) for k, v in flatten(metrics).items()})
+
+
+def record_run(log_dir: str | Path, run_dir: str | Path, info: Mapping) -> None:
+    """Write ``<run_dir>/run.json`` and point ``<log_dir>/latest_train_run.txt`` at the run."""
+    write_json(Path(run_dir) / "run.json", dict(info))
+    pointer = Path(log_dir) / LATEST_TRAIN_RUN
+    tmp = pointer.with_name(f".{pointer.name}.tmp-{os.getpid()}")
+    tmp.write_text(str(Path(run_dir).resolve()) + "\n")
+    os.replace(tmp, pointer)
+
+
+def code_version() -> str:
+    """The package version, plus the git commit (and ``-dirty``) when run from a checkout."""
+    here = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(["git", "-C", str(here), "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=5, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return f"{anomgen.__version__}+g{sha}{'-dirty' if dirty else ''}"
+    except (OSError, subprocess.SubprocessError):
+        return anomgen.__version__
+
+
+def instantiate_group(cfg) -> list:
+    """Instantiate every entry of a config group mapping (callbacks, loggers) that has a ``_target_``."""
+    import hydra
+
+    if not cfg:
+        return []
+    return [hydra.utils.instantiate(c) for c in cfg.values() if hasattr(c, "keys") and "_target_" in c]
+
+
+def finish_loggers(loggers: list) -> None:
+    """Close loggers, so that nothing they print comes after the run directory (wandb prints at exit otherwise)."""
+    for logger in loggers:
+        logger.finalize("success")
+        if type(logger).__name__ == "WandbLogger":
+            import wandb
+
+            wandb.finish()

@@ -1,0 +1,39 @@
+"""Image grids with mask overlays, for loggers and reports."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def overlay_mask(images: torch.Tensor, masks: torch.Tensor | None, color=(1.0, 0.0, 0.0), alpha: float = 0.4):
+    """Tint the masked pixels of [0, 1] images (B × 3 × H × W) with ``color``; draw nothing where masks are 0."""
+    if masks is None:
+        return images
+    m = (masks > 0).float().unsqueeze(1).to(images)
+    tint = torch.tensor(color, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
+    return images * (1 - alpha * m) + tint * (alpha * m)
+
+
+def image_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 2, pad_value: float = 1.0):
+    """Tile B × 3 × H × W images into one 3 × H' × W' image (row-major)."""
+    b, c, h, w = images.shape
+    nrow = nrow or max(1, math.ceil(math.sqrt(b)))
+    ncol = math.ceil(b / nrow)
+    grid = torch.full((c, ncol * (h + padding) + padding, nrow * (w + padding) + padding), pad_value,
+                      dtype=images.dtype)
+    for i in range(b):
+        r, col = divmod(i, nrow)
+        top, left = padding + r * (h + padding), padding + col * (w + padding)
+        grid[:, top : top + h, left : left + w] = images[i].cpu()
+    return grid
+
+
+def save_png(image: torch.Tensor, path) -> None:
+    """Save a 3 × H × W [0, 1] image as an 8-bit PNG."""
+    from PIL import Image
+
+    from anomgen.pixels import to_uint8
+
+    Image.fromarray(to_uint8(image).permute(1, 2, 0).cpu().numpy()).save(path)

@@ -1,0 +1,5 @@
+"""LightningDataModules: thin wrappers over anomgen.data."""
+
+from datamodules.anomaly import AnomalyDataModule
+
+__all__ = ["AnomalyDataModule"]

@@ -1,0 +1,167 @@
+"""One DataModule for every dataset: the parser comes in by config, the task protocol is config.
+
+- ``protocol="one_vs_rest"`` (multi-class sets: digits, Animal-MNIST, CUB, Flowers, CIFAR): ``normal_class`` is
+  normal; training uses its training images, the test split labels every other class anomalous (per out-class
+  figures come from grouping by ``defect_type``).
+- ``protocol="defects"`` (MVTec AD, VisA, Folder): the dataset's category; training images are all normal, the test
+  split is labelled by the parser.
+
+Validation never comes from the test split unless ``validation="test"`` says so by name:
+``"holdout"`` (a seeded fraction of the normal training images, which then leave training), ``"synthetic"``
+(those held-out normals + the anomalies of ``synthetic_set``), ``"test"`` or ``"none"``.
+The support set (what generators start from, and the kNN bank) is the training normals or ``k_shot`` of them.
+Under DDP Lightning gives every loader a distributed sampler (an unrepeated one for prediction).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import ConcatDataset, DataLoader, Dataset
+
+from anomgen.data import tasks
+from anomgen.data.generation import GenerationRequests
+from anomgen.data.record import GOOD, NORMAL
+
+PROTOCOLS = ("one_vs_rest", "defects")
+VALIDATION_SOURCES = ("holdout", "synthetic", "test", "none")
+
+
+class TransformedView(Dataset):
+    """Apply ``transform`` (image tensor -> image tensor) to the ``image`` of each record."""
+
+    def __init__(self, dataset: Dataset, transform: Callable) -> None:
+        self.dataset, self.transform = dataset, transform
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict:
+        record = self.dataset[i]
+        record["image"] = self.transform(record["image"])
+        return record
+
+
+class AnomalyDataModule(LightningDataModule):
+    def __init__(
+        self,
+        dataset: Callable[..., Dataset],
+        protocol: str = "one_vs_rest",
+        normal_class: str | int | None = None,
+        k_shot: int | None = None,
+        support_seed: int = 0,
+        validation: str = "holdout",
+        holdout_fraction: float = 0.1,
+        holdout_seed: int = 0,
+        synthetic_set: str | None = None,
+        num_generated: int | None = None,
+        train_split: str = "train",
+        test_split: str = "test",
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        train_transform: Callable | None = None,
+    ) -> None:
+        super().__init__()
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"datamodule.protocol must be one of {PROTOCOLS}, got {protocol!r}")
+        if protocol == "one_vs_rest" and normal_class is None:
+            raise ValueError("datamodule.normal_class is required with protocol=one_vs_rest (which class is normal)")
+        if validation not in VALIDATION_SOURCES:
+            raise ValueError(f"datamodule.validation must be one of {VALIDATION_SOURCES}, got {validation!r}")
+        if validation == "synthetic" and not synthetic_set:
+            raise ValueError("datamodule.validation=synthetic needs datamodule.synthetic_set (a synthetic set folder)")
+        if not 0.0 <= holdout_fraction < 1.0:
+            raise ValueError(f"datamodule.holdout_fraction must be in [0, 1), got {holdout_fraction}")
+        self.dataset_factory = dataset
+        self.protocol = protocol
+        self.normal_class = None if normal_class is None else str(normal_class)
+        self.k_shot, self.support_seed = k_shot, support_seed
+        self.validation = validation
+        self.holdout_fraction, self.holdout_seed = holdout_fraction, holdout_seed
+        self.synthetic_set = synthetic_set
+        self.num_generated = num_generated
+        self.train_split, self.test_split = train_split, test_split
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.train_transform = train_transform
+        self.train_normals = self.val_normals = self.support = self.test_set = self.val_set = None
+
+    # -- building the splits -------------------------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_normals is not None:
+            return
+        train_full = self.dataset_factory(split=self.train_split)
+        if self.protocol == "one_vs_rest":
+            normals = tasks.normal_class(train_full, self.normal_class)
+        else:
+            idx = [i for i, e in enumerate(train_full.entries) if e.label in (NORMAL, -1)]
+            normals = tasks.TaskView(train_full, idx, [NORMAL] * len(idx), [GOOD] * len(idx), name="train-good")
+        n_holdout = int(round(len(normals) * self.holdout_fraction)) if self.validation in ("holdout", "synthetic") else 0
+        perm = np.random.default_rng(self.holdout_seed).permutation(len(normals))
+        self.val_normals = tasks.TaskView(normals, sorted(perm[:n_holdout]), name="holdout-normals")
+        self.train_normals = tasks.TaskView(normals, sorted(perm[n_holdout:]), name="train-normals")
+        self.support = (
+            tasks.k_shot(self.train_normals, self.k_shot, seed=self.support_seed) if self.k_shot else self.train_normals
+        )
+        test_full = self.dataset_factory(split=self.test_split)
+        self.test_set = tasks.one_vs_rest(test_full, self.normal_class) if self.protocol == "one_vs_rest" else test_full
+        if self.validation == "holdout":
+            self.val_set = self.val_normals
+        elif self.validation == "synthetic":
+            from anomgen.data.synthetic import SyntheticSet
+
+            self.val_set = ConcatDataset([self.val_normals, SyntheticSet(self.synthetic_set, labels=(1,))])
+        elif self.validation == "test":
+            self.val_set = self.test_set
+        else:
+            self.val_set = None
+
+    def describe(self) -> dict:
+        """What the task is, for the set.json of exported sets and for reports."""
+        self.setup()
+        return {
+            "dataset": getattr(self.dataset_factory, "func", self.dataset_factory).__name__,
+            "dataset_kwargs": {k: str(v) for k, v in getattr(self.dataset_factory, "keywords", {}).items()},
+            "protocol": self.protocol,
+            "normal_class": self.normal_class,
+            "k_shot": self.k_shot,
+            "support_seed": self.support_seed,
+            "support_size": len(self.support),
+            "validation": self.validation,
+            "num_train_normals": len(self.train_normals),
+            "num_val_normals": len(self.val_normals),
+            "num_test": len(self.test_set),
+        }
+
+    # -- loaders -------------------------------------------------------------------------------------------------
+    def _loader(self, dataset: Dataset, shuffle: bool, batch_size: int | None = None) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=batch_size or self.eval_batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        data = self.support
+        if self.train_transform is not None:
+            data = TransformedView(data, self.train_transform)
+        return self._loader(data, shuffle=True, batch_size=self.batch_size)
+
+    def val_dataloader(self) -> DataLoader | list:
+        return [] if self.val_set is None else self._loader(self.val_set, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(GenerationRequests(self.support, self.num_generated), shuffle=False)
+
+    def support_dataloader(self) -> DataLoader:
+        """The support set in order (no shuffle): the normal bank of kNN detectors."""
+        return self._loader(self.support, shuffle=False)

@@ -1,0 +1,1 @@
+"""LightningModules: thin wrappers that own optimisation, logging and metrics, and call anomgen for the algorithm."""

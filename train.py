@@ -1,0 +1,85 @@
+"""Fit a model and, where the model generates, export its synthetic set.
+
+    python train.py                                  # the default job (see the README)
+    python train.py experiment=digits_noise_patch
+    python train.py model=noise_patch datamodule=mvtec trainer=ddp trainer.devices=4
+
+The run directory (logs/train/runs/<time>) gets the config, checkpoints, the synthetic set, image grids and
+``metrics.json``; its path is the last line printed.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("ANOMGEN_ROOT", str(Path(__file__).resolve().parent))
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+from anomgen.runtime import (  # noqa: E402
+    code_version,
+    finish_loggers,
+    instantiate_group,
+    record_run,
+    register_resolvers,
+    write_metrics,
+)  # noqa: E402
+
+register_resolvers()
+
+
+def train(cfg: DictConfig) -> tuple[dict, Path, bool]:
+    """Fit, then generate and export. Returns (final metrics, run directory, whether this is rank 0)."""
+    import lightning as L
+
+    from callbacks.export import SyntheticSetExport
+
+    L.seed_everything(cfg.seed, workers=True)
+    run_dir = Path(cfg.paths.output_dir)
+    datamodule = hydra.utils.instantiate(cfg.datamodule)
+    model = hydra.utils.instantiate(cfg.model)
+    callbacks = instantiate_group(cfg.get("callbacks"))
+    loggers = instantiate_group(cfg.get("logger"))
+    trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    for logger in loggers:
+        logger.log_hyperparams(config)
+
+    metrics: dict = {}
+    if cfg.fit and getattr(model, "trainable", True):
+        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        metrics.update({k: v for k, v in trainer.callback_metrics.items()})
+    synthetic_set = None
+    if cfg.generate and getattr(model, "generates", False):
+        export = next((c for c in callbacks if isinstance(c, SyntheticSetExport)), None)
+        if export is None:
+            raise ValueError(f"{type(model).__name__} generates, but no SyntheticSetExport callback is configured "
+                             "(callbacks.synthetic_set_export); add it or set generate=false")
+        export.set_info.update(config=config, task=datamodule.describe(), code_version=code_version())
+        trainer.predict(model, datamodule=datamodule, return_predictions=False)
+        synthetic_set = str(export.dirpath)
+        if trainer.is_global_zero:
+            from anomgen.data.synthetic import SyntheticSet
+
+            metrics["predict/num_exported"] = len(SyntheticSet(export.dirpath))
+    if trainer.is_global_zero:
+        write_metrics(run_dir, metrics)
+        record_run(cfg.paths.log_dir, run_dir, {"synthetic_set": synthetic_set, "task": cfg.task_name,
+                                                "code_version": code_version()})
+    finish_loggers(loggers)
+    return metrics, run_dir, trainer.is_global_zero
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="train")
+def main(cfg: DictConfig) -> None:
+    metrics, run_dir, is_rank_zero = train(cfg)
+    if is_rank_zero:
+        for key, value in sorted(metrics.items()):
+            print(f"{key}: {float(value):.4f}" if hasattr(value, "__float__") else f"{key}: {value}")
+        print(run_dir)
+
+
+if __name__ == "__main__":
+    main()
