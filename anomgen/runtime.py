@@ -105,6 +105,7 @@ def record_run(log_dir: str | Path, run_dir: str | Path, info: Mapping) -> None:
     """Write ``<run_dir>/run.json`` and point ``<log_dir>/latest_train_run.txt`` at the run."""
     write_json(Path(run_dir) / "run.json", dict(info))
     pointer = Path(log_dir) / LATEST_TRAIN_RUN
+    pointer.parent.mkdir(parents=True, exist_ok=True)
     tmp = pointer.with_name(f".{pointer.name}.tmp-{os.getpid()}")
     tmp.write_text(str(Path(run_dir).resolve()) + "\n")
     os.replace(tmp, pointer)

@@ -100,7 +100,10 @@ class AnomalyDataModule(LightningDataModule):
         else:
             idx = [i for i, e in enumerate(train_full.entries) if e.label in (NORMAL, -1)]
             normals = tasks.TaskView(train_full, idx, [NORMAL] * len(idx), [GOOD] * len(idx), name="train-good")
-        n_holdout = int(round(len(normals) * self.holdout_fraction)) if self.validation in ("holdout", "synthetic") else 0
+        n_holdout = 0
+        if self.validation in ("holdout", "synthetic") and self.holdout_fraction > 0:
+            # at least one held-out normal, and at least one left to train on
+            n_holdout = min(max(1, round(len(normals) * self.holdout_fraction)), len(normals) - 1)
         perm = np.random.default_rng(self.holdout_seed).permutation(len(normals))
         self.val_normals = tasks.TaskView(normals, sorted(perm[:n_holdout]), name="holdout-normals")
         self.train_normals = tasks.TaskView(normals, sorted(perm[n_holdout:]), name="train-normals")
