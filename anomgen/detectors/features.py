@@ -19,7 +19,7 @@ class RawPixels(nn.Module):
         self.grayscale = grayscale
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if self.image_size is not None and images.shape[-1] != self.image_size:
+        if self.image_size is not None and tuple(images.shape[-2:]) != (self.image_size, self.image_size):
             images = F.interpolate(images, size=(self.image_size, self.image_size), mode="bilinear",
                                    antialias=True, align_corners=False)
         if self.grayscale:
