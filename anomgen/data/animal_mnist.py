@@ -14,8 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from anomgen.data.base import ArrayRecordDataset, ImageSize
-from anomgen.data.digits import load_numpy_pickle, select_indices
+from anomgen.data.digits import ShippedClassSet, load_numpy_pickle
 from anomgen.errors import DatasetError
 
 ANIMAL_CLASSES = ("Bear", "Bird", "Cat", "Cow", "Dog", "Elephant", "Giraffe", "Horse", "Sheep", "Zebra")
@@ -65,7 +64,7 @@ def _describe(obj) -> str:
     return type(obj).__name__
 
 
-class AnimalMNIST(ArrayRecordDataset):
+class AnimalMNIST(ShippedClassSet):
     """Animal-MNIST: 10,000 real 28×28 grey silhouettes, 1,000 in each of ten classes.
 
     Classes (``category``): Bear, Bird, Cat, Cow, Dog, Elephant, Giraffe, Horse, Sheep, Zebra, with near pairs
@@ -79,19 +78,6 @@ class AnimalMNIST(ArrayRecordDataset):
     class_names = ANIMAL_CLASSES
     id_prefix = "animal-mnist"
 
-    def __init__(
-        self,
-        category: str | None = None,
-        split: str = "train",
-        image_size: ImageSize = None,
-        split_seed: int = 0,
-        test_fraction: float = 0.3,
-    ) -> None:
-        category = None if category is None else str(category)
-        images, class_ids = load_animal_mnist(str(animal_mnist_dir()))
-        idx = select_indices(class_ids, self.class_names, category, split, split_seed, test_fraction, self.name)
-        super().__init__(images, class_ids, self.class_names, self.id_prefix, idx, image_size)
-        self.split = split
-        self.split_seed = split_seed
-        self.test_fraction = test_fraction
-        self.available_categories = list(self.class_names)
+    @staticmethod
+    def load_arrays() -> tuple[np.ndarray, np.ndarray]:
+        return load_animal_mnist(str(animal_mnist_dir()))

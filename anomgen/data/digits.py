@@ -139,7 +139,41 @@ def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     return images, np.asarray(bunch.target, dtype=np.int64)
 
 
-class Digits(ArrayRecordDataset):
+class ShippedClassSet(ArrayRecordDataset):
+    """A multi-class image set that ships inside an installed package (no root): subclasses say how to load it.
+
+    There is no official split: ``train`` / ``test`` are a stratified split by ``split_seed`` with
+    ``test_fraction`` of each class in test (made over the whole set before any category filter, so a class's
+    images fall on the same side whether or not it is filtered); ``all`` is every image.
+    """
+
+    class_names: Sequence[str] = ()
+    id_prefix = ""
+
+    @staticmethod
+    def load_arrays() -> tuple[np.ndarray, np.ndarray]:
+        """(uint8 images N×H×W, class ids N)."""
+        raise NotImplementedError
+
+    def __init__(
+        self,
+        category: str | int | None = None,
+        split: str = "train",
+        image_size: ImageSize = None,
+        split_seed: int = 0,
+        test_fraction: float = 0.3,
+    ) -> None:
+        category = None if category is None else str(category)
+        images, class_ids = self.load_arrays()
+        idx = select_indices(class_ids, self.class_names, category, split, split_seed, test_fraction, self.name)
+        super().__init__(images, class_ids, self.class_names, self.id_prefix, idx, image_size)
+        self.split = split
+        self.split_seed = split_seed
+        self.test_fraction = test_fraction
+        self.available_categories = list(self.class_names)
+
+
+class Digits(ShippedClassSet):
     """scikit-learn's handwritten digits: 1,797 real 8×8 grey images, classes ``"0"`` … ``"9"``.
 
     Ships with scikit-learn (``sklearn.datasets.load_digits``): no root, nothing to download. Pixels 0..16 are
@@ -153,19 +187,4 @@ class Digits(ArrayRecordDataset):
     class_names = DIGIT_CLASSES
     id_prefix = "sklearn-digits"
 
-    def __init__(
-        self,
-        category: str | int | None = None,
-        split: str = "train",
-        image_size: ImageSize = None,
-        split_seed: int = 0,
-        test_fraction: float = 0.3,
-    ) -> None:
-        category = None if category is None else str(category)
-        images, class_ids = load_digits_arrays()
-        idx = select_indices(class_ids, self.class_names, category, split, split_seed, test_fraction, self.name)
-        super().__init__(images, class_ids, self.class_names, self.id_prefix, idx, image_size)
-        self.split = split
-        self.split_seed = split_seed
-        self.test_fraction = test_fraction
-        self.available_categories = list(self.class_names)
+    load_arrays = staticmethod(load_digits_arrays)
