@@ -38,3 +38,6 @@ def test_two_process_ddp_export_equals_one_process(tmp_path):
     assert info_ddp["world_size"] == 2 and info_single["world_size"] == 1
     assert info_ddp["counts"] == info_single["counts"]
     assert not list(tmp_path.glob(".ddp.shard-*")), "shards must be gone after the merge"
+    runs = sorted((tmp_path / "logs" / "train" / "runs").iterdir())
+    assert len(runs) == 2, f"one run folder per run (rank 0 creates it), got {[r.name for r in runs]}"
+    assert all((r / "metrics.json").is_file() for r in runs)
