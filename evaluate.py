@@ -49,6 +49,16 @@ def synthetic_validation(datamodule, synthetic_set: str):
     return ConcatDataset([datamodule.val_normals, anomalies]), anomalies
 
 
+def filter_by_quality(cfg: DictConfig, datamodule) -> Path:
+    """Score the synthetic set's anomalies (``cfg.quality``: EAP by default) and keep the best as a new set."""
+    from anomgen.quality.set_scoring import score_set, select_top
+
+    q = hydra.utils.instantiate(cfg.quality)
+    score_set(cfg.synthetic_set, q.scorer, q.extractor, datamodule.support, q.labelled_anomalies, key=q.key)
+    out = Path(cfg.paths.output_dir) / f"synthetic_set_{q.key}_top"
+    return select_top(cfg.synthetic_set, out, q.key, q.keep_fraction)
+
+
 def evaluate(cfg: DictConfig) -> tuple[dict, Path]:
     import lightning as L
 
@@ -72,6 +82,12 @@ def evaluate(cfg: DictConfig) -> tuple[dict, Path]:
         metrics["synthetic"] = {**synth, "num_anomalies": len(anomalies), "num_normals": len(datamodule.val_normals)}
         report["synthetic_set"] = str(cfg.synthetic_set)
         report["synthetic_per_out_class"] = synth_per_class
+        if cfg.get("quality"):
+            top_dir = filter_by_quality(cfg, datamodule)
+            dataset, top = synthetic_validation(datamodule, top_dir)
+            top_metrics, _ = image_metrics(*score_dataset(detector, dataset, datamodule.eval_batch_size))
+            metrics[f"synthetic_{cfg.quality.key}_top"] = {**top_metrics, "num_anomalies": len(top)}
+            report["selected_set"] = str(top_dir)
     else:
         report["synthetic_set"] = None
 
@@ -96,18 +112,23 @@ def render_report(report: dict) -> str:
     task = report["task"]
     lines += [f"Task: {task['dataset']} ({task['protocol']}), normal class `{task['normal_class']}`, "
               f"support set {task['support_size']} images.", ""]
-    lines += ["| metric | real test | synthetic |", "|---|---|---|"]
-    real, synth = report["metrics"]["test"], report["metrics"].get("synthetic", {})
-    for key in real:
-        if key == "closest_out_class":
-            continue
-        fmt = (lambda v: f"{v:.4f}" if isinstance(v, float) else str(v))
-        lines.append(f"| {key} | {fmt(real[key])} | {fmt(synth[key]) if key in synth else '–'} |")
-    lines += ["", f"Closest out-class (real): `{real.get('closest_out_class')}`", ""]
+    columns = list(report["metrics"])  # test, synthetic, synthetic_<key>_top ...
+    lines += ["| metric | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+
+    def fmt(values: dict, key: str) -> str:
+        value = values.get(key, "–")
+        return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+    keys = dict.fromkeys(k for values in report["metrics"].values() for k in values if k != "closest_out_class")
+    for key in keys:
+        lines.append(f"| {key} | " + " | ".join(fmt(report["metrics"][c], key) for c in columns) + " |")
+    lines += ["", f"Closest out-class (real): `{report['metrics']['test'].get('closest_out_class')}`", ""]
     lines += ["## Real AUROC per out-class", "", "| out-class | AUROC |", "|---|---|"]
     lines += [f"| {k} | {v:.4f} |" for k, v in sorted(report["test_per_out_class"].items())]
-    lines += ["", f"Synthetic set: `{report['synthetic_set']}`", ""]
-    return "\n".join(lines)
+    lines += ["", f"Synthetic set: `{report['synthetic_set']}`"]
+    if report.get("selected_set"):
+        lines += [f"Kept by quality score: `{report['selected_set']}`"]
+    return "\n".join(lines) + "\n"
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="evaluate")

@@ -2,5 +2,6 @@
 
 from callbacks.export import SyntheticSetExport
 from callbacks.image_log import LogGeneratedImages
+from callbacks.quality import QualityFilter
 
-__all__ = ["LogGeneratedImages", "SyntheticSetExport"]
+__all__ = ["LogGeneratedImages", "QualityFilter", "SyntheticSetExport"]

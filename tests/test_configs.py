@@ -63,7 +63,8 @@ def test_every_logger_and_callback_instantiates(compose_config, group):
     from anomgen.runtime import instantiate_group
 
     for option in config_options(group):
-        cfg = compose_config("train", [f"{group}={option}"])
+        extra = ["quality=eap"] if option == "eap" else []  # the EAP callback takes its settings from quality/
+        cfg = compose_config("train", [f"{group}={option}", *extra])
         objs = instantiate_group(cfg.get(group))
         expected = sum(1 for v in (cfg.get(group) or {}).values() if "_target_" in v)
         assert len(objs) == expected

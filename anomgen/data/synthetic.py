@@ -706,6 +706,46 @@ def update_scores(set_dir: PathLike, scores: Mapping[str, Mapping[str, Any]]) ->
     _write_text_atomic(set_dir / MANIFEST, _manifest_text(rows))
 
 
+def subset_set(
+    set_dir: PathLike,
+    ids: Iterable[str],
+    out_dir: PathLike,
+    set_info: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """A new finished set holding the samples ``ids`` of ``set_dir`` (rows kept as they are, files hard-linked).
+
+    Used to keep the best part of a set by a quality score. The new ``set.json`` is the parent's, updated with
+    ``set_info`` and ``parent_set``; counts are recomputed. Atomic, with :func:`merge_shards`'s overwrite rules.
+    """
+    set_dir, out_dir = Path(set_dir), Path(out_dir)
+    parent_info, rows = _check_set(set_dir)
+    by_id = {r["id"]: r for r in rows}
+    ids = list(dict.fromkeys(str(i) for i in ids))
+    unknown = [i for i in ids if i not in by_id]
+    if unknown:
+        raise SyntheticSetError(f"{set_dir}: subset asks for id(s) not in the set: {', '.join(unknown[:10])}")
+    if not ids:
+        raise SyntheticSetError(f"{set_dir}: an empty subset is not a set")
+    _check_target(out_dir, overwrite)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    shard = _work_path(out_dir, "tmp")
+    try:
+        (shard / IMAGES).mkdir(parents=True)
+        (shard / MASKS).mkdir()
+        kept = [by_id[i] for i in sorted(ids, key=sort_key)]
+        for row in kept:
+            for key in ("image", "mask"):
+                if row[key] is not None:
+                    _link_or_copy(set_dir / row[key], shard / row[key])
+        _write_text_atomic(shard / MANIFEST, _manifest_text(kept))
+        info = {k: v for k, v in parent_info.items() if k not in ("counts", "created_at", "format_version")}
+        info.update({"parent_set": str(set_dir.absolute()), **dict(set_info or {})})
+        return merge_shards([shard], out_dir, info, overwrite=overwrite)
+    finally:
+        shutil.rmtree(shard, ignore_errors=True)
+
+
 # ----------------------------------------------------------------------------------------------------------- reader
 
 

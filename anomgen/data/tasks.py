@@ -181,3 +181,22 @@ def anomalydiffusion_split(dataset, train_fraction: float = 1 / 3) -> tuple[Task
         train += idx[:n_train]
         test += idx[n_train:]
     return TaskView(dataset, train, name="anomalydiffusion-train"), TaskView(dataset, test, name="anomalydiffusion-test")
+
+
+def labelled_anomalies(dataset, normal: str, m: int, seed: int = 0) -> TaskView:
+    """``m`` images of the other classes, drawn by ``seed`` and labelled 1: the few labelled anomalies that
+    semi-supervised methods (EAP, SSDO) calibrate on. Take them from a training split, never from the test split."""
+    _check_class(dataset, normal, "normal")
+    entries = _entries(dataset)
+    pool = [i for i, e in enumerate(entries) if e.category != normal]
+    if not 1 <= m <= len(pool):
+        raise DatasetError(f"labelled_anomalies: asked for m={m} anomalies, the other classes have {len(pool)} images")
+    chosen = sorted(int(pool[j]) for j in np.random.default_rng(seed).choice(len(pool), size=m, replace=False))
+    return TaskView(dataset, chosen, [ANOMALOUS] * m, [entries[i].category for i in chosen], name=f"{m}-labelled")
+
+
+def labelled_anomalies_from(dataset_factory, normal: str, m: int, seed: int = 0, split: str = "train") -> TaskView:
+    """:func:`labelled_anomalies` drawn from ``dataset_factory(split=split)`` (a parser partial, as configs hold)."""
+    if split == "test":
+        raise DatasetError("labelled anomalies must not come from the test split (it is what detectors are judged on)")
+    return labelled_anomalies(dataset_factory(split=split), normal, m, seed)

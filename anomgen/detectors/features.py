@@ -25,3 +25,15 @@ class RawPixels(nn.Module):
         if self.grayscale:
             images = images.mean(dim=1, keepdim=True)
         return images.flatten(1)
+
+
+@torch.no_grad()
+def extract_features(extractor: nn.Module, batches, desc: str = "features") -> torch.Tensor:
+    """Features (N × D, float32, CPU) of every image in ``batches`` (an iterable of record batches)."""
+    from tqdm.auto import tqdm
+
+    extractor.eval()
+    feats = [extractor(batch["image"]).float().cpu() for batch in tqdm(batches, desc=desc, leave=False)]
+    if not feats:
+        raise ValueError(f"{desc}: no images to extract features from")
+    return torch.cat(feats)

@@ -6,8 +6,8 @@ from collections.abc import Iterable
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from anomgen.detectors.features import extract_features
 from anomgen.detectors.knn import KNNScorer
 
 
@@ -19,12 +19,8 @@ class KNNDetector:
         self.scorer = KNNScorer(k=k, distance=distance)
         self.name = name
 
-    @torch.no_grad()
     def features(self, batches: Iterable[dict], desc: str = "features") -> torch.Tensor:
-        feats = [self.extractor(batch["image"]).float().cpu() for batch in tqdm(batches, desc=desc, leave=False)]
-        if not feats:
-            raise ValueError(f"{desc}: no images to extract features from")
-        return torch.cat(feats)
+        return extract_features(self.extractor, batches, desc)
 
     def fit(self, batches: Iterable[dict]) -> KNNDetector:
         self.scorer.fit(self.features(batches, desc=f"{self.name}: bank"))
