@@ -176,3 +176,24 @@ def test_task_view_needs_a_parsed_dataset():
         one_vs_rest([1, 2, 3], "1")
     view = TaskView(Digits(split="test"), [0, 1], labels=[1, 0], defect_types=["x", "good"])
     assert [view[i]["label"] for i in range(2)] == [1, 0] and view[0]["defect_type"] == "x"
+
+
+def test_labelled_anomalies_come_from_other_classes_by_seed():
+    import functools
+
+    from anomgen.data import Digits
+    from anomgen.data.tasks import labelled_anomalies, labelled_anomalies_from
+
+    train = Digits(split="train")
+    view = labelled_anomalies(train, "3", m=5, seed=1)
+    assert len(view) == 5 and all(r["label"] == 1 for r in view)
+    assert all(e.category != "3" for e in view.entries)
+    assert [e.image_path for e in view.entries] == [e.image_path for e in labelled_anomalies(train, "3", 5, 1).entries]
+    assert [e.image_path for e in view.entries] != [e.image_path for e in labelled_anomalies(train, "3", 5, 2).entries]
+    test_ids = {e.image_path for e in Digits(split="test").entries}
+    from_factory = labelled_anomalies_from(functools.partial(Digits), "3", m=5, seed=1)
+    assert not test_ids & {e.image_path for e in from_factory.entries}
+    with pytest.raises(DatasetError, match="test split"):
+        labelled_anomalies_from(functools.partial(Digits), "3", m=5, split="test")
+    with pytest.raises(DatasetError, match="m=100000"):
+        labelled_anomalies(train, "3", m=100000)
