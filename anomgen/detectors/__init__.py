@@ -3,5 +3,6 @@
 from anomgen.detectors.features import RawPixels
 from anomgen.detectors.knn import KNNScorer
 from anomgen.detectors.knn_detector import KNNDetector
+from anomgen.detectors.ssdo import SSDO
 
-__all__ = ["KNNDetector", "KNNScorer", "RawPixels"]
+__all__ = ["SSDO", "KNNDetector", "KNNScorer", "RawPixels"]
