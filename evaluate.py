@@ -96,9 +96,12 @@ def evaluate(cfg: DictConfig) -> tuple[dict, Path]:
     write_json(run_dir / "report.json", report)
     (run_dir / "report.md").write_text(render_report(report))
     loggers = instantiate_group(cfg.get("logger"))
+    # what evaluation uses (train-only groups that shared experiment files bring along are left out)
+    cfg_used = OmegaConf.masked_copy(cfg, ["task_name", "tags", "seed", "datamodule", "detector", "quality",
+                                           "synthetic_set", "paths"])
     numbers = {k: v for k, v in json.loads(flat.read_text()).items() if isinstance(v, (int, float))}
     for logger in loggers:
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        logger.log_hyperparams(OmegaConf.to_container(cfg_used, resolve=True))
         logger.log_metrics(numbers)
         if hasattr(logger, "log_table"):
             rows = [[k, v] for k, v in sorted(per_class.items())]

@@ -6,8 +6,9 @@ For each data set and seed, normals and real anomalies are split into
 - a training set: 60% of the normals (y = 0) and m labelled real anomalies (y = 1);
 - a test set: 25% of the normals and 30% of the real anomalies;
 - an auxiliary set of 3·l anomalies: l real anomalies (good), l of the remaining 15% normals relabelled as anomalies
-  (indistinguishable), and l points of another data set, standardised and randomly projected to the same dimension
-  (unrealistic).
+  (indistinguishable), and l points of another data set, standardised, randomly projected to the same dimension and
+  scaled so that their mean norm is ``--unrealistic-scale`` times the training normals' (unrealistic: 3 puts them off
+  the data; at 1 they blend into the normal cloud, and "unrealistic" then means "normal-looking noise").
 AUC_QLT is the AUROC of a quality score with the good third as positives. ACC_G is the gain in balanced test
 accuracy of a classifier (an RBF SVM on image features, a random forest on tabular data) when the top third of the
 auxiliary set by the score is added to its training data as anomalies. Features are standardised with the
@@ -78,7 +79,8 @@ def all_points(source: str) -> np.ndarray:
     return np.stack([dataset.load_image(dataset.entries[i])[0].numpy().reshape(-1) for i in idx])
 
 
-def make_task(x: np.ndarray, y: np.ndarray, other: np.ndarray, seed: int, image: bool, max_third: int = 40):
+def make_task(x: np.ndarray, y: np.ndarray, other: np.ndarray, seed: int, image: bool, max_third: int = 40,
+              unrealistic_scale: float = 3.0):
     rng = np.random.default_rng(seed)
     normals, anomalies = rng.permutation(np.flatnonzero(y == 0)), rng.permutation(np.flatnonzero(y == 1))
     n_tr, n_te = int(0.6 * len(normals)), int(0.25 * len(normals))
@@ -99,6 +101,8 @@ def make_task(x: np.ndarray, y: np.ndarray, other: np.ndarray, seed: int, image:
     o = (other - other.mean(0)) / np.where(o_sd > 1e-6, o_sd, 1.0)
     o = o[rng.choice(len(o), size=third, replace=len(o) < third)]
     unreal = o @ (rng.normal(size=(o.shape[1], z.shape[1])) / np.sqrt(o.shape[1]))
+    # off the data: mean norm = unrealistic_scale × the training normals' mean norm (1.0 blends into the cloud)
+    unreal *= unrealistic_scale * np.linalg.norm(z[tr_n], axis=1).mean() / np.linalg.norm(unreal, axis=1).mean()
     x_train = np.concatenate([z[tr_n], z[lab_a]])
     y_train = np.concatenate([np.zeros(len(tr_n), int), np.ones(len(lab_a), int)])
     x_aux = np.concatenate([z[good], z[indist], unreal])
@@ -145,6 +149,8 @@ def main(argv=None) -> None:
     parser.add_argument("--seeds", type=int, default=10)
     parser.add_argument("--subsets", type=int, default=20, help="EAP bootstrap subsets (reference code: 100)")
     parser.add_argument("--datasets", nargs="+", default=[*TABULAR, *IMAGE_PAIRS])
+    parser.add_argument("--unrealistic-scale", type=float, default=3.0,
+                        help="mean norm of the unrealistic third / that of the training normals (standardised)")
     args = parser.parse_args(argv)
 
     others = {}
@@ -162,7 +168,8 @@ def main(argv=None) -> None:
             others[other_name] = all_points(other_name)
         results: dict[str, dict[str, list]] = {}
         for seed in range(args.seeds):
-            x_train, y_train, x_aux, good, x_test, y_test = make_task(x, y, others[other_name], seed, image)
+            x_train, y_train, x_aux, good, x_test, y_test = make_task(x, y, others[other_name], seed, image,
+                                                                       unrealistic_scale=args.unrealistic_scale)
             base = classifier(image, seed).fit(x_train, y_train)
             base_acc = balanced_accuracy_score(y_test, base.predict(x_test))
             for sname, scorer in scorers(args.subsets, seed).items():
@@ -182,7 +189,8 @@ def main(argv=None) -> None:
             row = {"name": "eap_quality", "dataset": name, "scorer": sname, "seeds": args.seeds,
                    "auc_qlt": float(np.mean(r["auc_qlt"])), "auc_qlt_std": float(np.std(r["auc_qlt"])),
                    "acc_g": float(np.mean(r["acc_g"])), "seconds": float(np.mean(r["seconds"])),
-                   "n_train": int(len(x_train)), "n_aux": int(len(x_aux)), "device": "cpu"}
+                   "n_train": int(len(x_train)), "n_aux": int(len(x_aux)),
+                   "unrealistic_scale": args.unrealistic_scale, "device": "cpu"}
             per_dataset[name][sname] = row
             print(json.dumps(row), flush=True)
 
@@ -201,7 +209,8 @@ def main(argv=None) -> None:
         for s in names
     }
     print(json.dumps({"name": "eap_quality_summary", "datasets": list(per_dataset), "seeds": args.seeds,
-                      "subsets": args.subsets, "summary": summary, "device": "cpu"}))
+                      "subsets": args.subsets, "unrealistic_scale": args.unrealistic_scale, "summary": summary,
+                      "device": "cpu"}))
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -35,6 +36,12 @@ def test_every_experiment_runs_fast_dev_run(compose_config, tmp_path, experiment
     assert 0.0 <= saved["test/image_AUROC"] <= 1.0
     assert 0.0 <= saved["synthetic/image_AUROC"] <= 1.0
     assert (erun / "report.md").read_text().startswith("# Evaluation")
+    if ecfg.get("quality"):  # the set's anomalies were scored and the best kept
+        key = ecfg.quality.key
+        assert all(key in r["scores"] for r in read_manifest(set_dir) if r["label"] == 1)
+        assert 0.0 <= saved[f"synthetic_{key}_top/image_AUROC"] <= 1.0
+        selected = Path(cfg.synthetic_set_dir).with_name(f"{set_dir.name}_{key}_top")  # made by the train callback
+        assert len(read_manifest(selected)) == math.ceil(len(exported) * ecfg.quality.keep_fraction)
 
 
 def test_default_job_on_real_digits(compose_config, tmp_path):
