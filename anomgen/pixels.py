@@ -25,6 +25,12 @@ def from_diffusion_range(images: torch.Tensor) -> torch.Tensor:
     return ((images + 1.0) / 2.0).clamp(0.0, 1.0)
 
 
+def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
+    """[0, 1] RGB -> (x − mean) / std per channel, for encoders whose config names their own statistics
+    (e.g. SigLIP's 0.5 / 0.5); the named conventions below use it."""
+    return _normalize(images, mean, std)
+
+
 def _normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
     shape = (1, -1, 1, 1) if images.dim() == 4 else (-1, 1, 1)
     mean_t = torch.as_tensor(mean, dtype=images.dtype, device=images.device).view(shape)

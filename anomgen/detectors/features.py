@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -37,3 +39,61 @@ def extract_features(extractor: nn.Module, batches, desc: str = "features") -> t
     if not feats:
         raise ValueError(f"{desc}: no images to extract features from")
     return torch.cat(feats)
+
+
+OPEN_CLIP_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+
+
+class OpenCLIPImageEncoder(nn.Module):
+    """L2-normalised image embeddings of an open_clip model (CLIP, SigLIP: EAP's ViT-B-16-SigLIP by default).
+
+    ``pretrained`` is an open_clip tag (``"webli"``, ``"openai"``, ...: its Hugging Face repo is found through
+    :func:`anomgen.pretrained.resolve`, offline-safe, with a clear error when absent), a path to a weights file (loaded
+    strictly), or ``None`` for random weights. Images come in as [0, 1] RGB; they are resized to the model's input
+    size and normalised with the model's own statistics.
+    """
+
+    def __init__(self, model_name: str = "ViT-B-16-SigLIP", pretrained: str | None = "webli") -> None:
+        super().__init__()
+        import open_clip
+
+        weights = None if pretrained is None else self._weights_file(model_name, str(pretrained))
+        self.model = open_clip.create_model(model_name, pretrained=weights).eval()
+        visual = self.model.visual
+        size = getattr(visual, "image_size", 224)
+        self.image_size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+        self.mean = getattr(visual, "image_mean", None) or (0.48145466, 0.4578275, 0.40821073)
+        self.std = getattr(visual, "image_std", None) or (0.26862954, 0.26130258, 0.27577711)
+
+    @staticmethod
+    def _weights_file(model_name: str, pretrained: str) -> str:
+        import open_clip
+
+        from anomgen.errors import PretrainedNotFoundError
+        from anomgen.pretrained import resolve
+
+        if Path(pretrained).expanduser().is_file():
+            return str(Path(pretrained).expanduser())
+        cfg = open_clip.get_pretrained_cfg(model_name, pretrained)
+        if not cfg:
+            tags = open_clip.list_pretrained_tags_by_model(model_name)
+            raise ValueError(f"open_clip model {model_name!r} has no pretrained tag {pretrained!r} (and it is not a "
+                             f"file); its tags: {', '.join(tags) or 'none'}")
+        hub = (cfg.get("hf_hub") or "").strip("/")
+        if not hub:
+            raise PretrainedNotFoundError(f"{model_name}/{pretrained} is published only at {cfg.get('url')}; "
+                                          "download it and pass the file's path as `pretrained`")
+        folder = resolve(hub)
+        for name in OPEN_CLIP_WEIGHT_FILES:
+            if (folder / name).is_file():
+                return str(folder / name)
+        raise PretrainedNotFoundError(f"{hub}: none of {OPEN_CLIP_WEIGHT_FILES} in {folder}")
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        from anomgen.pixels import normalize
+
+        if tuple(images.shape[-2:]) != self.image_size:
+            images = F.interpolate(images, size=self.image_size, mode="bicubic", align_corners=False).clamp(0, 1)
+        features = self.model.encode_image(normalize(images, self.mean, self.std))
+        return F.normalize(features.float(), dim=-1)
