@@ -43,11 +43,8 @@ def eap_posterior(density, p_anomaly, n, alpha0: float, beta0: float) -> np.ndar
 
 def default_detector():
     """SSDO with k = 10 and an Isolation Forest prior (the detector of the paper)."""
-    try:
-        from anomgen.detectors.ssdo import SSDO
-    except ImportError as err:  # pragma: no cover - depends on the detector module being present
-        raise ImportError("the default EAP detector is anomgen.detectors.SSDO, which could not be imported; pass "
-                          "detector= (an object with fit(X, y) and decision_function(X), or a factory)") from err
+    from anomgen.detectors.ssdo import SSDO
+
     return SSDO(k=10)
 
 
