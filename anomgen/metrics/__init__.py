@@ -4,6 +4,9 @@ Plain functions (tensors in, floats out) live in :mod:`anomgen.metrics.functiona
 torchmetrics classes are re-exported here, with :func:`anomaly_metrics` to build the set a loop logs
 (``image_AUROC``, ``pixel_AUPRO``, ...). Every metric has an exact mode (default) and a binned, memory-bounded
 mode (``num_thresholds=K`` with ``score_range=(lo, hi)``).
+
+Generation quality (FID, KID, density and coverage of a generated set, in any feature space) lives in
+:mod:`anomgen.metrics.generation` and is re-exported here too.
 """
 
 from anomgen.metrics.classification import AUROC, AveragePrecision, F1Max, F1MaxThreshold
@@ -17,21 +20,43 @@ from anomgen.metrics.functional import (
     f1_max,
     pro_curve,
 )
+from anomgen.metrics.generation import (
+    FID,
+    KID,
+    DensityCoverage,
+    InceptionFeatures,
+    density_coverage,
+    feature_statistics,
+    fid_from_features,
+    find_inception_weights,
+    frechet_distance,
+    kid_from_features,
+)
 from anomgen.metrics.localization import AUPRO
 
 __all__ = [
     "AUPRO",
     "AUROC",
     "DEFAULT_NUM_THRESHOLDS",
+    "FID",
+    "KID",
     "METRICS",
     "AveragePrecision",
+    "DensityCoverage",
     "F1Max",
     "F1MaxThreshold",
+    "InceptionFeatures",
     "MissingClassError",
     "anomaly_metrics",
     "aupro",
     "auroc",
     "average_precision",
+    "density_coverage",
     "f1_max",
+    "feature_statistics",
+    "fid_from_features",
+    "find_inception_weights",
+    "frechet_distance",
+    "kid_from_features",
     "pro_curve",
 ]

@@ -1,0 +1,657 @@
+"""Quality of a generated set against real images: FID, KID, density and coverage.
+
+FITYMI stops training its score model early, when the FID of generated samples against the normal training images
+reaches a target (about 40 at low resolution, about 200 at high resolution); it reports the density and coverage
+(Naeem et al. 2020, k = 5) and the FID of the sets it generates. Everything here works in a feature space given by any
+``nn.Module`` that maps [0, 1] images (B × 3 × H × W) to features (B × D):
+
+- Inception-v3 (the standard FID feature space) through torch-fidelity, used only when its weights are already on this
+  machine (nothing is downloaded; see :func:`find_inception_weights`);
+- any other module, e.g. :class:`anomgen.detectors.RawPixels` for tiny images (8×8 digits, 28×28 silhouettes) or an
+  :class:`anomgen.detectors.OpenCLIPImageEncoder`.
+
+Plain functions take feature matrices: :func:`feature_statistics`, :func:`frechet_distance`, :func:`fid_from_features`,
+:func:`kid_from_features`, :func:`density_coverage`. :class:`FID` and :class:`KID` are torchmetrics metrics that take
+images (or features) batch by batch and sync across DDP processes.
+
+Numerics. Statistics are float64. :func:`frechet_distance` computes the trace term
+``tr((Σ1 Σ2)^½)`` as ``Σ √λ`` over the eigenvalues λ of the symmetric positive semi-definite matrix
+``Σ1^½ Σ2 Σ1^½`` (which has the same eigenvalues as ``Σ1 Σ2``), with ``Σ1^½`` from a symmetric eigendecomposition and
+tiny negative eigenvalues (round-off) clipped to 0. This needs no complex arithmetic and stays finite when a covariance
+is singular (fewer samples than feature dimensions, constant pixels). ``method="sqrtm"`` gives the classical
+formulation instead: ``scipy.linalg.sqrtm(Σ1 Σ2)``, retried with ``eps·I`` added to both covariances when the result is
+not finite, and its real part kept when the imaginary part is round-off.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torchmetrics import Metric
+
+from anomgen.errors import MetricError, PretrainedNotFoundError
+
+__all__ = [
+    "FID",
+    "INCEPTION_WEIGHTS_FILE",
+    "KID",
+    "DensityCoverage",
+    "InceptionFeatures",
+    "density_coverage",
+    "feature_statistics",
+    "fid_from_features",
+    "find_inception_weights",
+    "frechet_distance",
+    "kid_from_features",
+]
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Fréchet distance
+# ---------------------------------------------------------------------------------------------------------------------
+
+FRECHET_METHODS = ("eigh", "sqrtm")
+
+
+def _float64(x: Any, name: str) -> Tensor:
+    t = x if isinstance(x, Tensor) else torch.as_tensor(np.asarray(x))
+    if t.is_complex():
+        raise TypeError(f"{name}: expected real numbers, got dtype {t.dtype}")
+    return t.detach().to(torch.float64)
+
+
+def _features_2d(x: Any, name: str) -> Tensor:
+    t = _float64(x, name)
+    if t.dim() != 2:
+        raise ValueError(f"{name}: expected a feature matrix N × D, got shape {tuple(t.shape)}")
+    if not torch.isfinite(t).all():
+        raise MetricError(f"{name}: features contain NaN or inf")
+    return t
+
+
+def _sym(m: Tensor) -> Tensor:
+    return (m + m.transpose(-1, -2)) / 2
+
+
+def feature_statistics(features: Any) -> tuple[Tensor, Tensor]:
+    """Mean (D) and unbiased covariance (D × D, divided by N − 1) of an N × D feature matrix, both float64."""
+    feats = _features_2d(features, "features")
+    n = feats.shape[0]
+    if n < 2:
+        raise MetricError(f"feature statistics need at least 2 samples, got {n}")
+    mu = feats.mean(dim=0)
+    centred = feats - mu
+    sigma = _sym(centred.T @ centred / (n - 1))
+    return mu, sigma
+
+
+def _statistics_from_sums(total: Tensor, outer: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """Mean and unbiased covariance from Σx, Σxxᵀ and N (what the streaming metrics accumulate)."""
+    mu = total / n
+    sigma = (outer - n * torch.outer(mu, mu)) / (n - 1)
+    return mu, _sym(sigma)
+
+
+def _trace_sqrt_product_eigh(sigma1: Tensor, sigma2: Tensor) -> float:
+    w1, v1 = torch.linalg.eigh(sigma1)
+    root1 = (v1 * w1.clamp(min=0).sqrt()) @ v1.T
+    w = torch.linalg.eigvalsh(_sym(root1 @ sigma2 @ root1))
+    return float(w.clamp(min=0).sqrt().sum())
+
+
+def _trace_sqrt_product_sqrtm(sigma1: Tensor, sigma2: Tensor, eps: float) -> float:
+    from scipy import linalg
+
+    s1, s2 = sigma1.cpu().numpy(), sigma2.cpu().numpy()
+    with np.errstate(all="ignore"):
+        covmean = linalg.sqrtm(s1 @ s2)
+        if not np.isfinite(covmean).all():
+            offset = np.eye(s1.shape[0]) * eps
+            covmean = linalg.sqrtm((s1 + offset) @ (s2 + offset))
+    if not np.isfinite(covmean).all():
+        raise MetricError("frechet_distance: the matrix square root of Σ1·Σ2 is not finite even with the eps offset; "
+                          "use method='eigh'")
+    if np.iscomplexobj(covmean):
+        imag = np.abs(np.diagonal(covmean).imag).max()
+        if imag > 1e-3:
+            raise MetricError(f"frechet_distance: sqrtm(Σ1·Σ2) has an imaginary part of {imag:.3g} on its diagonal "
+                              "(not round-off); use method='eigh'")
+        covmean = covmean.real
+    return float(np.trace(covmean))
+
+
+def frechet_distance(mu1: Any, sigma1: Any, mu2: Any, sigma2: Any, method: str = "eigh", eps: float = 1e-6) -> float:
+    """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2): ‖μ1 − μ2‖² + tr(Σ1 + Σ2 − 2 (Σ1 Σ2)^½).
+
+    Inputs are tensors or arrays (converted to float64). ``method="eigh"`` (default) is the symmetric eigenvalue
+    formulation, ``"sqrtm"`` the scipy matrix square root with the ``eps``-offset retry (see the module docstring).
+    The result is clipped at 0 (round-off can make the distance of a set to itself slightly negative).
+    """
+    if method not in FRECHET_METHODS:
+        raise ValueError(f"frechet_distance: method must be one of {FRECHET_METHODS}, got {method!r}")
+    mu1, mu2 = _float64(mu1, "mu1"), _float64(mu2, "mu2")
+    sigma1, sigma2 = _float64(sigma1, "sigma1"), _float64(sigma2, "sigma2")
+    d = mu1.shape[-1] if mu1.dim() else 0
+    if mu1.dim() != 1 or mu2.shape != mu1.shape:
+        raise ValueError(f"frechet_distance: means must be vectors of the same length, got {tuple(mu1.shape)} and "
+                         f"{tuple(mu2.shape)}")
+    if sigma1.shape != (d, d) or sigma2.shape != (d, d):
+        raise ValueError(f"frechet_distance: covariances must be {d} × {d}, got {tuple(sigma1.shape)} and "
+                         f"{tuple(sigma2.shape)}")
+    for name, t in (("mu1", mu1), ("mu2", mu2), ("sigma1", sigma1), ("sigma2", sigma2)):
+        if not torch.isfinite(t).all():
+            raise MetricError(f"frechet_distance: {name} contains NaN or inf")
+    sigma2 = sigma2.to(sigma1.device)
+    sigma1, sigma2 = _sym(sigma1), _sym(sigma2)
+    diff = float((mu1 - mu2.to(mu1.device)).square().sum())
+    if method == "eigh":
+        tr_covmean = _trace_sqrt_product_eigh(sigma1, sigma2)
+    else:
+        tr_covmean = _trace_sqrt_product_sqrtm(sigma1, sigma2, eps)
+    value = diff + float(torch.trace(sigma1)) + float(torch.trace(sigma2)) - 2.0 * tr_covmean
+    return max(value, 0.0)
+
+
+def fid_from_features(real_features: Any, fake_features: Any, method: str = "eigh") -> float:
+    """FID between two feature matrices (N × D and M × D, N, M ≥ 2)."""
+    real, fake = _features_2d(real_features, "real_features"), _features_2d(fake_features, "fake_features")
+    if real.shape[1] != fake.shape[1]:
+        raise ValueError(f"fid_from_features: real features have {real.shape[1]} dimensions, fake {fake.shape[1]}")
+    return frechet_distance(*feature_statistics(real), *feature_statistics(fake), method=method)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# KID
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _poly_kernel(a: Tensor, b: Tensor, degree: int, gamma: float, coef0: float) -> Tensor:
+    return (gamma * (a @ b.T) + coef0) ** degree
+
+
+def _unbiased_mmd2(real: Tensor, fake: Tensor, degree: int, gamma: float, coef0: float) -> Tensor:
+    m = real.shape[0]
+    k_rr = _poly_kernel(real, real, degree, gamma, coef0)
+    k_ff = _poly_kernel(fake, fake, degree, gamma, coef0)
+    k_rf = _poly_kernel(real, fake, degree, gamma, coef0)
+    within = (k_rr.sum() - k_rr.diagonal().sum() + k_ff.sum() - k_ff.diagonal().sum()) / (m * (m - 1))
+    return within - 2 * k_rf.sum() / (m * m)
+
+
+def kid_from_features(
+    real_features: Any,
+    fake_features: Any,
+    subsets: int = 100,
+    subset_size: int = 1000,
+    degree: int = 3,
+    gamma: float | None = None,
+    coef0: float = 1.0,
+    seed: int | None = 0,
+) -> tuple[float, float]:
+    """Kernel Inception Distance: mean and (population) std over ``subsets`` random subsets of the unbiased MMD² with
+    the polynomial kernel k(x, y) = (γ xᵀy + coef0)^degree, γ = 1/D by default.
+
+    Each subset draws ``m = min(subset_size, N, M)`` real and m fake samples without replacement; the subsets are
+    seeded by ``seed`` (``None``: torch's global generator), so a given feature set always gives the same value.
+    """
+    real, fake = _features_2d(real_features, "real_features"), _features_2d(fake_features, "fake_features")
+    if real.shape[1] != fake.shape[1]:
+        raise ValueError(f"kid_from_features: real features have {real.shape[1]} dimensions, fake {fake.shape[1]}")
+    if subsets < 1 or subset_size < 2:
+        raise ValueError(f"kid_from_features: need subsets >= 1 and subset_size >= 2, got {subsets}, {subset_size}")
+    m = min(subset_size, real.shape[0], fake.shape[0])
+    if m < 2:
+        raise MetricError(f"KID needs at least 2 real and 2 fake samples, got {real.shape[0]} and {fake.shape[0]}")
+    gamma = 1.0 / real.shape[1] if gamma is None else float(gamma)
+    generator = None if seed is None else torch.Generator().manual_seed(int(seed))
+    values = []
+    for _ in range(subsets):
+        r = real[torch.randperm(real.shape[0], generator=generator)[:m].to(real.device)]
+        f = fake[torch.randperm(fake.shape[0], generator=generator)[:m].to(fake.device)]
+        values.append(_unbiased_mmd2(r, f, degree, gamma, coef0))
+    scores = torch.stack(values)
+    return float(scores.mean()), float(scores.std(unbiased=False))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Density and coverage
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class DensityCoverage(NamedTuple):
+    density: float
+    coverage: float
+
+
+def _pairwise(a: Tensor, b: Tensor) -> Tensor:
+    return torch.cdist(a, b).clamp_(min=0)
+
+
+def _knn_radii(real: Tensor, k: int, chunk_size: int) -> Tensor:
+    """Distance of each real sample to its k-th nearest other real sample."""
+    n = real.shape[0]
+    radii = torch.empty(n, dtype=real.dtype, device=real.device)
+    for start in range(0, n, chunk_size):
+        stop = min(start + chunk_size, n)
+        d = _pairwise(real[start:stop], real)
+        rows = torch.arange(stop - start, device=real.device)
+        d[rows, rows + start] = float("inf")  # a sample is not its own neighbour
+        radii[start:stop] = d.kthvalue(k, dim=1).values
+    return radii
+
+
+def density_coverage(real_features: Any, fake_features: Any, k: int = 5, chunk_size: int = 1024) -> DensityCoverage:
+    """Density and coverage of a fake set with respect to a real set (Naeem et al. 2020).
+
+    With r_i the distance of real sample i to its k-th nearest other real sample and B(x, r) the open ball:
+
+    - density  = 1/(k M) · Σ_j Σ_i 1[fake_j ∈ B(real_i, r_i)]  (≈ 1 when fakes follow the real distribution; above 1
+      when they crowd dense real regions);
+    - coverage = 1/N · Σ_i 1[∃ j: fake_j ∈ B(real_i, r_i)]  (in [0, 1]).
+
+    Distances are exact (Euclidean, float64) and computed ``chunk_size`` rows at a time, so memory stays
+    O(chunk_size · max(N, M)). Membership is strict (d < r_i), as in the authors' reference code: a fake set equal to
+    the real set (with no ties among distances) has density 1 and coverage 1.
+    """
+    real, fake = _features_2d(real_features, "real_features"), _features_2d(fake_features, "fake_features")
+    if real.shape[1] != fake.shape[1]:
+        raise ValueError(f"density_coverage: real features have {real.shape[1]} dimensions, fake {fake.shape[1]}")
+    n, m = real.shape[0], fake.shape[0]
+    if k < 1:
+        raise ValueError(f"density_coverage: k must be >= 1, got {k}")
+    if n <= k:
+        raise MetricError(f"density_coverage: needs more than k = {k} real samples, got {n}")
+    if m < 1:
+        raise MetricError("density_coverage: no fake samples")
+    if chunk_size < 1:
+        raise ValueError(f"density_coverage: chunk_size must be >= 1, got {chunk_size}")
+    fake = fake.to(real.device)
+    radii = _knn_radii(real, k, chunk_size)
+    inside = 0
+    nearest_fake = torch.full((n,), float("inf"), dtype=real.dtype, device=real.device)
+    for start in range(0, m, chunk_size):
+        d = _pairwise(fake[start : start + chunk_size], real)  # chunk × N
+        inside += int((d < radii).sum())
+        nearest_fake = torch.minimum(nearest_fake, d.min(dim=0).values)
+    density = inside / (k * m)
+    coverage = float((nearest_fake < radii).double().mean())
+    return DensityCoverage(density=density, coverage=coverage)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Inception-v3 (torch-fidelity), only from local weights
+# ---------------------------------------------------------------------------------------------------------------------
+
+INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
+INCEPTION_WEIGHTS_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + INCEPTION_WEIGHTS_FILE
+INCEPTION_FEATURES = ("64", "192", "768", "2048")
+
+
+def _inception_candidates() -> list[Path]:
+    from anomgen.pretrained import ENV_DIR
+
+    places = []
+    root = os.environ.get(ENV_DIR)
+    if root:
+        places += [Path(root) / INCEPTION_WEIGHTS_FILE, Path(root) / "inception-v3-fid" / INCEPTION_WEIGHTS_FILE]
+    places.append(Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS_FILE)
+    return places
+
+
+def find_inception_weights(path: str | os.PathLike | None = None) -> Path:
+    """The local file of torch-fidelity's FID Inception-v3 weights; never downloads.
+
+    ``path`` (a file, or a folder holding ``weights-inception-2015-12-05-6726825d.pth``) is used alone when given.
+    Otherwise the file is looked for in ``$ANOMGEN_PRETRAINED_DIR/`` (also its ``inception-v3-fid/`` sub-folder) and in
+    torch's hub cache (``$TORCH_HOME/hub/checkpoints/``, where torch-fidelity's own download puts it).
+    Raises :class:`~anomgen.errors.PretrainedNotFoundError` saying how to supply the weights or another extractor.
+    """
+    if path is not None:
+        p = Path(path).expanduser()
+        candidates = [p / INCEPTION_WEIGHTS_FILE] if p.is_dir() else [p]
+    else:
+        candidates = _inception_candidates()
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    from anomgen.pretrained import ENV_DIR
+
+    raise PretrainedNotFoundError(
+        "Inception weights for FID/KID are unavailable offline: no "
+        f"{INCEPTION_WEIGHTS_FILE} at {', '.join(str(c) for c in candidates)} (nothing is downloaded). Either supply "
+        f"the file (torch-fidelity's Inception-v3, {INCEPTION_WEIGHTS_URL}) by copying it to ${ENV_DIR}/ or "
+        f"{Path(torch.hub.get_dir()) / 'checkpoints'}/ or passing its path as `inception_weights=`, or pass another "
+        "feature extractor: `FID(feature_extractor=anomgen.detectors.RawPixels())` for small images (8×8 digits, "
+        "28×28 silhouettes), or any nn.Module mapping [0, 1] images B×3×H×W to features B×D (e.g. "
+        "anomgen.detectors.OpenCLIPImageEncoder)."
+    )
+
+
+class InceptionFeatures(nn.Module):
+    """torch-fidelity's FID Inception-v3 as a feature extractor: [0, 1] images B×C×H×W -> B × ``num_features``.
+
+    Images are rounded to 8-bit values (the network's expected input; one grey channel is repeated to three) and
+    resized to 299×299 inside the network. ``feature`` picks the layer: "2048" (the standard FID pool features), "768",
+    "192" or "64". The weights come from :func:`find_inception_weights` (local only); the file is first read with
+    ``weights_only=True``, so a file that holds anything but tensors is refused.
+    """
+
+    def __init__(self, weights: str | os.PathLike | None = None, feature: str | int = "2048") -> None:
+        super().__init__()
+        feature = str(feature)
+        if feature not in INCEPTION_FEATURES:
+            raise ValueError(f"InceptionFeatures: feature must be one of {INCEPTION_FEATURES}, got {feature!r}")
+        path = find_inception_weights(weights)
+        try:
+            from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+        except ImportError:
+            raise ModuleNotFoundError(
+                "InceptionFeatures needs torch-fidelity (`pip install torch-fidelity`); or pass another feature "
+                "extractor, e.g. anomgen.detectors.RawPixels() for small images"
+            ) from None
+        torch.load(path, map_location="cpu", weights_only=True)  # refuse pickled code before torch-fidelity loads it
+        self.model = FeatureExtractorInceptionV3("inception-v3-compat", [feature],
+                                                 feature_extractor_weights_path=str(path))
+        self.model.eval()
+        self.num_features = int(feature)
+        self.weights_path = path
+
+    def train(self, mode: bool = True) -> InceptionFeatures:
+        return super().train(False)  # a fixed feature space: always in evaluation mode
+
+    @torch.no_grad()
+    def forward(self, images: Tensor) -> Tensor:
+        if images.dim() != 4 or images.shape[1] not in (1, 3):
+            raise ValueError(f"InceptionFeatures: expected images B×3×H×W (or B×1×H×W), got {tuple(images.shape)}")
+        if images.shape[1] == 1:
+            images = images.expand(-1, 3, -1, -1)
+        if images.dtype != torch.uint8:
+            images = (images.float().clamp(0, 1) * 255).round().to(torch.uint8)
+        return self.model(images)[0].reshape(images.shape[0], -1)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Streaming metrics
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _num_features_of(extractor: nn.Module, input_size: tuple[int, ...] | None) -> int | None:
+    num = getattr(extractor, "num_features", None)
+    if isinstance(num, Tensor):
+        num = int(num.item())
+    if isinstance(num, int):
+        return num
+    if input_size is not None:
+        param = next(extractor.parameters(), None)
+        dummy = torch.rand(1, *input_size, device=param.device if param is not None else None)
+        with torch.no_grad():
+            out = extractor(dummy)
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        return int(out.reshape(1, -1).shape[1])
+    return None
+
+
+class _FeatureMetric(Metric):
+    """Shared by :class:`FID` and :class:`KID`: the feature extractor, update(images | features, real), and keeping
+    the real side across resets.
+
+    The extractor is *not* a registered sub-module: it stays out of the metric's (and so the LightningModule's)
+    ``state_dict``, ``parameters()`` and ``train()``/``eval()`` switches, and is not wrapped by DDP. It still follows
+    ``.to(device)`` / ``.cuda()`` of the metric or of the module that holds it, and is kept in evaluation mode.
+    """
+
+    is_differentiable = False
+    full_state_update = False
+    _real_states: tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        feature_extractor: nn.Module | None,
+        reset_real_features: bool,
+        inception_weights: str | os.PathLike | None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if not isinstance(reset_real_features, bool):
+            raise TypeError(f"reset_real_features must be a bool, got {reset_real_features!r}")
+        self.reset_real_features = reset_real_features
+        if feature_extractor is None:
+            feature_extractor = InceptionFeatures(inception_weights)
+        elif not isinstance(feature_extractor, nn.Module):
+            raise TypeError(f"feature_extractor must be an nn.Module (or None for Inception), got "
+                            f"{type(feature_extractor).__name__}")
+        feature_extractor.eval()
+        self._extractor_box = (feature_extractor,)
+
+    @property
+    def feature_extractor(self) -> nn.Module:
+        return self._extractor_box[0]
+
+    def _apply(self, fn, *args, **kwargs):
+        this = super()._apply(fn, *args, **kwargs)
+        box = self.__dict__.get("_extractor_box")
+        if box:
+            box[0]._apply(fn)
+        return this
+
+    @torch.no_grad()
+    def extract(self, images: Tensor) -> Tensor:
+        """Features (float64, B × D) of [0, 1] images (uint8 images are divided by 255 first)."""
+        if images.dtype == torch.uint8:
+            images = images.float() / 255
+        feats = self.feature_extractor(images)
+        if isinstance(feats, (tuple, list)):
+            feats = feats[0]
+        return feats.reshape(images.shape[0], -1).double()
+
+    def _batch_features(self, images: Tensor | None, features: Tensor | None) -> Tensor:
+        if (images is None) == (features is None):
+            raise ValueError(f"{type(self).__name__}.update: give exactly one of images and features=")
+        if images is not None:
+            return self.extract(images)
+        feats = _float64(features, "features").to(self.device)
+        if feats.dim() == 1:
+            feats = feats.unsqueeze(0)
+        if feats.dim() != 2:
+            raise ValueError(f"{type(self).__name__}.update: features must be B × D, got {tuple(feats.shape)}")
+        return feats
+
+    def forward(self, *args: Any, **kwargs: Any) -> None:
+        """Same as :meth:`update` (a per-batch value of a set-level distance would mean nothing); returns None."""
+        self.update(*args, **kwargs)
+
+    def reset(self) -> None:
+        """Clear the fake side; the real side too only when ``reset_real_features=True`` (see :meth:`reset_real`)."""
+        if self.reset_real_features:
+            super().reset()
+            return
+        kept = {name: getattr(self, name) for name in self._real_states}
+        kept = {name: (v if isinstance(v, Tensor) else list(v)) for name, v in kept.items()}
+        super().reset()
+        for name, value in kept.items():
+            setattr(self, name, value)
+
+    def reset_real(self) -> None:
+        """Clear the real side (and only it)."""
+        for name in self._real_states:
+            default = self._defaults[name]
+            if isinstance(default, Tensor):
+                setattr(self, name, default.detach().clone().to(self.device))
+            else:
+                setattr(self, name, [])
+        self._computed = None
+
+    def set_real_features(self, features: Tensor) -> None:
+        """Replace the real side by precomputed features (N × D), e.g. of the normal training images."""
+        self.reset_real()
+        self.update(None, real=True, features=features)
+
+
+class FID(_FeatureMetric):
+    """Fréchet distance between real and generated images in the feature space of ``feature_extractor``.
+
+    ``update(images, real)`` takes [0, 1] images B×3×H×W (``update(None, real, features=F)`` takes features B × D);
+    ``compute()`` returns the FID (a float32 scalar tensor). The state is Σx, Σxxᵀ (float64) and N for each side,
+    summed across DDP processes (O(D²) memory whatever the number of images); ``merge_state`` adds two metrics.
+    Ranks that each hold the *same* real images give the same mean and, up to the N−1 normalisation, the same
+    covariance after the sum, so either sharded or replicated real features are fine.
+
+    ``feature_extractor=None`` means Inception-v3 (2048 pool features) from local weights only (``inception_weights``
+    or :func:`find_inception_weights`'s places); without them the constructor raises
+    :class:`~anomgen.errors.PretrainedNotFoundError` that says how to pass another extractor such as
+    ``anomgen.detectors.RawPixels()``.
+
+    With ``reset_real_features=False`` (default) the real statistics survive :meth:`reset`: compute them once from the
+    normal training images (``update(images, real=True)`` batch by batch, or :meth:`set_real_features`), then per
+    evaluation ``reset()``, add the generated samples with ``real=False`` and ``compute()``.
+
+    The feature dimension D is ``num_features``, else the extractor's ``num_features`` attribute, else inferred from a
+    dummy batch of ``input_size`` (C, H, W), else fixed at the first update. In that last case, with DDP, every rank
+    must update both sides before ``compute()``.
+    """
+
+    higher_is_better = False
+    plot_lower_bound = 0.0
+    _real_states = ("real_features_sum", "real_features_outer_sum", "real_num_samples")
+
+    def __init__(
+        self,
+        feature_extractor: nn.Module | None = None,
+        reset_real_features: bool = False,
+        num_features: int | None = None,
+        input_size: tuple[int, int, int] | None = None,
+        inception_weights: str | os.PathLike | None = None,
+        method: str = "eigh",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(feature_extractor, reset_real_features, inception_weights, **kwargs)
+        if method not in FRECHET_METHODS:
+            raise ValueError(f"FID: method must be one of {FRECHET_METHODS}, got {method!r}")
+        self.method = method
+        if num_features is None:
+            num_features = _num_features_of(self.feature_extractor, input_size)
+        self.num_features = num_features
+        d = num_features or 0
+        for side in ("real", "fake"):
+            self.add_state(f"{side}_features_sum", torch.zeros(d, dtype=torch.float64), dist_reduce_fx="sum")
+            self.add_state(f"{side}_features_outer_sum", torch.zeros(d, d, dtype=torch.float64), dist_reduce_fx="sum")
+            self.add_state(f"{side}_num_samples", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+
+    def _allocate(self, side: str, d: int) -> None:
+        if self.num_features is None:
+            self.num_features = d
+        elif d != self.num_features:
+            raise MetricError(f"FID: features have {d} dimensions, the metric holds {self.num_features}")
+        if getattr(self, f"{side}_features_sum").numel() != d:
+            device = self.device
+            setattr(self, f"{side}_features_sum", torch.zeros(d, dtype=torch.float64, device=device))
+            setattr(self, f"{side}_features_outer_sum", torch.zeros(d, d, dtype=torch.float64, device=device))
+
+    def update(self, images: Tensor | None, real: bool, features: Tensor | None = None) -> None:
+        feats = self._batch_features(images, features)
+        side = "real" if real else "fake"
+        self._allocate(side, feats.shape[1])
+        total = getattr(self, f"{side}_features_sum")
+        setattr(self, f"{side}_features_sum", total + feats.sum(dim=0).to(total.device))
+        outer = getattr(self, f"{side}_features_outer_sum")
+        setattr(self, f"{side}_features_outer_sum", outer + (feats.T @ feats).to(outer.device))
+        count = getattr(self, f"{side}_num_samples")
+        setattr(self, f"{side}_num_samples", count + feats.shape[0])
+
+    def _reduce_states(self, incoming_state: dict[str, Any]) -> None:
+        # a side that was never updated still has its empty default: give it the other's shape
+        incoming = dict(incoming_state)
+        for name in self._defaults:
+            local, other = getattr(self, name), incoming[name]
+            if isinstance(local, Tensor) and local.shape != other.shape:
+                if local.numel() == 0:
+                    setattr(self, name, torch.zeros_like(other, device=local.device))
+                elif other.numel() == 0:
+                    incoming[name] = torch.zeros_like(local)
+        if self.num_features is None and incoming["real_features_sum"].numel():
+            self.num_features = int(incoming["real_features_sum"].numel())
+        if self.num_features is None and incoming["fake_features_sum"].numel():
+            self.num_features = int(incoming["fake_features_sum"].numel())
+        super()._reduce_states(incoming)
+
+    def _statistics(self, side: str) -> tuple[Tensor, Tensor]:
+        n = int(getattr(self, f"{side}_num_samples"))
+        if n < 2:
+            raise MetricError(
+                f"FID needs at least 2 {side} samples, has {n}"
+                + ("" if side == "fake" else " (the real side is kept across reset(); give it the normal training "
+                   "images once with update(images, real=True) or set_real_features)")
+            )
+        return _statistics_from_sums(getattr(self, f"{side}_features_sum"),
+                                     getattr(self, f"{side}_features_outer_sum"), n)
+
+    def real_statistics(self) -> tuple[Tensor, Tensor]:
+        """Mean and covariance (float64) of the real features seen so far on this process."""
+        return self._statistics("real")
+
+    def fake_statistics(self) -> tuple[Tensor, Tensor]:
+        """Mean and covariance (float64) of the fake features seen so far on this process."""
+        return self._statistics("fake")
+
+    def compute(self) -> Tensor:
+        value = frechet_distance(*self._statistics("real"), *self._statistics("fake"), method=self.method)
+        return torch.tensor(value, dtype=torch.float32, device=self.device)
+
+
+class KID(_FeatureMetric):
+    """Kernel Inception Distance (unbiased MMD² with a cubic polynomial kernel, averaged over random subsets) between
+    real and generated images; ``compute()`` returns ``(mean, std)`` as float32 scalar tensors.
+
+    Same interface as :class:`FID` (``update(images, real)``, ``features=``, :meth:`set_real_features`,
+    ``reset_real_features=False`` keeping the real side, Inception only from local weights). The state is the
+    feature matrices themselves (O(N·D) memory), gathered across DDP processes. Subsets are drawn with ``seed``, so
+    every rank computes the same value. ``subset_size`` is capped at the smaller set's size.
+    """
+
+    higher_is_better = False
+    _real_states = ("real_features",)
+
+    def __init__(
+        self,
+        feature_extractor: nn.Module | None = None,
+        reset_real_features: bool = False,
+        subsets: int = 100,
+        subset_size: int = 1000,
+        degree: int = 3,
+        gamma: float | None = None,
+        coef0: float = 1.0,
+        seed: int | None = 0,
+        inception_weights: str | os.PathLike | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(feature_extractor, reset_real_features, inception_weights, **kwargs)
+        if subsets < 1 or subset_size < 2:
+            raise ValueError(f"KID: need subsets >= 1 and subset_size >= 2, got {subsets}, {subset_size}")
+        self.subsets, self.subset_size, self.degree = subsets, subset_size, degree
+        self.gamma, self.coef0, self.seed = gamma, coef0, seed
+        self.add_state("real_features", [], dist_reduce_fx="cat")
+        self.add_state("fake_features", [], dist_reduce_fx="cat")
+
+    def update(self, images: Tensor | None, real: bool, features: Tensor | None = None) -> None:
+        feats = self._batch_features(images, features)
+        (self.real_features if real else self.fake_features).append(feats)
+
+    @staticmethod
+    def _cat(state: Tensor | list[Tensor]) -> Tensor | None:
+        if isinstance(state, Tensor):
+            return state
+        return torch.cat(state) if state else None
+
+    def compute(self) -> tuple[Tensor, Tensor]:
+        real, fake = self._cat(self.real_features), self._cat(self.fake_features)
+        if real is None or fake is None:
+            raise MetricError(f"KID needs real and fake samples; has {0 if real is None else len(real)} real and "
+                              f"{0 if fake is None else len(fake)} fake")
+        mean, std = kid_from_features(real, fake, self.subsets, self.subset_size, self.degree, self.gamma,
+                                      self.coef0, self.seed)
+        return (torch.tensor(mean, dtype=torch.float32, device=self.device),
+                torch.tensor(std, dtype=torch.float32, device=self.device))
