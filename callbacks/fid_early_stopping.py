@@ -1,0 +1,153 @@
+"""FID early stopping: every N training steps, sample M images, compute their FID against the normal training
+images, log the curve, stop when the FID reaches a target, and export a synthetic set when the FID enters a band.
+
+FITYMI stops the score-SDE early on purpose: samples of a model that is not yet converged are near-distribution
+anomalies. The target is an absolute FID (``target``) or ``target_factor`` × a reference FID, the FID between held-out
+real normals and the training normals (what a converged model would reach). ``bands`` (e.g. ``[[300, null],
+[100, 200], [30, 50], [null, 20]]``) export ``<export_dir>/fid_<lo>-<hi>`` the first time the FID falls in each band,
+with the FID in every manifest row. Features come from any ``nn.Module`` (raw pixels for small images; Inception
+where its weights are available). The LightningModule provides ``sample(indices, seed) -> images in [0, 1]``; the
+samples of a check are seeded by their index, so every rank computes the same FID and takes the same decision.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from lightning.pytorch import Callback
+from torch import nn
+from torch.utils.data import DataLoader
+
+from anomgen.data.synthetic import format_id, write_set
+from anomgen.detectors.features import extract_features
+from anomgen.metrics.generation import feature_statistics, frechet_distance
+
+
+def band_name(band) -> str:
+    lo, hi = band
+    return f"fid_{'0' if lo is None else f'{lo:g}'}-{'inf' if hi is None else f'{hi:g}'}"
+
+
+def in_band(fid: float, band) -> bool:
+    lo, hi = band
+    return (lo is None or fid >= lo) and (hi is None or fid <= hi)
+
+
+class FIDEarlyStopping(Callback):
+    def __init__(
+        self,
+        feature_extractor: nn.Module,
+        every_n_steps: int = 100,
+        num_samples: int = 256,
+        target: float | None = None,
+        target_factor: float | None = None,
+        bands: list | None = None,
+        export_dir: str | None = None,
+        export_size: int | None = None,
+        sample_seed: int = 10_000,
+        batch_size: int = 256,
+    ) -> None:
+        if target is not None and target_factor is not None:
+            raise ValueError("give FID early stopping either target (absolute) or target_factor (× reference), not both")
+        if bands and export_dir is None:
+            raise ValueError("FID bands export synthetic sets: set export_dir")
+        self.extractor = feature_extractor.eval()
+        self.every_n_steps, self.num_samples = every_n_steps, num_samples
+        self.target, self.target_factor = target, target_factor
+        self.bands = [tuple(b) for b in (bands or [])]
+        self.export_dir = None if export_dir is None else Path(export_dir)
+        self.export_size, self.sample_seed, self.batch_size = export_size, sample_seed, batch_size
+        self.curve: list[tuple[int, float]] = []
+        self.exported: dict[str, float] = {}
+        self.reference_fid: float | None = None
+        self.stopped_at: tuple[int, float] | None = None
+        self._real_stats = None
+
+    # -- the FID ---------------------------------------------------------------------------------------------
+    def _stats(self, images_or_loader):
+        feats = extract_features(self.extractor, images_or_loader, desc="fid: features")
+        return feature_statistics(feats)
+
+    def _real(self, trainer):
+        if self._real_stats is None:
+            dm = trainer.datamodule
+            self._real_stats = self._stats(DataLoader(dm.train_normals, batch_size=self.batch_size))
+            if self.target_factor is not None and self.reference_fid is None:
+                if len(dm.val_normals) < 2:
+                    raise ValueError("target_factor needs held-out normals for the reference FID "
+                                     "(datamodule.validation=holdout with holdout_fraction > 0)")
+                held_out = self._stats(DataLoader(dm.val_normals, batch_size=self.batch_size))
+                self.reference_fid = float(frechet_distance(*held_out, *self._real_stats))
+        return self._real_stats
+
+    @property
+    def target_fid(self) -> float | None:
+        if self.target is not None:
+            return float(self.target)
+        if self.target_factor is not None and self.reference_fid is not None:
+            return float(self.target_factor * self.reference_fid)
+        return None
+
+    def _samples(self, pl_module, indices: list[int], seed: int) -> torch.Tensor:
+        chunks = [indices[i : i + self.batch_size] for i in range(0, len(indices), self.batch_size)]
+        return torch.cat([pl_module.sample(c, seed=seed).cpu() for c in chunks])
+
+    def measure(self, trainer, pl_module) -> float:
+        real = self._real(trainer)
+        images = self._samples(pl_module, list(range(self.num_samples)), self.sample_seed)
+        fake = self._stats([{"image": images}])
+        return float(frechet_distance(*fake, *real))
+
+    # -- hooks -----------------------------------------------------------------------------------------------
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step == 0 or step % self.every_n_steps or (self.curve and self.curve[-1][0] == step):
+            return
+        was_training = pl_module.training
+        pl_module.eval()
+        fid = self.measure(trainer, pl_module)
+        pl_module.train(was_training)
+        self.curve.append((step, fid))
+        pl_module.last_fid = fid
+        pl_module.log("train/fid", fid, on_step=True, on_epoch=False, rank_zero_only=False)
+        if self.target_fid is not None:
+            pl_module.log("train/fid_target", self.target_fid, on_step=True, on_epoch=False, rank_zero_only=False)
+        for band in self.bands:
+            name = band_name(band)
+            if in_band(fid, band) and name not in self.exported:
+                self._export(trainer, pl_module, name, fid)
+        target = self.target_fid
+        if target is not None and fid <= target:
+            self.stopped_at = (step, fid)
+            trainer.should_stop = True
+
+    def _export(self, trainer, pl_module, name: str, fid: float) -> None:
+        self.exported[name] = fid
+        out = self.export_dir / name
+        if trainer.is_global_zero:
+            n = self.export_size or len(trainer.datamodule.support)
+            seed = getattr(pl_module, "seed", 0)
+            images = self._samples(pl_module, list(range(n)), seed)
+            category = trainer.datamodule.normal_class or ""
+            samples = (
+                dict(id=format_id(i), image=images[i], label=1, generator=pl_module.generator_name,
+                     category=category, defect_type=pl_module.generator_name,
+                     params={"fid": fid, "step": trainer.global_step, "seed": seed})
+                for i in range(n)
+            )
+            write_set(out, samples, {"generator": pl_module.generator_name, "fid": fid, "band": name,
+                                     "step": trainer.global_step}, overwrite=True)
+        trainer.strategy.barrier("fid_early_stopping:export")
+
+    # -- resuming continues the schedule ------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"curve": self.curve, "exported": self.exported, "reference_fid": self.reference_fid,
+                "stopped_at": self.stopped_at}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.curve = [tuple(p) for p in state.get("curve", [])]
+        self.exported = dict(state.get("exported", {}))
+        self.reference_fid = state.get("reference_fid")
+        self.stopped_at = state.get("stopped_at")
+

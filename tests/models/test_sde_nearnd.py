@@ -1,0 +1,81 @@
+"""model=sde_nearnd with FID early stopping: stops at the target, exports bands with their FID, resumes the schedule,
+and exports the same set whatever the batch size (samples seeded by their global index)."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from lightning.pytorch import Trainer
+
+from anomgen.data import Digits
+from anomgen.data.synthetic import read_manifest
+from anomgen.detectors import RawPixels
+from anomgen.diffusion import tiny_score_unet
+from callbacks import FIDEarlyStopping, SyntheticSetExport
+from datamodules import AnomalyDataModule
+from models.sde_nearnd import SDENearND
+
+
+def _model(seed=0, lr=2e-3):
+    torch.manual_seed(seed)
+    return SDENearND(unet=tiny_score_unet("vp", image_size=8, channels=1), sde={"kind": "vp"},
+                     optimizer=functools.partial(torch.optim.Adam, lr=lr), warmup_steps=1, num_steps=4,
+                     corrector_steps=1, seed=seed)
+
+
+def _datamodule(**kw):
+    return AnomalyDataModule(dataset=functools.partial(Digits), normal_class="3", batch_size=32, **kw)
+
+
+def _trainer(callbacks, max_steps=6, **kw):
+    return Trainer(accelerator="cpu", devices=1, max_steps=max_steps, logger=False, enable_checkpointing=False,
+                   enable_progress_bar=False, callbacks=callbacks, **kw)
+
+
+def test_fid_stopping_triggers_at_the_target():
+    fid = FIDEarlyStopping(RawPixels(), every_n_steps=2, num_samples=16, target=1e9)
+    trainer = _trainer([fid], max_steps=10)
+    trainer.fit(_model(), datamodule=_datamodule())
+    assert trainer.global_step == 2 and fid.stopped_at[0] == 2
+    assert fid.curve == [(2, fid.stopped_at[1])]
+
+
+def test_fid_factor_target_bands_and_resume(tmp_path):
+    fid = FIDEarlyStopping(RawPixels(), every_n_steps=2, num_samples=16, target_factor=1e-9,
+                           bands=[[None, None]], export_dir=str(tmp_path / "bands"), export_size=5)
+    model = _model()
+    trainer = _trainer([fid], max_steps=4)
+    trainer.fit(model, datamodule=_datamodule())
+    assert [s for s, _ in fid.curve] == [2, 4] and fid.stopped_at is None  # the target is never reached
+    assert fid.reference_fid > 0 and fid.target_fid == pytest.approx(1e-9 * fid.reference_fid)
+    rows = read_manifest(tmp_path / "bands" / "fid_0-inf")
+    assert len(rows) == 5 and all(r["params"]["fid"] == pytest.approx(fid.curve[0][1]) for r in rows)
+    assert list(fid.exported) == ["fid_0-inf"]  # a band is exported once, when the FID first enters it
+    resumed = FIDEarlyStopping(RawPixels(), every_n_steps=2, num_samples=16)
+    resumed.load_state_dict(fid.state_dict())
+    assert resumed.curve == fid.curve and resumed.exported == fid.exported
+
+
+def test_export_is_the_same_for_any_batch_size(tmp_path):
+    model = _model()
+    _trainer([], max_steps=2).fit(model, datamodule=_datamodule())
+    sets = []
+    for batch_size in (3, 7):
+        out = tmp_path / f"bs{batch_size}"
+        trainer = _trainer([SyntheticSetExport(str(out))])
+        trainer.predict(model, datamodule=_datamodule(num_generated=9, eval_batch_size=batch_size),
+                        return_predictions=False)
+        sets.append(out)
+    rows = [read_manifest(s) for s in sets]
+    assert rows[0] == rows[1] and len(rows[0]) == 9
+    for row in rows[0]:
+        assert (sets[0] / row["image"]).read_bytes() == (sets[1] / row["image"]).read_bytes()
+    assert rows[0][0]["params"]["sde"] == "vp" and rows[0][0]["sources"] == []
+
+
+def test_nan_loss_names_the_step():
+    model = _model(lr=1e6)  # diverges
+    with pytest.raises(FloatingPointError, match="at step"):
+        _trainer([], max_steps=200).fit(model, datamodule=_datamodule())
