@@ -10,7 +10,14 @@ from __future__ import annotations
 import torch
 from lightning.pytorch import LightningModule
 
-from anomgen.diffusion import EMA, dsm_loss, euler_maruyama_sample, make_sde, pc_sample, score_fn_from_unet
+from anomgen.diffusion import (
+    EMA,
+    dsm_loss,
+    euler_maruyama_sample,
+    make_sde,
+    pc_sample,
+    score_fn_from_unet,
+)
 from anomgen.pixels import from_diffusion_range, to_diffusion_range
 from anomgen.seeding import sample_generator
 
