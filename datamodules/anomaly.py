@@ -10,6 +10,8 @@ Validation never comes from the test split unless ``validation="test"`` says so 
 ``"holdout"`` (a seeded fraction of the normal training images, which then leave training), ``"synthetic"``
 (those held-out normals + the anomalies of ``synthetic_set``), ``"test"`` or ``"none"``.
 The support set (what generators start from, and the kNN bank) is the training normals or ``k_shot`` of them.
+With ``outlier_exposure_set`` (a synthetic set folder) training batches hold the support normals (label 0) and that
+set's anomalies (label 1), each with a ``target`` for the head (see :class:`OutlierExposureSet`).
 Under DDP Lightning gives every loader a distributed sampler (an unrepeated one for prediction).
 """
 
@@ -44,6 +46,38 @@ class TransformedView(Dataset):
         return record
 
 
+class OutlierExposureSet(Dataset):
+    """Real normals (label 0) followed by a synthetic set's anomalies (label 1), each record with a ``target``:
+    the label, or, with ``target_key``, the anomaly's ``params[target_key]`` from the manifest (0 for normals) for
+    a regression head (e.g. the edit strength α)."""
+
+    def __init__(self, normals: Dataset, synthetic_set: str, target_key: str | None = None, image_size=None) -> None:
+        from anomgen.data.synthetic import SyntheticSet
+
+        self.normals = normals
+        self.anomalies = SyntheticSet(synthetic_set, image_size=image_size, labels=(1,))
+        self.target_key = target_key
+        if target_key is not None:
+            missing = [r["id"] for r in self.anomalies.rows if target_key not in r["params"]]
+            if missing:
+                raise ValueError(f"synthetic set {synthetic_set}: {len(missing)} anomalies have no params.{target_key} "
+                                 f"(e.g. id {missing[0]}); the regression head needs it")
+
+    def __len__(self) -> int:
+        return len(self.normals) + len(self.anomalies)
+
+    def __getitem__(self, i: int) -> dict:
+        if i < len(self.normals):
+            record = self.normals[i]
+            record["target"] = 0.0
+            return record
+        j = i - len(self.normals)
+        record = self.anomalies[j]
+        value = record["label"] if self.target_key is None else self.anomalies.rows[j]["params"][self.target_key]
+        record["target"] = float(value)
+        return record
+
+
 class AnomalyDataModule(LightningDataModule):
     def __init__(
         self,
@@ -63,6 +97,8 @@ class AnomalyDataModule(LightningDataModule):
         eval_batch_size: int | None = None,
         num_workers: int = 0,
         train_transform: Callable | None = None,
+        outlier_exposure_set: str | None = None,
+        outlier_exposure_target: str | None = None,
     ) -> None:
         super().__init__()
         if protocol not in PROTOCOLS:
@@ -88,6 +124,8 @@ class AnomalyDataModule(LightningDataModule):
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
         self.train_transform = train_transform
+        self.outlier_exposure_set = outlier_exposure_set
+        self.outlier_exposure_target = outlier_exposure_target
         self.train_normals = self.val_normals = self.support = self.test_set = self.val_set = None
 
     # -- building the splits -------------------------------------------------------------------------------------
@@ -152,6 +190,9 @@ class AnomalyDataModule(LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         data = self.support
+        if self.outlier_exposure_set:  # outlier exposure: the support normals + the synthetic set's anomalies
+            data = OutlierExposureSet(self.support, self.outlier_exposure_set, self.outlier_exposure_target,
+                                      image_size=self.support[0]["image"].shape[-2:])
         if self.train_transform is not None:
             data = TransformedView(data, self.train_transform)
         return self._loader(data, shuffle=True, batch_size=self.batch_size)
