@@ -64,12 +64,49 @@ def train(cfg: DictConfig) -> tuple[dict, Path, bool]:
             from anomgen.data.synthetic import SyntheticSet
 
             metrics["predict/num_exported"] = len(SyntheticSet(export.dirpath))
+    if cfg.get("outlier_exposure") and synthetic_set is not None:
+        metrics.update(outlier_exposure(cfg, synthetic_set, run_dir, loggers))
+    if cfg.get("compare_detectors") and trainer.is_global_zero:
+        metrics.update(compare_detectors(cfg.compare_detectors, datamodule))
     if trainer.is_global_zero:
         write_metrics(run_dir, metrics)
         record_run(cfg.paths.log_dir, run_dir, {"synthetic_set": synthetic_set, "task": cfg.task_name,
                                                 "code_version": code_version()})
     finish_loggers(loggers)
     return metrics, run_dir, trainer.is_global_zero
+
+
+def outlier_exposure(cfg: DictConfig, synthetic_set: str, run_dir: Path, loggers: list) -> dict:
+    """Fine-tune a detector backbone on the support normals (0) vs the exported anomalies (1): FITYMI's second
+    stage. ``cfg.outlier_exposure`` holds ``model`` (e.g. model=vit_oe's config), ``trainer`` and, optionally,
+    ``backbone`` (a call that returns the pretrained backbone checkpoint, pretraining it first when it is missing)."""
+    oe = cfg.outlier_exposure
+    if oe.get("backbone"):
+        hydra.utils.instantiate(oe.backbone)
+    datamodule = hydra.utils.instantiate(cfg.datamodule, outlier_exposure_set=synthetic_set,
+                                         outlier_exposure_target=oe.get("target"), batch_size=oe.batch_size)
+    model = hydra.utils.instantiate(oe.model)
+    trainer = hydra.utils.instantiate(oe.trainer, default_root_dir=str(run_dir / "oe"), logger=loggers or False)
+    trainer.fit(model, datamodule=datamodule)
+    return {f"oe/{k.split('/', 1)[-1]}": v for k, v in trainer.callback_metrics.items()}
+
+
+def compare_detectors(detectors: DictConfig, datamodule) -> dict:
+    """Fit each detector's bank on every normal training image, score the real test split: ``summary/<name>/...``
+    (image AUROC one-vs-rest, one-vs-one mean and closest)."""
+    from torch.utils.data import DataLoader
+
+    from anomgen.selection import image_metrics, score_dataset
+
+    datamodule.setup("test")
+    out = {}
+    for name, detector_cfg in detectors.items():
+        detector = hydra.utils.instantiate(detector_cfg)
+        detector.fit(DataLoader(datamodule.train_normals, batch_size=datamodule.eval_batch_size))
+        real, _ = image_metrics(*score_dataset(detector, datamodule.test_set, datamodule.eval_batch_size))
+        for key in ("image_AUROC", "image_AUROC_one_vs_one_mean", "image_AUROC_one_vs_one_closest"):
+            out[f"summary/{name}/{key}"] = real[key]
+    return out
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
