@@ -37,3 +37,11 @@ def test_pixel_metrics_memory_runs():
     rows = _run("pixel_metrics_memory.py", "--images", "2", "--size", "32", "--batch", "1", "--metrics", "pixel_AUPRO")
     comparison = [r for r in rows if r.get("comparison") == "binned/exact"]
     assert len(comparison) == 1 and comparison[0]["abs_diff"] < 1e-3
+
+
+def test_sde_costs_runs():
+    rows = _run("sde_costs.py", "--steps", "4", "--every", "2")
+    curve = [r for r in rows if r["name"] == "sde_fid_curve"]
+    assert [r["step"] for r in curve] == [2, 4]
+    summary = rows[-1]
+    assert summary["name"] == "sde_costs" and 0.0 < summary["fid_share_of_wall"] < 1.0
