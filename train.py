@@ -88,7 +88,7 @@ def outlier_exposure(cfg: DictConfig, synthetic_set: str, run_dir: Path, loggers
     model = hydra.utils.instantiate(oe.model)
     trainer = hydra.utils.instantiate(oe.trainer, default_root_dir=str(run_dir / "oe"), logger=loggers or False)
     trainer.fit(model, datamodule=datamodule)
-    return {f"oe/{k.split('/', 1)[-1]}": v for k, v in trainer.callback_metrics.items()}
+    return {f"oe/{k}": v for k, v in trainer.callback_metrics.items()}
 
 
 def compare_detectors(detectors: DictConfig, datamodule) -> dict:

@@ -5,6 +5,7 @@ Resolvers (registered by :func:`register_resolvers`, which the entry points and 
 - ``${tiny_layout:NAME,DIR}``: write (once) a tiny copy of dataset layout NAME under DIR and return its root; the
   ``debug=tiny`` profile points every dataset path at one.
 - ``${latest_set:LOG_DIR}``: the synthetic set exported by the last ``train.py`` run under LOG_DIR.
+- ``${latest_run:LOG_DIR}``: that run's folder (e.g. for the backbone an outlier-exposure stage wrote there).
 """
 
 from __future__ import annotations
@@ -58,8 +59,14 @@ def latest_set(log_dir: str) -> str | None:
     return None
 
 
+def latest_run(log_dir: str) -> str | None:
+    """The folder of the last train run under ``log_dir`` (None when there is none)."""
+    run = latest_train_run(log_dir)
+    return None if run is None else str(run)
+
+
 def register_resolvers() -> None:
-    for name, fn in (("tiny_layout", tiny_layout), ("latest_set", latest_set)):
+    for name, fn in (("tiny_layout", tiny_layout), ("latest_set", latest_set), ("latest_run", latest_run)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
 

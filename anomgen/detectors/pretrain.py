@@ -263,3 +263,20 @@ def main(argv: Sequence[str] | None = None) -> Path:
 
 if __name__ == "__main__":
     main()
+
+
+def ensure_backbone(out: str | Path, dataset: str, epochs: int = 5, max_images: int | None = None,
+                    arch: str = "vit_small", image_size: int = 32, seed: int = 0) -> Path:
+    """The pretrained backbone file ``out``, pretraining it on ``dataset`` first when it does not exist.
+
+    For pipelines that need a backbone pretrained on data disjoint from the task (``outlier_exposure.backbone`` in
+    train.py): the first run pays for the pretraining, later runs reuse the file.
+    """
+    out = Path(out)
+    if out.is_file():
+        return out
+    argv = ["--dataset", dataset, "--epochs", str(epochs), "--arch", arch, "--image-size", str(image_size),
+            "--seed", str(seed), "--out", str(out)]
+    if max_images is not None:
+        argv += ["--max-images", str(max_images)]
+    return main(argv)
