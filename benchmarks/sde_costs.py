@@ -57,15 +57,17 @@ def main(argv=None) -> None:
     parser.add_argument("--every", type=int, default=50)
     parser.add_argument("--normal-class", default="3")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num-samples", type=int, default=256, help="samples per FID check")
+    parser.add_argument("--sampling-steps", type=int, default=100, help="predictor-corrector steps per sample")
     args = parser.parse_args(argv)
     torch.manual_seed(args.seed)
     unet = score_unet("vp", image_size=8, channels=1, block_out_channels=(32, 64), layers_per_block=1,
                       attn_resolutions=(4,), dropout=0.0, norm_num_groups=8, attention_head_dim=16)
     model = SDENearND(unet=unet, sde={"kind": "vp"}, optimizer=functools.partial(torch.optim.Adam, lr=2e-4),
-                      warmup_steps=100, num_steps=100, seed=args.seed)
+                      warmup_steps=100, num_steps=args.sampling_steps, seed=args.seed)
     dm = AnomalyDataModule(dataset=functools.partial(Digits), normal_class=args.normal_class, batch_size=64)
     # target_factor only to measure the reference FID; a tiny factor never stops the run
-    fid = TimedFID(RawPixels(), every_n_steps=args.every, num_samples=256, target_factor=1e-12)
+    fid = TimedFID(RawPixels(), every_n_steps=args.every, num_samples=args.num_samples, target_factor=1e-12)
     timer = StepTimer()
     trainer = Trainer(accelerator="cpu", devices=1, max_steps=args.steps, logger=False, enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False, callbacks=[timer, fid],

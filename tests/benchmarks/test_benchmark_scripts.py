@@ -40,7 +40,7 @@ def test_pixel_metrics_memory_runs():
 
 
 def test_sde_costs_runs():
-    rows = _run("sde_costs.py", "--steps", "4", "--every", "2")
+    rows = _run("sde_costs.py", "--steps", "4", "--every", "2", "--num-samples", "16", "--sampling-steps", "5")
     curve = [r for r in rows if r["name"] == "sde_fid_curve"]
     assert [r["step"] for r in curve] == [2, 4]
     summary = rows[-1]
