@@ -5,9 +5,10 @@ FITYMI stops the score-SDE early on purpose: samples of a model that is not yet 
 anomalies. The target is an absolute FID (``target``) or ``target_factor`` × a reference FID, the FID between held-out
 real normals and the training normals (what a converged model would reach). ``bands`` (e.g. ``[[300, null],
 [100, 200], [30, 50], [null, 20]]``) export ``<export_dir>/fid_<lo>-<hi>`` the first time the FID falls in each band,
-with the FID in every manifest row. Features come from any ``nn.Module`` (raw pixels for small images; Inception
-where its weights are available). The LightningModule provides ``sample(indices, seed) -> images in [0, 1]``; the
-samples of a check are seeded by their index, so every rank computes the same FID and takes the same decision.
+with the FID in every manifest row. Each check's first ``grid_size`` samples go to the loggers as an image grid.
+Features come from any ``nn.Module`` (raw pixels for small images; Inception where its weights are available). The
+LightningModule provides ``sample(indices, seed) -> images in [0, 1]``; the samples of a check are seeded by their
+index, so every rank computes the same FID and takes the same decision.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from torch.utils.data import DataLoader
 from anomgen.data.synthetic import format_id, write_set
 from anomgen.detectors.features import extract_features
 from anomgen.metrics.generation import feature_statistics, frechet_distance
+from anomgen.visualize import image_grid
+from callbacks.image_log import log_image
 
 
 def band_name(band) -> str:
@@ -47,6 +50,7 @@ class FIDEarlyStopping(Callback):
         export_size: int | None = None,
         sample_seed: int = 10_000,
         batch_size: int = 256,
+        grid_size: int = 16,
     ) -> None:
         if target is not None and target_factor is not None:
             raise ValueError("give FID early stopping either target (absolute) or target_factor (× reference), not both")
@@ -58,6 +62,8 @@ class FIDEarlyStopping(Callback):
         self.bands = [tuple(b) for b in (bands or [])]
         self.export_dir = None if export_dir is None else Path(export_dir)
         self.export_size, self.sample_seed, self.batch_size = export_size, sample_seed, batch_size
+        self.grid_size = grid_size  # samples of each check logged as a grid (0: none)
+        self.last_samples: torch.Tensor | None = None
         self.curve: list[tuple[int, float]] = []
         self.exported: dict[str, float] = {}
         self.reference_fid: float | None = None
@@ -96,6 +102,7 @@ class FIDEarlyStopping(Callback):
     def measure(self, trainer, pl_module) -> float:
         real = self._real(trainer)
         images = self._samples(pl_module, list(range(self.num_samples)), self.sample_seed)
+        self.last_samples = images[: self.grid_size]
         fake = self._stats([{"image": images}])
         return float(frechet_distance(*fake, *real))
 
@@ -110,6 +117,10 @@ class FIDEarlyStopping(Callback):
         pl_module.train(was_training)
         self.curve.append((step, fid))
         pl_module.last_fid = fid
+        if trainer.is_global_zero and self.grid_size and self.last_samples is not None:
+            grid = image_grid(self.last_samples)
+            for logger in trainer.loggers:
+                log_image(logger, "train/fid_samples", grid, step=step)
         pl_module.log("train/fid", fid, on_step=True, on_epoch=False, rank_zero_only=False)
         if self.target_fid is not None:
             pl_module.log("train/fid_target", self.target_fid, on_step=True, on_epoch=False, rank_zero_only=False)

@@ -79,3 +79,17 @@ def test_nan_loss_names_the_step():
     model = _model(lr=1e6)  # diverges
     with pytest.raises(FloatingPointError, match="at step"):
         _trainer([], max_steps=200).fit(model, datamodule=_datamodule())
+
+
+def test_fid_checks_log_sample_grids_to_wandb(tmp_path):
+    import wandb
+    from lightning.pytorch.loggers import WandbLogger
+
+    logger = WandbLogger(project="anomgen-test", save_dir=str(tmp_path), offline=True)
+    fid = FIDEarlyStopping(RawPixels(), every_n_steps=2, num_samples=8, target=1e9, grid_size=4)
+    trainer = Trainer(accelerator="cpu", devices=1, max_steps=4, logger=logger, enable_checkpointing=False,
+                      enable_progress_bar=False, callbacks=[fid])
+    trainer.fit(_model(), datamodule=_datamodule())
+    wandb.finish()
+    assert fid.last_samples.shape == (4, 3, 8, 8)
+    assert list(tmp_path.glob("wandb/offline-run-*/files/media/images/**/*.png")), "no sample grid reached W&B"
