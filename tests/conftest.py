@@ -25,7 +25,9 @@ def tiny_cache(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def compose_config(tmp_path, tiny_cache):
-    """``compose_config("train", [overrides])`` -> a config as ``@hydra.main`` would pass it, run folder in tmp."""
+    """``compose_config("train", [overrides])`` -> a config as ``@hydra.main`` would pass it, run folder in tmp.
+
+    Without an ``experiment=`` override the config starts from the bare groups (``~experiment``)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.hydra_config import HydraConfig
@@ -37,11 +39,14 @@ def compose_config(tmp_path, tiny_cache):
 
     def _compose(name: str, overrides: list[str] | None = None, run_dir: Path | None = None):
         run_dir = Path(run_dir or tmp_path / f"{name}-run")
+        overrides = list(overrides or [])
+        if not any(o.startswith("experiment=") for o in overrides):
+            overrides.insert(0, "~experiment")  # the bare groups, not the default job (tested on its own)
         GlobalHydra.instance().clear()
         with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
             cfg = compose(
                 config_name=name,
-                overrides=[f"paths.log_dir={tmp_path / 'logs'}", f"paths.cache_dir={tiny_cache}", *(overrides or [])],
+                overrides=[f"paths.log_dir={tmp_path / 'logs'}", f"paths.cache_dir={tiny_cache}", *overrides],
                 return_hydra_config=True,
             )
         with open_dict(cfg):

@@ -18,7 +18,7 @@ def _export(tmp_path: Path, name: str, *overrides: str) -> Path:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
     out = subprocess.run(
         [sys.executable, str(ROOT / "train.py"), f"paths.log_dir={tmp_path / 'logs'}", "logger=none",
-         "datamodule.num_generated=45", "datamodule.eval_batch_size=8", f"synthetic_set_dir={set_dir}", *overrides],
+         "experiment=digits_noise_patch", "datamodule.num_generated=45", "datamodule.eval_batch_size=8", f"synthetic_set_dir={set_dir}", *overrides],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
     )
     assert out.returncode == 0, out.stderr[-4000:]

@@ -44,8 +44,8 @@ def test_every_experiment_runs_fast_dev_run(compose_config, tmp_path, experiment
         assert len(read_manifest(selected)) == math.ceil(len(exported) * ecfg.quality.keep_fraction)
 
 
-def test_default_job_on_real_digits(compose_config, tmp_path):
-    """train.py with no arguments exports a set; evaluate.py finds it and reports AUROC on real digits."""
+def test_example_generator_on_real_digits(compose_config, tmp_path):
+    """The bare groups (example generator on digits) export a set; evaluate.py finds it and reports AUROC."""
     from evaluate import evaluate
     from train import train
 
@@ -98,19 +98,25 @@ def _run(script: str, *overrides: str, cwd: Path) -> subprocess.CompletedProcess
                           text=True, timeout=300)
 
 
-def test_cli_prints_the_run_directory_last(tmp_path):
-    logs = f"paths.log_dir={tmp_path / 'logs'}"
-    train = _run("train.py", logs, "logger=none", "debug=limit", cwd=tmp_path)
+def test_cli_default_job_prints_the_run_directory_last(tmp_path):
+    """`python train.py` (the FITYMI default job, here tiny and one batch per stage), then `python evaluate.py`
+    re-scoring that run's detector; each prints its run folder last."""
+    paths = [f"paths.log_dir={tmp_path / 'logs'}", f"paths.cache_dir={tmp_path / 'cache'}", "debug=tiny"]
+    train = _run("train.py", *paths, "+trainer.fast_dev_run=true", "logger=none", cwd=tmp_path)
     assert train.returncode == 0, train.stderr[-3000:]
     run_dir = Path(train.stdout.strip().splitlines()[-1])
     assert run_dir.is_dir() and run_dir.parent.parent == tmp_path / "logs" / "train"
-    assert "predict/num_exported" in json.loads((run_dir / "metrics.json").read_text())
-    evaluate = _run("evaluate.py", logs, "logger=wandb", cwd=tmp_path)
+    saved = json.loads((run_dir / "metrics.json").read_text())
+    for name in ("knn_pixels", "backbone_without_oe", "backbone_with_oe"):
+        assert 0.0 <= saved[f"summary/{name}/image_AUROC"] <= 1.0
+    assert (run_dir / "oe" / "backbone.pt").is_file()
+    assert "summary/knn_pixels/image_AUROC" in train.stdout
+    evaluate = _run("evaluate.py", *paths, "logger=wandb", cwd=tmp_path)
     assert evaluate.returncode == 0, evaluate.stderr[-3000:]
     eval_dir = Path(evaluate.stdout.strip().splitlines()[-1])
-    saved = json.loads((eval_dir / "metrics.json").read_text())
-    assert saved["synthetic/num_anomalies"] == json.loads((run_dir / "metrics.json").read_text())[
-        "predict/num_exported"]
+    report = json.loads((eval_dir / "report.json").read_text())
+    assert report["detector"] == "knn_backbone"
+    assert report["synthetic_set"] == str(run_dir / "synthetic_set")
     assert list((eval_dir / "wandb").glob("offline-run-*")), "W&B must log offline into the run directory"
 
 
