@@ -18,16 +18,6 @@ from anomgen.diffusion.sde import (
 )
 from anomgen.pixels import to_diffusion_range
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # the machine is shared: tiny tensors run faster and steadier on one thread
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 TIMES = torch.tensor([1e-5, 0.1, 0.37, 0.5, 0.9, 1.0], dtype=torch.float64)
 
 

@@ -8,7 +8,13 @@ import math
 import pytest
 import torch
 
-from anomgen.diffusion.sde import VESDE, VPSDE, make_sde, score_fn_from_unet, tiny_score_unet
+from anomgen.diffusion.sde import (
+    VESDE,
+    VPSDE,
+    make_sde,
+    score_fn_from_unet,
+    tiny_score_unet,
+)
 from anomgen.diffusion.sde_sampling import (
     euler_maruyama_predictor_step,
     euler_maruyama_sample,
@@ -18,15 +24,6 @@ from anomgen.diffusion.sde_sampling import (
     time_grid,
 )
 from anomgen.seeding import sample_generator
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # the machine is shared: these small tensors run faster and steadier on one thread
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _gaussian_score(sde, s):
