@@ -14,9 +14,10 @@ from anomgen.detectors.knn import KNNScorer
 class KNNDetector:
     """Fit on normal images, score any images; higher is more anomalous."""
 
-    def __init__(self, extractor: nn.Module, k: int = 2, distance: str = "squared", name: str = "knn") -> None:
+    def __init__(self, extractor: nn.Module, k: int = 2, distance: str = "squared", name: str = "knn",
+                 backend: str = "torch") -> None:
         self.extractor = extractor.eval()
-        self.scorer = KNNScorer(k=k, distance=distance)
+        self.scorer = KNNScorer(k=k, distance=distance, backend=backend)
         self.name = name
 
     def features(self, batches: Iterable[dict], desc: str = "features") -> torch.Tensor:

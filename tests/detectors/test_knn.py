@@ -240,3 +240,17 @@ def test_knn_detector_puts_extractor_in_eval_mode_and_no_grad():
     assert not det.scorer.bank.requires_grad
     # dropout off: the bank is the plain flattened images
     assert torch.equal(det.scorer.bank, normals.flatten(1))
+
+
+def test_faiss_backend_equals_the_torch_search():
+    gen = torch.Generator().manual_seed(3)
+    bank, queries = torch.randn(500, 24, generator=gen), torch.randn(77, 24, generator=gen)
+    for k, distance in ((2, "squared"), (3, "euclidean")):
+        exact = KNNScorer(k=k, distance=distance).fit(bank).score(queries)
+        fast = KNNScorer(k=k, distance=distance, backend="faiss").fit(bank).score(queries)
+        assert torch.allclose(fast, exact, rtol=1e-4, atol=1e-4)
+
+
+def test_unknown_backend_is_an_error():
+    with pytest.raises(ValueError, match="backend"):
+        KNNScorer(backend="annoy")
