@@ -67,7 +67,9 @@ def train(cfg: DictConfig) -> tuple[dict, Path, bool]:
     if cfg.get("outlier_exposure") and synthetic_set is not None:
         metrics.update(outlier_exposure(cfg, synthetic_set, run_dir, loggers))
     if cfg.get("compare_detectors") and trainer.is_global_zero:
-        metrics.update(compare_detectors(cfg.compare_detectors, datamodule))
+        summary = compare_detectors(cfg.compare_detectors, datamodule)
+        metrics.update(summary)
+        log_summary_table(loggers, summary)
     if trainer.is_global_zero:
         write_metrics(run_dir, metrics)
         record_run(cfg.paths.log_dir, run_dir, {"synthetic_set": synthetic_set, "task": cfg.task_name,
@@ -107,6 +109,21 @@ def compare_detectors(detectors: DictConfig, datamodule) -> dict:
         for key in ("image_AUROC", "image_AUROC_one_vs_one_mean", "image_AUROC_one_vs_one_closest"):
             out[f"summary/{name}/{key}"] = real[key]
     return out
+
+
+def log_summary_table(loggers: list, summary: dict) -> None:
+    """The detector comparison as one table (W&B) or as scalars (other loggers)."""
+    rows: dict[str, dict] = {}
+    for key, value in summary.items():
+        _, name, metric = key.split("/", 2)
+        rows.setdefault(name, {})[metric] = float(value)
+    columns = ["detector", *dict.fromkeys(m for r in rows.values() for m in r)]
+    data = [[name, *(r.get(c) for c in columns[1:])] for name, r in rows.items()]
+    for logger in loggers:
+        if hasattr(logger, "log_table"):
+            logger.log_table(key="summary/auroc", columns=columns, data=data)
+        else:
+            logger.log_metrics({k: float(v) for k, v in summary.items()})
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")

@@ -102,7 +102,7 @@ def test_cli_default_job_prints_the_run_directory_last(tmp_path):
     """`python train.py` (the FITYMI default job, here tiny and one batch per stage), then `python evaluate.py`
     re-scoring that run's detector; each prints its run folder last."""
     paths = [f"paths.log_dir={tmp_path / 'logs'}", f"paths.cache_dir={tmp_path / 'cache'}", "debug=tiny"]
-    train = _run("train.py", *paths, "+trainer.fast_dev_run=true", "logger=none", cwd=tmp_path)
+    train = _run("train.py", *paths, "+trainer.fast_dev_run=true", "logger=wandb", cwd=tmp_path)
     assert train.returncode == 0, train.stderr[-3000:]
     run_dir = Path(train.stdout.strip().splitlines()[-1])
     assert run_dir.is_dir() and run_dir.parent.parent == tmp_path / "logs" / "train"
@@ -111,6 +111,10 @@ def test_cli_default_job_prints_the_run_directory_last(tmp_path):
         assert 0.0 <= saved[f"summary/{name}/image_AUROC"] <= 1.0
     assert (run_dir / "oe" / "backbone.pt").is_file()
     assert "summary/knn_pixels/image_AUROC" in train.stdout
+    tables = list(run_dir.glob("wandb/offline-run-*/files/media/table/summary/*.table.json"))
+    assert tables, "the detector comparison must reach W&B as a table"
+    table = json.loads(tables[0].read_text())
+    assert table["columns"][0] == "detector" and len(table["data"]) == 3
     evaluate = _run("evaluate.py", *paths, "logger=wandb", cwd=tmp_path)
     assert evaluate.returncode == 0, evaluate.stderr[-3000:]
     eval_dir = Path(evaluate.stdout.strip().splitlines()[-1])
