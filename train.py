@@ -44,6 +44,7 @@ def train(cfg: DictConfig) -> tuple[dict, Path, bool]:
     loggers = instantiate_group(cfg.get("logger"))
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     config = OmegaConf.to_container(cfg, resolve=True)
+    version = code_version()
     for logger in loggers:
         logger.log_hyperparams(config)
 
@@ -57,7 +58,7 @@ def train(cfg: DictConfig) -> tuple[dict, Path, bool]:
         if export is None:
             raise ValueError(f"{type(model).__name__} generates, but no SyntheticSetExport callback is configured "
                              "(callbacks.synthetic_set_export); add it or set generate=false")
-        export.set_info.update(config=config, task=datamodule.describe(), code_version=code_version())
+        export.set_info.update(config=config, task=datamodule.describe(), code_version=version)
         trainer.predict(model, datamodule=datamodule, return_predictions=False)
         synthetic_set = str(export.dirpath)
         if trainer.is_global_zero:
@@ -73,7 +74,7 @@ def train(cfg: DictConfig) -> tuple[dict, Path, bool]:
     if trainer.is_global_zero:
         write_metrics(run_dir, metrics)
         record_run(cfg.paths.log_dir, run_dir, {"synthetic_set": synthetic_set, "task": cfg.task_name,
-                                                "code_version": code_version()})
+                                                "code_version": version})
     finish_loggers(loggers)
     return metrics, run_dir, trainer.is_global_zero
 

@@ -43,6 +43,6 @@ class QualityFilter(Callback):
         if trainer.is_global_zero:
             score_set(export.dirpath, self.scorer, self.extractor, trainer.datamodule.support,
                       self.labelled_anomalies, key=self.key)
-            self.selected = select_top(export.dirpath, out, self.key, self.keep_fraction, overwrite=self.overwrite)
+            select_top(export.dirpath, out, self.key, self.keep_fraction, overwrite=self.overwrite)
         trainer.strategy.barrier("quality_filter:done")
         self.selected = out

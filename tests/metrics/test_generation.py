@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import socket
 
 import numpy as np
 import pytest
@@ -243,17 +242,11 @@ def _ddp_worker(rank: int, port: int, out_path: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow  # about 10 s: two processes that import torchmetrics
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo")
-def test_fid_two_gloo_processes_equal_one_process_on_all(tmp_path):
+def test_fid_two_gloo_processes_equal_one_process_on_all(tmp_path, free_port):
     out_path = str(tmp_path / "fid")
-    mp.spawn(_ddp_worker, args=(_free_port(), out_path), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(free_port, out_path), nprocs=2, join=True)
     whole = FID(LinearFeatures())
     whole.update(_images(36, 15), real=True)
     whole.update(_images(28, 16, lo=0.15), real=False)

@@ -1,14 +1,19 @@
 """Two gloo processes each update part of the data; compute() on every rank equals one process on all data."""
 
 import math
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from anomgen.metrics import AUPRO, AUROC, DEFAULT_NUM_THRESHOLDS, AveragePrecision, F1Max
+from anomgen.metrics import (
+    AUPRO,
+    AUROC,
+    DEFAULT_NUM_THRESHOLDS,
+    AveragePrecision,
+    F1Max,
+)
 from anomgen.metrics._synthetic import smooth_maps_and_blob_masks
 
 WORLD = 2
@@ -61,16 +66,10 @@ def _worker(rank, port, out_path):
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo")
-def test_two_process_compute_equals_single_process(tmp_path):
+def test_two_process_compute_equals_single_process(tmp_path, free_port):
     out_path = str(tmp_path / "values")
-    mp.spawn(_worker, args=(_free_port(), out_path), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port, out_path), nprocs=WORLD, join=True)
     maps, masks, scores, labels = _data()
     single = _run(_metrics(), maps, masks, scores, labels, [torch.arange(14)])
     assert all(not math.isnan(v) for v in single.values())

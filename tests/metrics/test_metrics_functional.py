@@ -5,10 +5,21 @@ import math
 import numpy as np
 import pytest
 import torch
-from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
+from sklearn.metrics import (
+    average_precision_score,
+    precision_recall_curve,
+    roc_auc_score,
+)
 
 from anomgen.errors import MetricError
-from anomgen.metrics import DEFAULT_NUM_THRESHOLDS, MissingClassError, aupro, auroc, average_precision, f1_max
+from anomgen.metrics import (
+    DEFAULT_NUM_THRESHOLDS,
+    MissingClassError,
+    aupro,
+    auroc,
+    average_precision,
+    f1_max,
+)
 from anomgen.metrics._synthetic import smooth_maps_and_blob_masks
 
 
