@@ -204,7 +204,13 @@ class AnomalyDataModule(LightningDataModule):
         return self._loader(self.test_set, shuffle=False)
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader(GenerationRequests(self.support, self.num_generated), shuffle=False)
+        """What the model is asked to generate: one request per sample by default (:class:`GenerationRequests`);
+        a model that plans its own set (e.g. DiffStyle's style × content product) has ``generation_requests(support)``.
+        """
+        model = self.trainer.lightning_module if self.trainer is not None else None
+        plan = getattr(model, "generation_requests", None)
+        requests = plan(self.support) if plan is not None else GenerationRequests(self.support, self.num_generated)
+        return self._loader(requests, shuffle=False)
 
     def support_dataloader(self) -> DataLoader:
         """The support set in order (no shuffle): the normal bank of kNN detectors."""

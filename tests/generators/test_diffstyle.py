@@ -1,0 +1,147 @@
+"""DiffStyle: plain DDIM at γ = 0, h mixed only at t ≥ t_edit, one inversion per image, reconstruction on a trained
+tiny model, the request plan, and the LightningModule's export."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from anomgen.diffusion.ddim import ddim_generate
+from anomgen.diffusion.sde import tiny_score_unet
+from anomgen.generators.diffstyle import DiffStyle, DiffStylePlan
+from anomgen.seeding import sample_generator
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def unet():
+    torch.manual_seed(0)
+    return tiny_score_unet("vp", image_size=8, channels=3).eval()
+
+
+def _images(n: int, seed: int) -> torch.Tensor:
+    return torch.rand(n, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
+
+
+def test_gamma_zero_without_boost_is_plain_ddim_from_the_style_latent(unet):
+    ds = DiffStyle(unet, num_inference_steps=10, t_edit=400, t_boost=-1, gamma=0.0)
+    styles, contents = ds.invert(_images(2, 1), keep_h=False), ds.invert(_images(2, 2))
+    out = ds.generate(styles, contents)
+    x_T = torch.stack([s.x_T for s in styles])
+    plain = ((ddim_generate(ds.eps, x_T, ds.schedule) + 1) / 2).clamp(0, 1)
+    torch.testing.assert_close(out, plain, atol=1e-4, rtol=1e-4)
+    mixed = DiffStyle(unet, num_inference_steps=10, t_edit=400, t_boost=-1, gamma=0.7).generate(styles, contents)
+    assert (mixed - out).abs().max() > 1e-3  # γ > 0 changes the image
+
+
+def test_content_h_is_kept_only_at_edit_timesteps_and_mixing_uses_it(unet):
+    ds = DiffStyle(unet, num_inference_steps=10, t_edit=500, t_boost=-1, gamma=1.0)
+    (content,) = ds.invert(_images(1, 3))
+    (style,) = ds.invert(_images(1, 4), keep_h=False)
+    assert sorted(content.h) == [t for t in sorted(ds.schedule.timesteps) if t >= 500] and not style.h
+    before = ds.eps.evaluations
+    ds.generate([style], [content])
+    n_edit = len(content.h)
+    assert ds.eps.evaluations - before == 10 + n_edit  # one extra (edited) pass per edit timestep, none below
+    with pytest.raises(ValueError, match="lack h"):
+        DiffStyle(unet, num_inference_steps=10, t_edit=300, t_boost=-1).generate([style], [content])
+    ds.close()
+
+
+def test_cross_product_inverts_each_image_once(unet):
+    steps, n_style, n_content = 10, 3, 2
+    ds = DiffStyle(unet, num_inference_steps=steps, t_edit=400, t_boost=200)
+    out = list(ds.cross_product(_images(n_style, 5), _images(n_content, 6), seed=0, batch_size=4))
+    indices = [i for idx, _ in out for i in idx]
+    assert indices == list(range(n_style * n_content))
+    n_edit = sum(t >= 400 for t in ds.schedule.timesteps)
+    inversions = (n_style + n_content) * steps
+    generations = n_style * n_content * (steps + n_edit)  # one extra (batched) pass per edit step
+    assert ds.eps.evaluations == inversions + generations
+    # seeded by global index: a sample does not depend on the batch it was made in
+    again = dict(zip(*[sum((list(x) for x in part), []) for part in zip(*ds.cross_product(
+        _images(n_style, 5), _images(n_content, 6), seed=0, batch_size=5))]))
+    first = dict(zip(indices, [im for _, ims in out for im in ims]))
+    for i in indices:
+        torch.testing.assert_close(again[i], first[i], atol=1e-4, rtol=1e-4)
+
+
+def test_inversion_then_generation_reconstructs_on_a_trained_model():
+    from anomgen.data import Digits
+    from anomgen.diffusion.ddpm import train_ddpm
+
+    torch.manual_seed(0)
+    digits = Digits(split="train")
+    images = torch.stack([digits[i]["image"] for i in range(300)])
+    trained, losses = train_ddpm(tiny_score_unet("vp", image_size=8, channels=3), images, steps=300, batch_size=64,
+                                 lr=2e-3, ema_decay=0.9, progress=False)
+    assert sum(losses[-30:]) / 30 < sum(losses[:30]) / 30
+    ds = DiffStyle(trained, num_inference_steps=50, t_edit=400, t_boost=-1, gamma=0.0)
+    x = images[:6]
+    recon = ds.generate(ds.invert(x, keep_h=False), ds.invert(x))
+    error = (recon - x).pow(2).mean().item()
+    spread = (x - x.roll(1, dims=0)).pow(2).mean().item()  # distance between different digits
+    assert error < 0.05 * spread, (error, spread)
+
+
+def test_plan_partitions_the_support_and_errors_when_too_small():
+    from anomgen.data import Digits
+    from anomgen.data.tasks import normal_class
+
+    support = normal_class(Digits(split="train"), "3")
+    plan = DiffStylePlan(support, 3, 2, n_held_out=4, seed=1)
+    assert len(plan) == 3 * 2 + 4
+    assert plan[0] == {"index": 0, "style": 0, "content": 0, "held_out": -1}
+    assert plan[5] == {"index": 5, "style": 2, "content": 1, "held_out": -1}
+    assert plan[6] == {"index": 6, "style": -1, "content": -1, "held_out": 0}
+    paths = [{r["image_path"] for r in part} for part in (plan.style, plan.content, plan.held_out, plan.unused)]
+    assert sum(map(len, paths)) == len(support) and not set.intersection(*paths[:3])
+    with pytest.raises(ValueError, match="needs 6"):
+        DiffStylePlan(torch.utils.data.Subset(support, range(5)), 3, 2, n_held_out=1)
+
+
+def _export(tmp_path, name, batch_size):
+    from lightning.pytorch import Trainer
+
+    from anomgen.data import Digits
+    from callbacks.export import SyntheticSetExport
+    from datamodules.anomaly import AnomalyDataModule
+    from models.diffstyle import DiffStyleModel
+
+    torch.manual_seed(0)
+    unet = tiny_score_unet("vp", image_size=8, channels=3)
+    model = DiffStyleModel(unet, n_style=2, n_content=3, n_held_out=2, num_inference_steps=8, t_edit=300,
+                           t_boost=100)
+    dm = AnomalyDataModule(Digits, normal_class="3", eval_batch_size=batch_size)
+    export = SyntheticSetExport(str(tmp_path / name))
+    Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+            callbacks=[export]).predict(model, datamodule=dm, return_predictions=False)
+    return export.dirpath, model
+
+
+def test_model_exports_a_validation_set_independent_of_batching(tmp_path):
+    from anomgen.data.synthetic import SyntheticSet
+
+    a, model = _export(tmp_path, "a", batch_size=4)
+    b, _ = _export(tmp_path, "b", batch_size=3)
+    set_a, set_b = SyntheticSet(a), SyntheticSet(b)
+    assert [r["label"] for r in set_a.rows] == [1] * 6 + [0] * 2
+    assert set_a.rows == set_b.rows
+    first = set_a.rows[0]
+    assert first["params"]["gamma"] == 0.7 and first["params"]["t_edit"] == 300 and len(first["sources"]) == 2
+    for i in range(len(set_a)):
+        assert (set_a[i]["image"] - set_b[i]["image"]).abs().max() <= 1 / 255 + 1e-6
+    # each style / content image was inverted once: 2 styles + 3 contents
+    assert len(model._inversions) == 5
+    # held-out normals pass through unchanged (up to 8-bit PNG rounding)
+    normal = set_a[6]
+    source = model.plan.held_out[0]["image"]
+    assert (normal["image"] - source).abs().max() <= 1 / 255 + 1e-6
+    assert sample_generator(0, 1).initial_seed() != sample_generator(0, 2).initial_seed()
