@@ -23,6 +23,8 @@ import torch
 from anomgen.errors import PretrainedNotFoundError
 
 ENV_DIR = "ANOMGEN_PRETRAINED_DIR"
+#: ids that name a weights file (e.g. 256x256_diffusion_uncond.pt) are never looked up on the hub
+FILE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".safetensors")
 
 
 def hub_offline() -> bool:
@@ -51,7 +53,7 @@ def resolve(model_id: str | os.PathLike, filename: str | None = None, revision: 
         if candidate.exists():
             return candidate / filename if filename and candidate.is_dir() else candidate
         looked.append(f"{candidate}")
-    if model_id.startswith(("/", ".", "~")) or model_id.count("/") > 1:
+    if model_id.startswith(("/", ".", "~")) or model_id.count("/") > 1 or Path(model_id).suffix in FILE_SUFFIXES:
         raise PretrainedNotFoundError(f"pretrained weights {model_id!r} not found (looked at: {'; '.join(looked)}). "
                                       + _how_to_supply(model_id))
     try:

@@ -6,7 +6,7 @@ disjoint from the task (sklearn digits for Animal-MNIST tasks, by default) with 
 samples (linear betas 1e-4 → 0.02, T = 1000), and saves it as a diffusers folder that
 :func:`anomgen.diffusion.unets.load_diffusion_unet` reads. Later runs reuse the folder.
 
-    python -m anomgen.diffusion.ddpm --dataset digits --image-size 28 --steps 3000 --out .cache/ddpm/digits_28
+    python -m anomgen.diffusion.ddpm --dataset digits --image-size 28 --steps 1500 --out .cache/ddpm/digits_28
 """
 
 from __future__ import annotations
@@ -89,9 +89,10 @@ def ddpm_unet(image_size: int, channels: int = 3, **sizes):
     return score_unet("vp", image_size, channels, **cfg)
 
 
-def ensure_ddpm(out: str | Path, dataset: str = "digits", image_size: int = 28, steps: int = 3000,
-                batch_size: int = 64, lr: float = 2e-4, exclude_classes: Sequence[str] = (),
-                max_images: int | None = None, seed: int = 0, unet: Mapping | None = None) -> str:
+def ensure_ddpm(out: str | Path, dataset: str = "digits", image_size: int = 28, steps: int = 1500,
+                batch_size: int = 32, lr: float = 1e-3, exclude_classes: Sequence[str] = (),
+                max_images: int | None = None, seed: int = 0, ema_decay: float = 0.995,
+                unet: Mapping | None = None) -> str:
     """The DDPM folder ``out``, training it first on ``dataset``'s training split when it does not exist.
 
     Returns the folder as a string (for a ``source`` key of :func:`load_diffusion_unet` in configs).
@@ -106,12 +107,13 @@ def ensure_ddpm(out: str | Path, dataset: str = "digits", image_size: int = 28, 
     images, _, _ = load_images(make_dataset(dataset, "train"), exclude_classes, max_images, seed)
     images = resize(images, (image_size, image_size)).clamp(0, 1)
     model = ddpm_unet(image_size, images.shape[1], **dict(unet or {}))
-    ema, losses = train_ddpm(model, images, steps, batch_size, lr, seed=seed)
+    ema, losses = train_ddpm(model, images, steps, batch_size, lr, ema_decay=ema_decay, seed=seed)
     tmp = out.with_name(f".{out.name}.tmp")
     save_diffusion_unet(ema, tmp)
     (tmp / "anomgen_training.json").write_text(json.dumps({
         "dataset": dataset, "split": "train", "exclude_classes": list(exclude_classes), "num_images": len(images),
-        "image_size": image_size, "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
+        "image_size": image_size, "steps": steps, "batch_size": batch_size, "lr": lr, "ema_decay": ema_decay,
+        "seed": seed,
         "final_loss_mean_last_100": sum(losses[-100:]) / len(losses[-100:]), **DEFAULT_BETAS}, indent=2))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp.rename(out)
@@ -122,9 +124,9 @@ def main(argv: Sequence[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="digits")
     parser.add_argument("--image-size", type=int, default=28)
-    parser.add_argument("--steps", type=int, default=3000)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--exclude-classes", nargs="*", default=())
     parser.add_argument("--max-images", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)

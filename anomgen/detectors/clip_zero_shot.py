@@ -1,0 +1,141 @@
+"""Zero-shot CLIP anomaly detection with one pair of prompts.
+
+The normal prompt names the class ("a photo of a cardinal."), the anomalous prompt a generic word in the same
+template ("a photo of a some bird."). An image's anomaly score is the softmax probability of the anomalous prompt
+over the two, with the cosine similarities of the L2-normalised embeddings multiplied by the model's logit scale,
+as in open_clip zero-shot classification.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def anomaly_probabilities(image_features: Tensor, normal_text: Tensor, anomalous_text: Tensor,
+                          logit_scale: float | Tensor) -> Tensor:
+    """Softmax probability of the anomalous prompt, float64.
+
+    ``image_features`` is B × D; ``normal_text`` and ``anomalous_text`` are D (one pair: the result is B) or P × D
+    (P pairs: the result is B × P). Every embedding is L2-normalised here, so the similarities are cosines.
+    Computed in float64 so that probabilities near 0 or 1 keep their order.
+    """
+    if normal_text.shape != anomalous_text.shape:
+        raise ValueError(f"normal text features {tuple(normal_text.shape)} and anomalous text features "
+                         f"{tuple(anomalous_text.shape)} must have the same shape")
+    if image_features.dim() != 2 or normal_text.dim() not in (1, 2) or normal_text.shape[-1] != image_features.shape[1]:
+        raise ValueError(f"expected image features B × D and text features D or P × D, got "
+                         f"{tuple(image_features.shape)} and {tuple(normal_text.shape)}")
+    images = F.normalize(image_features.double(), dim=-1)
+    normal = F.normalize(normal_text.double().to(images.device), dim=-1)
+    anomalous = F.normalize(anomalous_text.double().to(images.device), dim=-1)
+    logits = torch.stack([images @ normal.mT, images @ anomalous.mT] if normal.dim() == 2
+                         else [images @ normal, images @ anomalous], dim=-1) * float(logit_scale)
+    return logits.softmax(dim=-1)[..., 1]
+
+
+def open_clip_architecture(model_name: str, pretrained: str | None) -> str:
+    """The open_clip model name that fits the weights of tag ``pretrained``.
+
+    OpenAI's CLIP weights were trained with QuickGELU; open_clip's plain ``ViT-B-16`` config uses GELU and only warns
+    about the mismatch, so for such a tag the ``-quickgelu`` twin of the config is used. A weights file or ``None``
+    keeps ``model_name`` as given (name the ``-quickgelu`` config yourself for a file of OpenAI weights).
+    """
+    import open_clip
+
+    if pretrained is None or Path(str(pretrained)).expanduser().is_file():
+        return model_name
+    tag_cfg = open_clip.get_pretrained_cfg(model_name, str(pretrained))
+    model_cfg = open_clip.get_model_config(model_name) or {}
+    if not tag_cfg or not tag_cfg.get("quick_gelu") or model_cfg.get("quick_gelu"):
+        return model_name
+    twin = f"{model_name}-quickgelu"
+    if open_clip.get_model_config(twin) is None:
+        raise ValueError(f"open_clip weights {model_name}/{pretrained} need QuickGELU, and open_clip has no "
+                         f"{twin!r} config; pass a model name whose config sets quick_gelu")
+    return twin
+
+
+class CLIPZeroShot:
+    """Zero-shot anomaly detector: an open_clip model and a fixed pair of prompts; higher scores are more anomalous.
+
+    ``pretrained`` is an open_clip tag (``"openai"``), a weights file, or ``None`` for random weights; weights are
+    found and loaded strictly by :class:`~anomgen.detectors.OpenCLIPImageEncoder`. ``score`` needs the prompt pair
+    (given here or with :meth:`set_prompts`); the encoders and :meth:`anomaly_scores` work without one.
+    """
+
+    def __init__(self, model_name: str = "ViT-B-16", pretrained: str | None = "openai",
+                 normal_text: str | None = None, anomalous_text: str | None = None,
+                 device: str | torch.device = "cpu", name: str = "clip_zero_shot") -> None:
+        import open_clip
+
+        from anomgen.detectors.features import OpenCLIPImageEncoder
+
+        self.model_name = open_clip_architecture(model_name, pretrained)
+        self.image_encoder = OpenCLIPImageEncoder(self.model_name, pretrained).to(device).eval()
+        self.model = self.image_encoder.model
+        self.tokenizer = open_clip.get_tokenizer(self.model_name)
+        self.device = torch.device(device)
+        self.name = name
+        self.normal_text: str | None = None
+        self.anomalous_text: str | None = None
+        self._pair_features: tuple[Tensor, Tensor] | None = None
+        if (normal_text is None) != (anomalous_text is None):
+            raise ValueError(f"{name}: give both normal_text and anomalous_text, or neither")
+        if normal_text is not None:
+            self.set_prompts(normal_text, anomalous_text)
+
+    @property
+    def logit_scale(self) -> float:
+        """The model's multiplier of cosine similarities (``exp`` of its learned log scale; 100 for OpenAI CLIP)."""
+        return float(self.model.logit_scale.detach().exp())
+
+    @torch.no_grad()
+    def encode_images(self, images: Tensor) -> Tensor:
+        """L2-normalised embeddings (B × D, float32, on the model's device) of [0, 1] RGB images B × 3 × H × W."""
+        return self.image_encoder(images.to(self.device))
+
+    @torch.no_grad()
+    def encode_texts(self, texts: Sequence[str]) -> Tensor:
+        """L2-normalised embeddings (N × D, float32, on the model's device) of ``texts``."""
+        if isinstance(texts, str) or not texts:
+            raise ValueError(f"{self.name}: encode_texts takes a non-empty list of strings, got {texts!r}")
+        tokens = self.tokenizer(list(texts)).to(self.device)
+        return F.normalize(self.model.encode_text(tokens).float(), dim=-1)
+
+    def anomaly_scores(self, image_features: Tensor, normal_text: str | Tensor, anomalous_text: str | Tensor) -> Tensor:
+        """Probability (B, float64) of the anomalous prompt for image features B × D.
+
+        Each prompt is a text or its embedding (D, as :meth:`encode_texts` returns it)."""
+        normal, anomalous = (self.encode_texts([t])[0] if isinstance(t, str) else t
+                             for t in (normal_text, anomalous_text))
+        return anomaly_probabilities(image_features, normal, anomalous, self.logit_scale)
+
+    def set_prompts(self, normal_text: str, anomalous_text: str) -> CLIPZeroShot:
+        """Fix the prompt pair that :meth:`score` uses (embedded once, here)."""
+        features = self.encode_texts([normal_text, anomalous_text])
+        self.normal_text, self.anomalous_text = normal_text, anomalous_text
+        self._pair_features = (features[0], features[1])
+        return self
+
+    def features(self, batches: Iterable[dict]) -> Tensor:
+        """Image embeddings (N × D, float32, CPU) of every record batch in ``batches``, in order."""
+        feats = [self.encode_images(batch["image"]).float().cpu() for batch in batches]
+        if not feats:
+            raise ValueError(f"{self.name}: no images to embed")
+        return torch.cat(feats)
+
+    def fit(self, batches: Iterable[dict]) -> CLIPZeroShot:
+        """Zero-shot: nothing is learned from normal images (the call exists so that any detector can be fitted)."""
+        return self
+
+    def score(self, batches: Iterable[dict]) -> Tensor:
+        """Anomaly scores (N, float64, CPU) of every record batch in ``batches`` for the fixed prompt pair."""
+        if self._pair_features is None:
+            raise ValueError(f"{self.name}: no prompt pair; pass normal_text / anomalous_text or call set_prompts")
+        normal, anomalous = self._pair_features
+        return anomaly_probabilities(self.features(batches), normal.cpu(), anomalous.cpu(), self.logit_scale)
