@@ -66,6 +66,8 @@ def evaluate(cfg: DictConfig) -> tuple[dict, Path]:
 
     L.seed_everything(cfg.seed, workers=True)
     run_dir = Path(cfg.paths.output_dir)
+    if cfg.get("selection"):
+        return evaluate_selection(cfg, run_dir)
     datamodule = hydra.utils.instantiate(cfg.datamodule)
     datamodule.setup("test")
     detector = hydra.utils.instantiate(cfg.detector)
@@ -108,6 +110,102 @@ def evaluate(cfg: DictConfig) -> tuple[dict, Path]:
             logger.log_table(key="test/auroc_per_out_class", columns=["out_class", "AUROC"], data=rows)
     finish_loggers(loggers)
     return metrics, run_dir
+
+
+def evaluate_selection(cfg: DictConfig, run_dir: Path) -> tuple[dict, Path]:
+    """The selection report (model selection, then prompt selection when configured) as metrics and files."""
+    metrics: dict = {}
+    report: dict = {"task_name": cfg.task_name}
+    if cfg.selection.get("candidates"):
+        out = model_selection(cfg, run_dir)
+        metrics.update(out["metrics"])
+        report["model_selection"] = out["files"]
+    flat = write_metrics(run_dir, metrics)
+    write_json(run_dir / "report.json", report)
+    numbers = {k: v for k, v in json.loads(flat.read_text()).items() if isinstance(v, (int, float))}
+    loggers = instantiate_group(cfg.get("logger"))
+    for logger in loggers:
+        logger.log_hyperparams(OmegaConf.to_container(OmegaConf.masked_copy(
+            cfg, ["task_name", "tags", "seed", "datamodule", "selection", "paths"]), resolve=True))
+        logger.log_metrics(numbers)
+        log_selection_media(logger, report)
+    finish_loggers(loggers)
+    return {"selection": {k.removeprefix("selection/"): v for k, v in numbers.items()}}, run_dir
+
+
+def log_selection_media(logger, report: dict) -> None:
+    """W&B: the selection tables and the real-vs-synthetic plots and image grids (other loggers get scalars)."""
+    if not hasattr(logger, "log_image"):
+        return
+    files = report.get("model_selection", {})
+    images = {k: v for k, v in files.items() if str(v).endswith(".png")}
+    for key, path in images.items():
+        logger.log_image(key=f"selection/{key}", images=[path])
+    table = files.get("selection.json")
+    if table and hasattr(logger, "log_table"):
+        data = json.loads(Path(table).read_text())["summary"]["mean_real"]
+        columns = ["candidate", *data]
+        rows = [[c, *(data[key][c] for key in data)] for c in next(iter(data.values()))]
+        logger.log_table(key="selection/mean_real_auroc", columns=columns, data=rows)
+
+
+def model_selection(cfg: DictConfig, run_dir: Path) -> dict:
+    """Synthetic validation for model selection (``cfg.selection``): for every normal class in
+    ``selection.tasks`` build the validation sets (DiffStyle and baselines, sharing the held-out normals), score every
+    candidate detector on them and on the real test split, and report how well synthetic AUROC ranks the
+    candidates. Writes ``selection/`` (markdown, JSON, real-vs-synthetic scatter plots, image grids)."""
+    from anomgen.selection.features import FeatureCache
+    from anomgen.selection.model_selection import candidates_from_config, k_label, select_models
+    from anomgen.selection.report import write_selection_report
+    from anomgen.selection.validation_sets import selection_task
+
+    sel = cfg.selection
+    builders = {name: hydra.utils.instantiate(b) for name, b in sel.validation_sets.items()}
+    extractors = {name: hydra.utils.instantiate(e) for name, e in sel.extractors.items()}
+    candidates = candidates_from_config(OmegaConf.to_container(sel.candidates, resolve=True))
+    tasks = []
+    for normal_class in sel.tasks:
+        datamodule = hydra.utils.instantiate(cfg.datamodule, normal_class=normal_class)
+        datamodule.setup("test")
+        tasks.append(selection_task(str(normal_class), datamodule.support, datamodule.test_set, builders,
+                                    Path(sel.sets_dir) / str(normal_class), **sel.split,
+                                    info={"dataset": datamodule.describe()["dataset"]}))
+    k_values = [None if k in (None, "all") else int(k) for k in sel.k_values]
+    cache = FeatureCache(sel.get("cache_dir"))
+    result = select_models(tasks, candidates, extractors, cache, k_values, batch_size=cfg.datamodule.eval_batch_size)
+    out_dir = run_dir / "selection"
+    files = write_selection_report(result, out_dir)
+    files.update(save_set_grids(tasks[0], out_dir))
+    metrics = {}
+    for vs, by_k in result.summary["agreement"].items():
+        for k, by_key in by_k.items():
+            for key, stats in by_key.items():
+                prefix = f"selection/{vs}/K{k}/{key}"
+                metrics.update({f"{prefix}/spearman_mean": stats["spearman"], f"{prefix}/kendall_mean":
+                                stats["kendall"], f"{prefix}/top1_rate": stats["top1_rate"],
+                                f"{prefix}/regret_mean": stats["regret"],
+                                f"{prefix}/dataset_spearman": stats["dataset"]["spearman"],
+                                f"{prefix}/dataset_top1": float(stats["dataset"]["top1_agreement"])})
+    metrics["selection/num_tasks"] = len(tasks)
+    metrics["selection/num_candidates"] = len(candidates)
+    metrics["selection/feature_cache"] = {name: dict(v) for name, v in cache.stats.items()}
+    return {"metrics": metrics, "files": {k: str(v) for k, v in files.items()}, "summary_k": k_label(k_values[-1])}
+
+
+def save_set_grids(task, out_dir: Path, n: int = 32) -> dict:
+    """A PNG grid of the first ``n`` synthetic anomalies of each of ``task``'s validation sets."""
+    import torch
+
+    from anomgen.visualize import image_grid, save_png
+
+    files = {}
+    for name, dataset in task.validation_sets.items():
+        anomalies = [i for i, e in enumerate(dataset.entries) if e.label == 1][:n]
+        if anomalies:
+            path = out_dir / f"grid_{task.name}_{name}.png"
+            save_png(image_grid(torch.stack([dataset[i]["image"] for i in anomalies]), nrow=8), path)
+            files[f"grid_{name}"] = path
+    return files
 
 
 def render_report(report: dict) -> str:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import hydra
 import pytest
 import torch
 from omegaconf import OmegaConf
-
-from pathlib import Path
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 

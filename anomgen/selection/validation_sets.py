@@ -1,0 +1,169 @@
+"""Synthetic validation sets for model and prompt selection, one per task, all sharing the task's held-out normals.
+
+A builder is called as ``builder(plan, out_dir, info) -> set folder`` with the task's
+:class:`~anomgen.generators.diffstyle.DiffStylePlan` (its style / content / held-out parts of the support set). Each
+writes the held-out normals (label 0) and its anomalies (label 1) as a synthetic set, so the sets of a task differ
+only in their anomalies:
+
+- :class:`DiffStyleSets`: the S × C DiffStyle anomalies (the method);
+- :class:`NoiseSets`: Gaussian-noise images (a baseline);
+- :class:`DatasetSets`: images of another dataset (a baseline; e.g. digits for Animal-MNIST tasks, Tiny-ImageNet in
+  the paper).
+
+The same number of anomalies (S·C by default) goes into every set. An existing folder is reused when it is a
+complete set made for the same task, so a rerun does not generate again.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from anomgen.data.record import GOOD, NORMAL
+from anomgen.data.synthetic import is_complete_set, read_set_info, write_set
+from anomgen.detectors.backbones import resize
+from anomgen.seeding import sample_generator
+
+
+def _held_out_samples(plan, size) -> Iterator[dict]:
+    for j in range(len(plan.held_out)):
+        record = plan.held_out[j]
+        yield {"image": resize(record["image"].unsqueeze(0), size)[0], "label": NORMAL, "generator": "real",
+               "category": record["category"], "defect_type": GOOD, "sources": [record["image_path"]],
+               "params": {"role": "held_out"}}
+
+
+def _image_size(plan) -> tuple[int, int]:
+    return tuple(plan.held_out[0]["image"].shape[-2:])
+
+
+def _write(out_dir: Path, samples: Callable[[], Iterator[dict]], info: dict) -> Path:
+    """Write the set, or reuse a complete one made with the same ``info``."""
+    out_dir = Path(out_dir)
+    if is_complete_set(out_dir):
+        made_for = read_set_info(out_dir).get("selection")
+        if made_for == json.loads(json.dumps(info)):
+            return out_dir
+        raise FileExistsError(f"{out_dir} holds a synthetic set made for {made_for}, not {info}; remove it or choose "
+                              "another output folder")
+    return write_set(out_dir, samples(), {"generator": info["generator"], "selection": info})
+
+
+class DiffStyleSets:
+    """DiffStyle anomalies of every (style, content) pair of the plan; the UNet is loaded once for all tasks."""
+
+    name = "diffstyle"
+
+    def __init__(self, unet: nn.Module, num_inference_steps: int = 50, t_edit: int = 400, t_boost: int = 200,
+                 gamma: float = 0.7, mix: str = "lerp", eta_boost: float = 1.0, seed: int = 0,
+                 batch_size: int = 32) -> None:
+        from anomgen.generators.diffstyle import DiffStyle
+
+        self.generator = DiffStyle(unet, num_inference_steps, t_edit, t_boost, gamma, mix, eta_boost)
+        size = getattr(getattr(unet, "config", None), "sample_size", None)
+        self.unet_size = None if size is None else ((size, size) if isinstance(size, int) else tuple(size))
+        self.seed, self.batch_size = seed, batch_size
+
+    def __call__(self, plan, out_dir: str | Path, info: dict) -> Path:
+        size = _image_size(plan)
+        work_size = self.unet_size or size
+
+        def stack(part) -> torch.Tensor:
+            return resize(torch.stack([part[i]["image"] for i in range(len(part))]), work_size)
+
+        def samples() -> Iterator[dict]:
+            n_content = len(plan.content)
+            for indices, images in self.generator.cross_product(stack(plan.style), stack(plan.content), self.seed,
+                                                                self.batch_size):
+                for i, image in zip(indices, resize(images, size)):
+                    style, content = plan.style[i // n_content], plan.content[i % n_content]
+                    yield {"image": image, "label": 1, "generator": self.name, "category": style["category"],
+                           "defect_type": self.name, "sources": [style["image_path"], content["image_path"]],
+                           "params": {**self.generator.params, "seed": self.seed}}
+            yield from _held_out_samples(plan, size)
+
+        return _write(Path(out_dir), samples, {**info, "generator": self.name, **self.generator.params,
+                                               "seed": self.seed})
+
+
+class NoiseSets:
+    """Gaussian-noise anomalies N(mean, std²) clamped to [0, 1], grey or colour, seeded by sample index."""
+
+    name = "noise"
+
+    def __init__(self, num_anomalies: int | None = None, mean: float = 0.5, std: float = 0.25, grey: bool = True,
+                 seed: int = 0) -> None:
+        self.num_anomalies, self.mean, self.std, self.grey, self.seed = num_anomalies, mean, std, grey, seed
+
+    def __call__(self, plan, out_dir: str | Path, info: dict) -> Path:
+        size = _image_size(plan)
+        n = self.num_anomalies or plan.n_pairs
+        category = plan.held_out[0]["category"]
+
+        def samples() -> Iterator[dict]:
+            for i in range(n):
+                shape = (1 if self.grey else 3, *size)
+                noise = torch.randn(shape, generator=sample_generator(self.seed, i)) * self.std + self.mean
+                yield {"image": noise.clamp(0, 1).expand(3, *size), "label": 1, "generator": self.name,
+                       "category": category, "defect_type": self.name, "sources": [],
+                       "params": {"mean": self.mean, "std": self.std, "seed": self.seed}}
+            yield from _held_out_samples(plan, size)
+
+        return _write(Path(out_dir), samples, {**info, "generator": self.name, "n": n, "mean": self.mean,
+                                               "std": self.std, "seed": self.seed})
+
+
+class DatasetSets:
+    """Images of another dataset as anomalies (``dataset``: a parsed dataset, e.g. ``Digits(split="train")``),
+    drawn without replacement by ``seed`` and resized to the task's image size."""
+
+    name = "other_dataset"
+
+    def __init__(self, dataset, num_anomalies: int | None = None, seed: int = 0, name: str | None = None) -> None:
+        self.dataset, self.num_anomalies, self.seed = dataset, num_anomalies, seed
+        self.name = name or self.name
+
+    def __call__(self, plan, out_dir: str | Path, info: dict) -> Path:
+        size = _image_size(plan)
+        n = self.num_anomalies or plan.n_pairs
+        if n > len(self.dataset):
+            raise ValueError(f"{self.name}: asked for {n} anomalies, the dataset has {len(self.dataset)} images")
+        chosen = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.seed))[:n].tolist()
+        category = plan.held_out[0]["category"]
+
+        def samples() -> Iterator[dict]:
+            for i in chosen:
+                record = self.dataset[i]
+                yield {"image": resize(record["image"].unsqueeze(0), size)[0], "label": 1, "generator": self.name,
+                       "category": category, "defect_type": self.name, "sources": [record["image_path"]],
+                       "params": {"seed": self.seed}}
+            yield from _held_out_samples(plan, size)
+
+        return _write(Path(out_dir), samples, {**info, "generator": self.name, "n": n, "seed": self.seed,
+                                               "dataset": type(self.dataset).__name__})
+
+
+def selection_task(name: str, support, test_set, builders: dict, sets_dir: str | Path, n_style: int = 10,
+                   n_content: int = 10, n_held_out: int | None = None, seed: int = 0, info: dict | None = None):
+    """One task of model / prompt selection: the support split by a :class:`DiffStylePlan`, every builder's
+    validation set written under ``sets_dir/<builder name>``, and the banks: all of the support for real scoring,
+    the support minus the held-out normals for synthetic scoring."""
+    from anomgen.data.synthetic import SyntheticSet
+    from anomgen.data.tasks import TaskView
+    from anomgen.generators.diffstyle import DiffStylePlan
+    from anomgen.selection.model_selection import SelectionTask
+
+    plan = DiffStylePlan(support, n_style, n_content, n_held_out, seed=seed)
+    held = {e.image_path for e in plan.held_out.entries}
+    synthetic_bank = TaskView(support, [i for i, e in enumerate(support.entries) if e.image_path not in held],
+                              name=f"{name}-bank-without-held-out")
+    info = {"task": name, "n_style": n_style, "n_content": n_content, "n_held_out": len(plan.held_out),
+            "split_seed": seed, **(info or {})}
+    size = _image_size(plan)
+    sets = {set_name: SyntheticSet(builder(plan, Path(sets_dir) / set_name, info), image_size=size)
+            for set_name, builder in builders.items()}
+    return SelectionTask(name, support, synthetic_bank, test_set, sets)

@@ -1,0 +1,120 @@
+"""``model=asyrp``: anomalies by a learned h-space edit of a frozen DDIM (Asyrp; :mod:`anomgen.generators.asyrp`).
+
+Thin wrapper: training inverts each support image once (the trajectories are kept by ``image_path`` for every epoch
+and for generation) and minimises the directional CLIP + L1 loss over :class:`~anomgen.generators.asyrp.DeltaH` only;
+``predict_step`` edits each request's source image with a strength α drawn uniformly from [``alpha_min``,
+``alpha_max``] by the sample's own generator (seeded by its global index) and records α in the manifest (``params``).
+Checkpoints hold the DeltaH weights only; the frozen UNet and CLIP come from their config.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from lightning.pytorch import LightningModule
+
+from anomgen.diffusion.ddim import DEFAULT_BETAS, DDIMSchedule
+from anomgen.generators.asyrp import Asyrp
+from anomgen.seeding import sample_generator, sample_seed
+
+TRAINABLE_PREFIX = "asyrp.delta_h."
+
+
+class AsyrpModel(LightningModule):
+    trainable = True
+    generates = True
+    generator_name = "asyrp"
+
+    def __init__(
+        self,
+        unet: torch.nn.Module,
+        clip,
+        optimizer,
+        target_text: str = "a photo of something strange",
+        num_inference_steps: int = 40,
+        t_edit: int = 500,
+        alpha_min: float = 0.5,
+        alpha_max: float = 1.5,
+        lambda_clip: float = 1.0,
+        lambda_l1: float = 3.0,
+        hidden_channels: int | None = None,
+        time_embed_dim: int = 128,
+        t_boost: int = -1,
+        eta_boost: float = 1.0,
+        betas: Mapping | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if alpha_min > alpha_max:
+            raise ValueError(f"model.alpha_min ({alpha_min}) must not exceed model.alpha_max ({alpha_max})")
+        self.save_hyperparameters(ignore=["unet", "clip", "optimizer"])
+        schedule = DDIMSchedule(num_inference_steps, **dict(betas or DEFAULT_BETAS))
+        self.asyrp = Asyrp(unet, clip, schedule, target_text=target_text, t_edit=t_edit, lambda_clip=lambda_clip,
+                           lambda_l1=lambda_l1, hidden_channels=hidden_channels, time_embed_dim=time_embed_dim,
+                           t_boost=t_boost, eta_boost=eta_boost)
+        self.optimizer_factory = optimizer
+        self.seed = seed
+        self.trajectories: dict[str, torch.Tensor] = {}  # image_path -> K × 3 × H × W (CPU), inverted once
+
+    def source_trajectories(self, images: torch.Tensor, image_paths: Sequence[str]) -> torch.Tensor:
+        """The inversion trajectories (B × K × 3 × H × W) of the images, inverting only those not seen before."""
+        missing = {p: i for i, p in enumerate(image_paths) if p not in self.trajectories}
+        if missing:
+            inverted = self.asyrp.invert(images[list(missing.values())])
+            for path, trajectory in zip(missing, inverted):
+                self.trajectories[path] = trajectory.cpu()
+        return torch.stack([self.trajectories[p] for p in image_paths]).to(images.device)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        images = batch["image"]
+        trajectories = self.source_trajectories(images, list(batch["image_path"]))
+        generator = torch.Generator().manual_seed(sample_seed(self.seed, self.global_step))
+        loss, parts = self.asyrp.loss(images, trajectories, generator, categories=list(batch["category"]))
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"the Asyrp loss is {loss.item()} at step {self.global_step}; lower the "
+                                     "learning rate or check the data")
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(images))
+        self.log_dict({f"train/{name}": value for name, value in parts.items()}, batch_size=len(images))
+        return loss
+
+    def configure_optimizers(self):
+        return self.optimizer_factory(params=self.asyrp.delta_h.parameters())
+
+    def predict_step(self, batch: dict, batch_idx: int) -> dict:
+        source = batch["source"]
+        indices = batch["index"].tolist()
+        generators = [sample_generator(self.seed, i) for i in indices]
+        low, high = self.hparams.alpha_min, self.hparams.alpha_max
+        alphas = [low + (high - low) * float(torch.rand((), generator=g)) for g in generators]
+        x_T = self.source_trajectories(source["image"], list(source["image_path"]))[:, 0]
+        images = self.asyrp.generate(x_T, alphas, generators)
+        categories = list(source["category"])
+        texts = self.asyrp.target_texts(categories, len(indices))
+        return {
+            "index": batch["index"],
+            "image": images,
+            "mask": None,  # a global edit: no anomaly mask
+            "label": torch.ones(len(indices), dtype=torch.long),
+            "generator": self.generator_name,
+            "category": categories,
+            "defect_type": [self.generator_name] * len(indices),
+            "sources": [[p] for p in source["image_path"]],
+            "params": [{"alpha": alpha, "t_edit": self.asyrp.t_edit, "seed": self.seed, "target_text": text,
+                        "t_boost": self.asyrp.t_boost} for alpha, text in zip(alphas, texts)],
+        }
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Keep only the trainable DeltaH weights."""
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
+                                    if k.startswith(TRAINABLE_PREFIX)}
+
+    def load_state_dict(self, state_dict: Mapping, strict: bool = True, assign: bool = False):
+        """Load a checkpoint's DeltaH weights strictly (every DeltaH key, no unknown key); frozen weights, when
+        present, load too."""
+        own = set(self.state_dict())
+        unexpected = sorted(set(state_dict) - own)
+        missing = sorted(k for k in own if k.startswith(TRAINABLE_PREFIX) and k not in state_dict)
+        if strict and (unexpected or missing):
+            raise RuntimeError(f"AsyrpModel checkpoint: missing DeltaH keys {missing}, unexpected keys {unexpected}")
+        return super().load_state_dict(state_dict, strict=False, assign=assign)
