@@ -113,83 +113,114 @@ def evaluate(cfg: DictConfig) -> tuple[dict, Path]:
 
 
 def evaluate_selection(cfg: DictConfig, run_dir: Path) -> tuple[dict, Path]:
-    """The selection report (model selection, then prompt selection when configured) as metrics and files."""
-    metrics: dict = {}
-    report: dict = {"task_name": cfg.task_name}
-    if cfg.selection.get("candidates"):
-        out = model_selection(cfg, run_dir)
-        metrics.update(out["metrics"])
-        report["model_selection"] = out["files"]
+    """Synthetic validation for selection (``cfg.selection``): for every normal class in ``selection.tasks`` build
+    the validation sets (DiffStyle and baselines, sharing the held-out normals), then
+
+    - model selection (``selection.candidates``): score every candidate detector on them and on the real test split
+      and report how well synthetic AUROC ranks the candidates;
+    - prompt selection (``selection.prompts``): pick a CLIP prompt per task by synthetic AUROC and compare with the
+      baselines (the paper's Tables 1 and 2).
+
+    Writes ``selection/`` (markdown, JSON, real-vs-synthetic scatter plots, image grids of each set)."""
+    from anomgen.selection.features import FeatureCache
+    from anomgen.selection.validation_sets import selection_task
+
+    sel = cfg.selection
+    out_dir = run_dir / "selection"
+    builders = {name: hydra.utils.instantiate(b) for name, b in sel.validation_sets.items()}
+    tasks = []
+    for name, datamodule in selection_datamodules(cfg):
+        datamodule.setup("test")
+        tasks.append(selection_task(name, datamodule.support, datamodule.test_set, builders,
+                                    Path(sel.sets_dir) / name, **sel.split,
+                                    info={"dataset": datamodule.describe()["dataset"]}))
+    cache = FeatureCache(sel.get("cache_dir"))
+    metrics: dict = {"selection/num_tasks": len(tasks)}
+    files = save_set_grids(tasks[0], out_dir)
+    if sel.get("candidates"):
+        metrics.update(model_selection(sel, tasks, cache, out_dir, files, cfg.datamodule.eval_batch_size))
+    if sel.get("prompts"):
+        metrics.update(prompt_selection(sel.prompts, tasks, cache, out_dir, files, cfg.seed))
     flat = write_metrics(run_dir, metrics)
+    report = {"task_name": cfg.task_name, "files": {k: str(v) for k, v in files.items()},
+              "feature_cache": cache.stats()}
     write_json(run_dir / "report.json", report)
     numbers = {k: v for k, v in json.loads(flat.read_text()).items() if isinstance(v, (int, float))}
     loggers = instantiate_group(cfg.get("logger"))
     for logger in loggers:
-        logger.log_hyperparams(OmegaConf.to_container(OmegaConf.masked_copy(
-            cfg, ["task_name", "tags", "seed", "datamodule", "selection", "paths"]), resolve=True))
+        used = OmegaConf.to_container(cfg, resolve=True)
+        logger.log_hyperparams({k: used.get(k) for k in ("task_name", "tags", "seed", "datamodule", "selection")})
         logger.log_metrics(numbers)
-        log_selection_media(logger, report)
+        log_selection_media(logger, files)
     finish_loggers(loggers)
     return {"selection": {k.removeprefix("selection/"): v for k, v in numbers.items()}}, run_dir
 
 
-def log_selection_media(logger, report: dict) -> None:
-    """W&B: the selection tables and the real-vs-synthetic plots and image grids (other loggers get scalars)."""
-    if not hasattr(logger, "log_image"):
-        return
-    files = report.get("model_selection", {})
-    images = {k: v for k, v in files.items() if str(v).endswith(".png")}
-    for key, path in images.items():
-        logger.log_image(key=f"selection/{key}", images=[path])
-    table = files.get("selection.json")
-    if table and hasattr(logger, "log_table"):
-        data = json.loads(Path(table).read_text())["summary"]["mean_real"]
-        columns = ["candidate", *data]
-        rows = [[c, *(data[key][c] for key in data)] for c in next(iter(data.values()))]
-        logger.log_table(key="selection/mean_real_auroc", columns=columns, data=rows)
+def selection_datamodules(cfg: DictConfig):
+    """``(task name, datamodule)`` for every task of ``selection.tasks``: normal classes (one-vs-rest protocol) or
+    categories (defects protocol); ``all`` takes every class / category the dataset has."""
+    tasks = cfg.selection.tasks
+    if tasks == "all":
+        tasks = hydra.utils.instantiate(cfg.datamodule.dataset)(split="train").available_categories
+    for task in tasks:
+        if cfg.datamodule.protocol == "defects":
+            yield str(task), hydra.utils.instantiate(cfg.datamodule, dataset={"category": task})
+        else:
+            yield str(task), hydra.utils.instantiate(cfg.datamodule, normal_class=task)
 
 
-def model_selection(cfg: DictConfig, run_dir: Path) -> dict:
-    """Synthetic validation for model selection (``cfg.selection``): for every normal class in
-    ``selection.tasks`` build the validation sets (DiffStyle and baselines, sharing the held-out normals), score every
-    candidate detector on them and on the real test split, and report how well synthetic AUROC ranks the
-    candidates. Writes ``selection/`` (markdown, JSON, real-vs-synthetic scatter plots, image grids)."""
-    from anomgen.selection.features import FeatureCache
-    from anomgen.selection.model_selection import candidates_from_config, k_label, select_models
+def model_selection(sel: DictConfig, tasks: list, cache, out_dir: Path, files: dict, batch_size: int) -> dict:
+    """Candidates × tasks × validation sets; ``selection/<set>/K<k>/<benchmark>/...`` agreement metrics."""
+    from anomgen.selection.model_selection import candidates_from_config, select_models
     from anomgen.selection.report import write_selection_report
-    from anomgen.selection.validation_sets import selection_task
 
-    sel = cfg.selection
-    builders = {name: hydra.utils.instantiate(b) for name, b in sel.validation_sets.items()}
     extractors = {name: hydra.utils.instantiate(e) for name, e in sel.extractors.items()}
     candidates = candidates_from_config(OmegaConf.to_container(sel.candidates, resolve=True))
-    tasks = []
-    for normal_class in sel.tasks:
-        datamodule = hydra.utils.instantiate(cfg.datamodule, normal_class=normal_class)
-        datamodule.setup("test")
-        tasks.append(selection_task(str(normal_class), datamodule.support, datamodule.test_set, builders,
-                                    Path(sel.sets_dir) / str(normal_class), **sel.split,
-                                    info={"dataset": datamodule.describe()["dataset"]}))
     k_values = [None if k in (None, "all") else int(k) for k in sel.k_values]
-    cache = FeatureCache(sel.get("cache_dir"))
-    result = select_models(tasks, candidates, extractors, cache, k_values, batch_size=cfg.datamodule.eval_batch_size)
-    out_dir = run_dir / "selection"
-    files = write_selection_report(result, out_dir)
-    files.update(save_set_grids(tasks[0], out_dir))
-    metrics = {}
+    result = select_models(tasks, candidates, extractors, cache, k_values, batch_size=batch_size)
+    files.update(write_selection_report(result, out_dir))
+    metrics = {"selection/num_candidates": len(candidates)}
     for vs, by_k in result.summary["agreement"].items():
         for k, by_key in by_k.items():
             for key, stats in by_key.items():
                 prefix = f"selection/{vs}/K{k}/{key}"
-                metrics.update({f"{prefix}/spearman_mean": stats["spearman"], f"{prefix}/kendall_mean":
-                                stats["kendall"], f"{prefix}/top1_rate": stats["top1_rate"],
+                metrics.update({f"{prefix}/spearman_mean": stats["spearman"],
+                                f"{prefix}/kendall_mean": stats["kendall"],
+                                f"{prefix}/top1_rate": stats["top1_rate"],
                                 f"{prefix}/regret_mean": stats["regret"],
                                 f"{prefix}/dataset_spearman": stats["dataset"]["spearman"],
                                 f"{prefix}/dataset_top1": float(stats["dataset"]["top1_agreement"])})
-    metrics["selection/num_tasks"] = len(tasks)
-    metrics["selection/num_candidates"] = len(candidates)
-    metrics["selection/feature_cache"] = {name: dict(v) for name, v in cache.stats.items()}
-    return {"metrics": metrics, "files": {k: str(v) for k, v in files.items()}, "summary_k": k_label(k_values[-1])}
+    return metrics
+
+
+def prompt_selection(cfg: DictConfig, tasks: list, cache, out_dir: Path, files: dict, seed: int) -> dict:
+    """CLIP prompt selection by synthetic AUROC: ``selection/prompts/<benchmark>/<strategy>/{match_rate,auroc}``."""
+    from anomgen.selection.prompts import PromptPool, run_prompt_selection
+
+    clip = hydra.utils.instantiate(cfg.model)
+    pool = PromptPool.load(cfg.pool)
+    out = run_prompt_selection(clip, pool, tasks, cache, cfg.synthetic_set, cfg.get("other_set"), seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files["prompts.md"] = out_dir / "prompts.md"
+    files["prompts.md"].write_text(f"# Prompt selection ({pool.name}, {len(tasks)} tasks)\n\n{out['table']}\n")
+    files["prompts.json"] = write_json(out_dir / "prompts.json", out)
+    return {f"selection/prompts/{bench}/{strategy}/{key}": float(res[key])
+            for bench, by_strategy in out["results"].items() for strategy, res in by_strategy.items()
+            for key in ("match_rate", "auroc")}
+
+
+def log_selection_media(logger, files: dict) -> None:
+    """W&B: the real-vs-synthetic plots, the set grids and the mean real AUROC per candidate as a table."""
+    if not hasattr(logger, "log_image"):
+        return
+    for key, path in files.items():
+        if str(path).endswith(".png"):
+            logger.log_image(key=f"selection/{Path(key).stem}", images=[str(path)])
+    table = files.get("selection.json")
+    if table and hasattr(logger, "log_table"):
+        data = json.loads(Path(table).read_text())["summary"]["mean_real"]
+        rows = [[c, *(data[key][c] for key in data)] for c in next(iter(data.values()))]
+        logger.log_table(key="selection/mean_real_auroc", columns=["candidate", *data], data=rows)
 
 
 def save_set_grids(task, out_dir: Path, n: int = 32) -> dict:
@@ -199,6 +230,7 @@ def save_set_grids(task, out_dir: Path, n: int = 32) -> dict:
     from anomgen.visualize import image_grid, save_png
 
     files = {}
+    out_dir.mkdir(parents=True, exist_ok=True)
     for name, dataset in task.validation_sets.items():
         anomalies = [i for i, e in enumerate(dataset.entries) if e.label == 1][:n]
         if anomalies:

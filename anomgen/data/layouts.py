@@ -180,8 +180,8 @@ def write_visa(
 def write_cub(
     root: str | Path,
     classes: Sequence[str] = CUB_CLASSES,
-    n_per_class: int = 4,
-    n_train_per_class: int = 2,
+    n_per_class: int = 5,
+    n_train_per_class: int = 3,
     size: int = 32,
     seed: int = 0,
 ) -> str:
@@ -217,7 +217,7 @@ def write_cub(
 def write_flowers(
     root: str | Path,
     n_classes: int = 3,
-    n_train: int = 2,
+    n_train: int = 3,
     n_val: int = 1,
     n_test: int = 1,
     size: int = 32,

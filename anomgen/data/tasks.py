@@ -45,8 +45,9 @@ class TaskView(Dataset):
     @property
     def entries(self) -> list[Entry]:
         out = []
+        base_entries = self.base.entries  # a property of nested views: read it once, not once per index
         for pos, i in enumerate(self.indices):
-            e = self.base.entries[i]
+            e = base_entries[i]
             out.append(
                 Entry(
                     e.image_path,

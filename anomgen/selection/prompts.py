@@ -270,3 +270,80 @@ def render_prompt_table(results_by_benchmark: Mapping[str, Mapping[str, Mapping]
             row += cells(results_by_benchmark[b].get(strategy))
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------- running over tasks
+
+#: the benchmarks of prompt selection, as in model selection
+PROMPT_BENCHMARKS = ("image_AUROC", "image_AUROC_one_vs_one_mean", "image_AUROC_one_vs_one_closest")
+
+
+def prompt_class_name(name: str) -> str:
+    """A class or category id as prompt text: ``"001.Black_footed_Albatross"`` -> ``"black footed albatross"``,
+    ``"metal_nut"`` -> ``"metal nut"``."""
+    head, dot, tail = str(name).partition(".")
+    text = tail if dot and head.isdigit() else str(name)
+    return " ".join(text.replace("_", " ").split()).lower()
+
+
+def _labels_and_defects(dataset) -> tuple[Tensor, list[str]]:
+    from anomgen.selection.features import dataset_entries
+
+    entries = dataset_entries(dataset)
+    if entries is None:
+        raise TypeError(f"{type(dataset).__name__} has no entries; prompt selection needs labelled record datasets")
+    return torch.tensor([e.label for e in entries]), [e.defect_type for e in entries]
+
+
+def real_prompt_aurocs(features: Tensor, dataset, normal: Tensor, anomalous: Tensor, logit_scale) -> dict:
+    """``{benchmark: AUROC per prompt}`` on a labelled test split: one-vs-rest, and the mean and minimum over
+    out-classes (anomaly ``defect_type``) of the one-vs-one AUROCs."""
+    labels, defects = _labels_and_defects(dataset)
+    out = {"image_AUROC": prompt_aurocs(features, labels, normal, anomalous, logit_scale)}
+    per_class = []
+    for d in dict.fromkeys(d for d, y in zip(defects, labels.tolist()) if y == 1):
+        keep = torch.tensor([y == 0 or t == d for t, y in zip(defects, labels.tolist())])
+        per_class.append(prompt_aurocs(features[keep], labels[keep], normal, anomalous, logit_scale))
+    stacked = torch.stack(per_class) if per_class else out["image_AUROC"].unsqueeze(0)
+    out["image_AUROC_one_vs_one_mean"] = stacked.mean(0)
+    out["image_AUROC_one_vs_one_closest"] = stacked.min(0).values
+    return out
+
+
+def run_prompt_selection(clip, pool: PromptPool, tasks: Sequence, cache, synthetic_set: str = "diffstyle",
+                         other_set: str | None = None, seed: int = 0, batch_size: int = 256) -> dict:
+    """Prompt selection over ``tasks`` (objects with ``name``, ``test_set`` and ``validation_sets``, e.g.
+    :class:`~anomgen.selection.model_selection.SelectionTask`; the task name is the normal class).
+
+    Image embeddings come from ``cache`` (a :class:`~anomgen.selection.features.FeatureCache`, so each image is
+    embedded once), text embeddings once per prompt. Returns ``{"per_task": {task: {"real": {benchmark: [P]},
+    "synthetic": [P], "other_dataset": [P]}}, "results": {benchmark: select_prompts(...)}, "table": markdown}``.
+    """
+    encoder = clip.image_encoder
+    real: dict = {b: {} for b in PROMPT_BENCHMARKS}
+    synthetic, other, per_task = {}, {}, {}
+    for task in tasks:
+        pairs = pool.pairs(prompt_class_name(task.name))
+        normal = clip.encode_texts([p[0] for p in pairs]).cpu()
+        anomalous = clip.encode_texts([p[1] for p in pairs]).cpu()
+        test_features = cache.features(f"clip:{clip.model_name}", encoder, task.test_set, batch_size)
+        task_real = real_prompt_aurocs(test_features, task.test_set, normal, anomalous, clip.logit_scale)
+        for b in PROMPT_BENCHMARKS:
+            real[b][task.name] = task_real[b]
+        entry = {"real": {b: v.tolist() for b, v in task_real.items()}}
+        for key, set_name, table in (("synthetic", synthetic_set, synthetic), ("other_dataset", other_set, other)):
+            if set_name is None:
+                continue
+            if set_name not in task.validation_sets:
+                raise KeyError(f"prompt selection: task {task.name!r} has no validation set {set_name!r} (it has "
+                               f"{', '.join(task.validation_sets)})")
+            dataset = task.validation_sets[set_name]
+            labels, _ = _labels_and_defects(dataset)
+            feats = cache.features(f"clip:{clip.model_name}", encoder, dataset, batch_size)
+            table[task.name] = prompt_aurocs(feats, labels, normal, anomalous, clip.logit_scale)
+            entry[key] = table[task.name].tolist()
+        per_task[task.name] = entry
+    results = {b: select_prompts(real[b], synthetic, other or None, pool.default_index, seed)
+               for b in PROMPT_BENCHMARKS}
+    return {"pool": pool.name, "templates": list(pool.templates), "per_task": per_task, "results": results,
+            "table": render_prompt_table(results)}
