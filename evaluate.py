@@ -161,7 +161,9 @@ def selection_datamodules(cfg: DictConfig):
     categories (defects protocol); ``all`` takes every class / category the dataset has."""
     tasks = cfg.selection.tasks
     if tasks == "all":
-        tasks = hydra.utils.instantiate(cfg.datamodule.dataset)(split="train").available_categories
+        dataset = hydra.utils.instantiate(cfg.datamodule.dataset)(split="train")
+        tasks = (dataset.available_categories if cfg.datamodule.protocol == "defects"
+                 else list(dict.fromkeys(e.category for e in dataset.entries)))  # the classes it has images of
     for task in tasks:
         if cfg.datamodule.protocol == "defects":
             yield str(task), hydra.utils.instantiate(cfg.datamodule, dataset={"category": task})

@@ -15,7 +15,10 @@ from anomgen.data.synthetic import SyntheticSet, read_manifest
 from anomgen.errors import SyntheticSetError
 
 ROOT = Path(__file__).resolve().parent.parent
-EXPERIMENTS = sorted(p.stem for p in (ROOT / "configs" / "experiment").glob("*.yaml"))
+ALL_EXPERIMENTS = sorted(p.stem for p in (ROOT / "configs" / "experiment").glob("*.yaml"))
+# synthetic-validation experiments are evaluate.py-only (they build their validation sets themselves)
+SELECTION_EXPERIMENTS = [e for e in ALL_EXPERIMENTS if "selection" in e]
+EXPERIMENTS = [e for e in ALL_EXPERIMENTS if e not in SELECTION_EXPERIMENTS]
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
@@ -42,6 +45,26 @@ def test_every_experiment_runs_fast_dev_run(compose_config, tmp_path, experiment
         assert 0.0 <= saved[f"synthetic_{key}_top/image_AUROC"] <= 1.0
         selected = Path(cfg.synthetic_set_dir).with_name(f"{set_dir.name}_{key}_top")  # made by the train callback
         assert len(read_manifest(selected)) == math.ceil(len(exported) * ecfg.quality.keep_fraction)
+
+
+@pytest.mark.parametrize("experiment", SELECTION_EXPERIMENTS)
+def test_every_selection_experiment_runs_tiny(compose_config, tmp_path, experiment):
+    from evaluate import evaluate
+
+    cfg = compose_config("evaluate", [f"experiment={experiment}", "debug=tiny", "logger=csv"], run_dir=tmp_path / "e")
+    _, run_dir = evaluate(cfg)
+    saved = json.loads((run_dir / "metrics.json").read_text())
+    sets = list(cfg.selection.validation_sets)
+    assert saved["selection/num_tasks"] >= 1
+    out = run_dir / "selection"
+    assert (out / "selection.md").is_file() and json.loads((out / "selection.json").read_text())["tasks"]
+    for name in sets:  # every set of every task: held-out normals + anomalies, and a grid of them
+        assert 0.0 <= saved[f"selection/{name}/Kall/image_AUROC/top1_rate"] <= 1.0
+        assert (out / f"scatter_{name}_image_AUROC.png").is_file()
+    if cfg.selection.get("prompts"):
+        assert (out / "prompts.md").read_text().count("|") > 20
+        assert 0.0 <= saved["selection/prompts/image_AUROC/synthetic/auroc"] <= 1.0
+    assert len(list(out.glob("grid_*.png"))) == len(sets)
 
 
 def test_example_generator_on_real_digits(compose_config, tmp_path):
