@@ -40,15 +40,15 @@ class DiffStyleModel(LightningModule):
         self._inversions = {}
         return self.plan
 
-    def _image(self, part, position: int) -> torch.Tensor:
-        image = part[position]["image"].unsqueeze(0)
-        return (image if self.image_size is None else resize(image, self.image_size))[0]
+    def _sized(self, image: torch.Tensor) -> torch.Tensor:
+        """A [0, 1] image at the UNet's sample size."""
+        return image if self.image_size is None else resize(image.unsqueeze(0), self.image_size)[0]
 
     def _inverted(self, role: str, positions: list[int]) -> list[Inversion]:
         part = self.plan.style if role == "style" else self.plan.content
         todo = sorted({p for p in positions if (role, p) not in self._inversions})
         if todo:
-            images = torch.stack([self._image(part, p) for p in todo]).to(self.device)
+            images = torch.stack([self._sized(part[p]["image"]) for p in todo]).to(self.device)
             for p, inv in zip(todo, self.generator.invert(images, keep_h=role == "content")):
                 self._inversions[(role, p)] = inv
         return [self._inversions[(role, p)] for p in positions]
@@ -79,7 +79,7 @@ class DiffStyleModel(LightningModule):
                 out["params"].append({**self.generator.params, "seed": self.hparams.seed, "role": "anomaly"})
             else:
                 normal = self.plan.held_out[j]
-                out["image"].append(self._image(self.plan.held_out, j))
+                out["image"].append(self._sized(normal["image"]))
                 out["label"].append(0)
                 out["category"].append(normal["category"])
                 out["defect_type"].append(GOOD)

@@ -51,7 +51,9 @@ def test_every_experiment_runs_fast_dev_run(compose_config, tmp_path, experiment
 def test_every_selection_experiment_runs_tiny(compose_config, tmp_path, experiment):
     from evaluate import evaluate
 
-    cfg = compose_config("evaluate", [f"experiment={experiment}", "debug=tiny", "logger=csv"], run_dir=tmp_path / "e")
+    logger = "wandb" if experiment == "animals_selection" else "csv"  # W&B (offline): plots, grids and a table
+    cfg = compose_config("evaluate", [f"experiment={experiment}", "debug=tiny", f"logger={logger}"],
+                         run_dir=tmp_path / "e")
     _, run_dir = evaluate(cfg)
     saved = json.loads((run_dir / "metrics.json").read_text())
     sets = list(cfg.selection.validation_sets)

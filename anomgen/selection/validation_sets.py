@@ -148,10 +148,13 @@ class DatasetSets:
 
 
 def selection_task(name: str, support, test_set, builders: dict, sets_dir: str | Path, n_style: int = 10,
-                   n_content: int = 10, n_held_out: int | None = None, seed: int = 0, info: dict | None = None):
+                   n_content: int = 10, n_held_out: int | None = None, seed: int = 0,
+                   bank_without_sources: bool = False, info: dict | None = None):
     """One task of model / prompt selection: the support split by a :class:`DiffStylePlan`, every builder's
     validation set written under ``sets_dir/<builder name>``, and the banks: all of the support for real scoring,
-    the support minus the held-out normals for synthetic scoring."""
+    the support minus the held-out normals for synthetic scoring, and, with ``bank_without_sources``, minus the style
+    and content images too (then no synthetic anomaly is scored against the very images it was made from; it needs
+    a support larger than the split)."""
     from anomgen.data.synthetic import SyntheticSet
     from anomgen.data.tasks import TaskView
     from anomgen.generators.diffstyle import DiffStylePlan
@@ -159,10 +162,15 @@ def selection_task(name: str, support, test_set, builders: dict, sets_dir: str |
 
     plan = DiffStylePlan(support, n_style, n_content, n_held_out, seed=seed)
     held = {e.image_path for e in plan.held_out.entries}
+    if bank_without_sources:
+        held |= {e.image_path for e in plan.style.entries} | {e.image_path for e in plan.content.entries}
+        if len(held) >= len(support):
+            raise ValueError(f"selection task {name!r}: bank_without_sources leaves no image in the synthetic bank "
+                             f"(support {len(support)}, split {len(held)}); lower n_held_out or set it false")
     synthetic_bank = TaskView(support, [i for i, e in enumerate(support.entries) if e.image_path not in held],
                               name=f"{name}-bank-without-held-out")
     info = {"task": name, "n_style": n_style, "n_content": n_content, "n_held_out": len(plan.held_out),
-            "split_seed": seed, **(info or {})}
+            "split_seed": seed, "bank_without_sources": bank_without_sources, **(info or {})}
     size = _image_size(plan)
     sets = {set_name: SyntheticSet(builder(plan, Path(sets_dir) / set_name, info), image_size=size)
             for set_name, builder in builders.items()}

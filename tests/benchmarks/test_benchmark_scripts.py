@@ -45,3 +45,19 @@ def test_sde_costs_runs():
     assert [r["step"] for r in curve] == [2, 4]
     summary = rows[-1]
     assert summary["name"] == "sde_costs" and 0.0 < summary["fid_share_of_wall"] < 1.0
+
+
+def test_diffstyle_cost_runs_and_ours_is_the_minimum():
+    rows = _run("diffstyle_cost.py", "--styles", "2", "--contents", "3", "--steps", "4", "--size", "16",
+                "--channels", "8", "16", "--batch-size", "4")
+    summary = rows[-1]
+    assert summary["ours_equals_minimum"] and summary["max_abs_image_diff"] < 1e-3
+    # naive: 2 inversions per pair instead of one per image
+    assert summary["evaluations_naive_over_ours"] > 1.0
+
+
+def test_selection_cost_runs_and_the_cache_computes_each_image_once():
+    rows = _run("selection_cost.py", "--tasks", "2")
+    shared, naive, summary = rows
+    assert summary["max_abs_auroc_diff"] < 1e-9
+    assert naive["images_through_extractors"] > shared["images_through_extractors"]
