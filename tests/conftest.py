@@ -17,6 +17,38 @@ CONFIGS = ROOT / "configs"
 os.environ.setdefault("ANOMGEN_ROOT", str(ROOT))
 
 
+#: a tiny open_clip architecture (random weights in tests): ViT 32 px, 2 layers of width 32; text 1 layer
+TINY_OPEN_CLIP = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 8, "head_width": 16},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_name(tmp_path_factory) -> str:
+    """The name of :data:`TINY_OPEN_CLIP`, registered with open_clip for the session."""
+    import json
+
+    import open_clip
+
+    folder = tmp_path_factory.mktemp("open_clip_cfg")
+    (folder / "anomgen-tiny-clip.json").write_text(json.dumps(TINY_OPEN_CLIP))
+    open_clip.add_model_config(folder)
+    return "anomgen-tiny-clip"
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors run faster and steadier on one thread on a shared 2-core machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_cache(tmp_path_factory) -> Path:
     """One folder of tiny dataset layouts for the whole session (written on first use)."""

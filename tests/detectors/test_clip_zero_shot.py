@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
@@ -14,28 +13,15 @@ from anomgen.detectors.clip_zero_shot import CLIPZeroShot, open_clip_architectur
 from anomgen.errors import PretrainedNotFoundError
 from anomgen.selection.evaluation import score_dataset
 
-TINY = {
-    "embed_dim": 16,
-    "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 8, "head_width": 16},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
 NORMAL, ANOMALOUS = "a photo of a cardinal.", "a photo of a some bird."
 
 
-@pytest.fixture(scope="module")
-def tiny_name(tmp_path_factory):
-    import open_clip
-
-    folder = tmp_path_factory.mktemp("open_clip_cfg")
-    (folder / "anomgen-tiny-clip-zs.json").write_text(json.dumps(TINY))
-    open_clip.add_model_config(folder)
-    return "anomgen-tiny-clip-zs"
 
 
 @pytest.fixture(scope="module")
-def detector(tiny_name):
+def detector(tiny_clip_name):
     torch.manual_seed(0)
-    return CLIPZeroShot(tiny_name, pretrained=None)
+    return CLIPZeroShot(tiny_clip_name, pretrained=None)
 
 
 class Records(Dataset):
@@ -59,11 +45,11 @@ def open_clip_reference(model, tokenizer, images: torch.Tensor, texts: list[str]
     return (scale * image_features @ text_features.T).softmax(dim=-1)
 
 
-def test_anomaly_scores_match_open_clip_zero_shot(detector, tiny_name):
+def test_anomaly_scores_match_open_clip_zero_shot(detector, tiny_clip_name):
     import open_clip
 
     images = torch.rand(6, 3, 32, 32)
-    expected = open_clip_reference(detector.model, open_clip.get_tokenizer(tiny_name), images, [NORMAL, ANOMALOUS])
+    expected = open_clip_reference(detector.model, open_clip.get_tokenizer(tiny_clip_name), images, [NORMAL, ANOMALOUS])
     scores = detector.anomaly_scores(detector.encode_images(images), NORMAL, ANOMALOUS)
     assert detector.logit_scale == pytest.approx(math.exp(detector.model.logit_scale.item()))
     assert scores.shape == (6,) and scores.dtype == torch.float64
@@ -78,11 +64,11 @@ def test_anomaly_scores_match_open_clip_zero_shot(detector, tiny_name):
     assert torch.allclose(swapped, 1 - scores, atol=1e-12)
 
 
-def test_score_over_record_batches_via_score_dataset(detector, tiny_name):
+def test_score_over_record_batches_via_score_dataset(detector, tiny_clip_name):
     torch.manual_seed(1)
     images = torch.rand(7, 3, 32, 32)
     labels = [0, 1, 0, 0, 1, 1, 0]
-    det = CLIPZeroShot(tiny_name, pretrained=None)
+    det = CLIPZeroShot(tiny_clip_name, pretrained=None)
     det.model.load_state_dict(detector.model.state_dict())
     with pytest.raises(ValueError, match="no prompt pair"):
         det.score([{"image": images}])
@@ -93,13 +79,13 @@ def test_score_over_record_batches_via_score_dataset(detector, tiny_name):
     assert torch.allclose(scores, expected, atol=1e-6)
     assert got_labels.tolist() == labels and defects[1] == "other"
     with pytest.raises(ValueError, match="both normal_text and anomalous_text"):
-        CLIPZeroShot(tiny_name, pretrained=None, normal_text=NORMAL)
+        CLIPZeroShot(tiny_clip_name, pretrained=None, normal_text=NORMAL)
 
 
-def test_weights_file_gives_the_same_detector(detector, tiny_name, tmp_path):
+def test_weights_file_gives_the_same_detector(detector, tiny_clip_name, tmp_path):
     path = tmp_path / "tiny.pt"
     torch.save(detector.model.state_dict(), path)
-    loaded = CLIPZeroShot(tiny_name, pretrained=str(path), normal_text=NORMAL, anomalous_text=ANOMALOUS)
+    loaded = CLIPZeroShot(tiny_clip_name, pretrained=str(path), normal_text=NORMAL, anomalous_text=ANOMALOUS)
     images = torch.rand(3, 3, 32, 32)
     assert torch.allclose(loaded.score([{"image": images}]),
                           detector.anomaly_scores(detector.encode_images(images), NORMAL, ANOMALOUS), atol=1e-6)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,26 +9,10 @@ import torch.nn.functional as F
 from anomgen.detectors import OpenCLIPImageEncoder
 from anomgen.errors import PretrainedNotFoundError
 
-TINY = {
-    "embed_dim": 16,
-    "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 8, "head_width": 16},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
 
-
-@pytest.fixture(scope="module")
-def tiny_model_name(tmp_path_factory):
-    import open_clip
-
-    folder = tmp_path_factory.mktemp("open_clip_cfg")
-    (folder / "anomgen-tiny-vit.json").write_text(json.dumps(TINY))
-    open_clip.add_model_config(folder)
-    return "anomgen-tiny-vit"
-
-
-def test_features_match_open_clip_encode_image(tiny_model_name):
+def test_features_match_open_clip_encode_image(tiny_clip_name):
     torch.manual_seed(0)
-    encoder = OpenCLIPImageEncoder(tiny_model_name, pretrained=None)
+    encoder = OpenCLIPImageEncoder(tiny_clip_name, pretrained=None)
     images = torch.rand(3, 3, 32, 32)
     mean = torch.tensor(encoder.model.visual.image_mean).view(1, 3, 1, 1)
     std = torch.tensor(encoder.model.visual.image_std).view(1, 3, 1, 1)
@@ -43,19 +25,19 @@ def test_features_match_open_clip_encode_image(tiny_model_name):
     assert encoder(torch.rand(2, 3, 40, 48)).shape == (2, 16)  # other sizes are resized to the model's
 
 
-def test_weights_file_loads_strictly(tiny_model_name, tmp_path):
+def test_weights_file_loads_strictly(tiny_clip_name, tmp_path):
     torch.manual_seed(1)
-    source = OpenCLIPImageEncoder(tiny_model_name, pretrained=None)
+    source = OpenCLIPImageEncoder(tiny_clip_name, pretrained=None)
     path = tmp_path / "weights.pt"
     torch.save(source.model.state_dict(), path)
-    loaded = OpenCLIPImageEncoder(tiny_model_name, pretrained=str(path))
+    loaded = OpenCLIPImageEncoder(tiny_clip_name, pretrained=str(path))
     images = torch.rand(2, 3, 32, 32)
     assert torch.allclose(loaded(images), source(images), atol=1e-6)
     state = source.model.state_dict()
     state["unexpected.weight"] = torch.zeros(1)
     torch.save(state, tmp_path / "bad.pt")
     with pytest.raises(RuntimeError, match="unexpected"):
-        OpenCLIPImageEncoder(tiny_model_name, pretrained=str(tmp_path / "bad.pt"))
+        OpenCLIPImageEncoder(tiny_clip_name, pretrained=str(tmp_path / "bad.pt"))
 
 
 def test_missing_weights_offline_name_the_hub_id(monkeypatch, tmp_path):

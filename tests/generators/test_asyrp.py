@@ -3,8 +3,6 @@ DeltaH trains, α scales the edit and the edit acts only at t >= t_edit."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,28 +11,15 @@ from anomgen.diffusion import tiny_score_unet
 from anomgen.diffusion.ddim import DDIMSchedule, EpsModel, ddim_generate, ddim_invert
 from anomgen.generators.asyrp import Asyrp, DeltaH, OpenCLIPGuide
 
-TINY_CLIP = {
-    "embed_dim": 16,
-    "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 8, "head_width": 16},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
 STEPS, T_EDIT = 6, 400  # timesteps 830, 664, 498, 332, 166, 0: the first three are edited
 
 
-@pytest.fixture(scope="module")
-def clip_name(tmp_path_factory):
-    import open_clip
-
-    folder = tmp_path_factory.mktemp("open_clip_cfg")
-    (folder / "anomgen-tiny-asyrp-clip.json").write_text(json.dumps(TINY_CLIP))
-    open_clip.add_model_config(folder)
-    return "anomgen-tiny-asyrp-clip"
 
 
-def _asyrp(clip_name, seed=0, **kw):
+def _asyrp(tiny_clip_name, seed=0, **kw):
     torch.manual_seed(seed)
     unet = tiny_score_unet("vp", image_size=16)
-    guide = OpenCLIPGuide(clip_name, pretrained=None)
+    guide = OpenCLIPGuide(tiny_clip_name, pretrained=None)
     return Asyrp(unet, guide, DDIMSchedule(STEPS), t_edit=kw.pop("t_edit", T_EDIT), **kw)
 
 
@@ -51,8 +36,8 @@ def _set_edit(asyrp, seed=1, std=0.5):
         asyrp.delta_h.conv_out.weight.copy_(torch.randn(asyrp.delta_h.conv_out.weight.shape, generator=g) * std)
 
 
-def test_untrained_edit_is_no_edit(clip_name):
-    asyrp = _asyrp(clip_name)
+def test_untrained_edit_is_no_edit(tiny_clip_name):
+    asyrp = _asyrp(tiny_clip_name)
     h = torch.randn(2, 32, 8, 8)
     assert torch.equal(asyrp.delta_h(h, 700), torch.zeros_like(h))
     x_T = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(0))
@@ -63,10 +48,10 @@ def test_untrained_edit_is_no_edit(clip_name):
     assert torch.allclose(edited, ((plain + 1) / 2).clamp(0, 1), atol=1e-4)
 
 
-def test_inversion_trajectory_matches_written_out_ddim(clip_name):
+def test_inversion_trajectory_matches_written_out_ddim(tiny_clip_name):
     from diffusers import DDIMScheduler
 
-    asyrp = _asyrp(clip_name)
+    asyrp = _asyrp(tiny_clip_name)
     unet = asyrp.eps_model.unet
     images = _images()
     trajectory = asyrp.invert(images)
@@ -89,11 +74,11 @@ def test_inversion_trajectory_matches_written_out_ddim(clip_name):
     assert torch.allclose(trajectory[:, 0], ddim_invert(EpsModel(unet), images * 2 - 1, asyrp.schedule), atol=1e-6)
 
 
-def test_loss_matches_written_out_computation(clip_name):
+def test_loss_matches_written_out_computation(tiny_clip_name):
     import open_clip
     from diffusers import DDIMScheduler
 
-    asyrp = _asyrp(clip_name, target_text="a photo of a damaged {class}", lambda_clip=0.7, lambda_l1=2.0)
+    asyrp = _asyrp(tiny_clip_name, target_text="a photo of a damaged {class}", lambda_clip=0.7, lambda_l1=2.0)
     _set_edit(asyrp)
     images, categories = _images(), ["screw", "nut", "screw"]
     trajectories = asyrp.invert(images)
@@ -120,7 +105,7 @@ def test_loss_matches_written_out_computation(clip_name):
             f = model.encode_image((x - mean) / std)
             return f / f.norm(dim=-1, keepdim=True)
 
-        texts = model.encode_text(open_clip.get_tokenizer(clip_name)([f"a photo of a damaged {c}" for c in categories]))
+        texts = model.encode_text(open_clip.get_tokenizer(tiny_clip_name)([f"a photo of a damaged {c}" for c in categories]))
         texts = texts / texts.norm(dim=-1, keepdim=True)
         source = embed_images(images)
         edited = embed_images(((x0_edited + 1) / 2).clamp(0, 1))
@@ -133,11 +118,11 @@ def test_loss_matches_written_out_computation(clip_name):
     assert torch.allclose(loss, 0.7 * expected_clip + 2.0 * expected_l1, atol=1e-5)
 
 
-def test_guide_keeps_gradients_and_matches_the_detector_encoder(clip_name):
+def test_guide_keeps_gradients_and_matches_the_detector_encoder(tiny_clip_name):
     from anomgen.detectors import OpenCLIPImageEncoder
 
-    guide = OpenCLIPGuide(clip_name, pretrained=None)
-    detector = OpenCLIPImageEncoder(clip_name, pretrained=None)
+    guide = OpenCLIPGuide(tiny_clip_name, pretrained=None)
+    detector = OpenCLIPImageEncoder(tiny_clip_name, pretrained=None)
     detector.model.load_state_dict(guide.encoder.model.state_dict())
     images = _images(2).requires_grad_(True)
     features = guide.encode_images(images)
@@ -148,8 +133,8 @@ def test_guide_keeps_gradients_and_matches_the_detector_encoder(clip_name):
     assert texts.shape == (2, 16) and torch.allclose(texts.norm(dim=-1), torch.ones(2), atol=1e-5)
 
 
-def test_training_reduces_the_loss_and_only_deltah_changes(clip_name):
-    asyrp = _asyrp(clip_name, lambda_l1=0.5)
+def test_training_reduces_the_loss_and_only_deltah_changes(tiny_clip_name):
+    asyrp = _asyrp(tiny_clip_name, lambda_l1=0.5)
     asyrp.train()
     assert not asyrp.eps_model.training and not asyrp.clip.training  # frozen parts stay in eval mode
     frozen = {name: p.detach().clone() for name, p in asyrp.named_parameters() if not name.startswith("delta_h.")}
@@ -176,8 +161,8 @@ def test_training_reduces_the_loss_and_only_deltah_changes(clip_name):
             assert p.grad is None and torch.equal(p, frozen[name]), name
 
 
-def test_alpha_scales_the_edit_only_at_t_edit_and_above(clip_name):
-    asyrp = _asyrp(clip_name)
+def test_alpha_scales_the_edit_only_at_t_edit_and_above(tiny_clip_name):
+    asyrp = _asyrp(tiny_clip_name)
     _set_edit(asyrp)
     x_T = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(2))
     plain = ((ddim_generate(asyrp.eps_model, x_T, asyrp.schedule) + 1) / 2).clamp(0, 1)
@@ -196,8 +181,8 @@ def test_alpha_scales_the_edit_only_at_t_edit_and_above(clip_name):
     assert torch.allclose(asyrp.generate(x_T, [1.0, 1.0]), two, atol=1e-4)
 
 
-def test_boosting_noise_comes_from_each_samples_generator(clip_name):
-    asyrp = _asyrp(clip_name, t_boost=200)
+def test_boosting_noise_comes_from_each_samples_generator(tiny_clip_name):
+    asyrp = _asyrp(tiny_clip_name, t_boost=200)
     _set_edit(asyrp)
     x_T = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(3))
     with pytest.raises(ValueError, match="t_boost=200"):
@@ -210,10 +195,10 @@ def test_boosting_noise_comes_from_each_samples_generator(clip_name):
     assert (other - alone).abs().max() > 1e-3
 
 
-def test_bad_settings_are_errors(clip_name):
+def test_bad_settings_are_errors(tiny_clip_name):
     with pytest.raises(ValueError, match="t_edit=900"):
-        _asyrp(clip_name, t_edit=900)
-    asyrp = _asyrp(clip_name, target_text="a photo of a damaged {class}")
+        _asyrp(tiny_clip_name, t_edit=900)
+    asyrp = _asyrp(tiny_clip_name, target_text="a photo of a damaged {class}")
     with pytest.raises(ValueError, match="category"):
         asyrp.target_texts(None, 2)
     assert asyrp.target_texts(["bottle"], 1) == ["a photo of a damaged bottle"]

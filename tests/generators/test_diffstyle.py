@@ -11,13 +11,7 @@ from anomgen.diffusion.sde import tiny_score_unet
 from anomgen.generators.diffstyle import DiffStyle, DiffStylePlan
 from anomgen.seeding import sample_generator
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ image inverted once; only DeltaH in the optimizer and the checkpoint; the config
 from __future__ import annotations
 
 import functools
-import json
 
 import numpy as np
 import pytest
@@ -20,27 +19,14 @@ from callbacks import SyntheticSetExport
 from datamodules import AnomalyDataModule
 from models.asyrp import AsyrpModel
 
-TINY_CLIP = {
-    "embed_dim": 16,
-    "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 8, "head_width": 16},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
 ALPHA = (0.5, 1.5)
 
 
-@pytest.fixture(scope="module")
-def clip_name(tmp_path_factory):
-    import open_clip
-
-    folder = tmp_path_factory.mktemp("open_clip_cfg")
-    (folder / "anomgen-tiny-asyrp-model-clip.json").write_text(json.dumps(TINY_CLIP))
-    open_clip.add_model_config(folder)
-    return "anomgen-tiny-asyrp-model-clip"
 
 
-def _model(clip_name, seed=0, **kw):
+def _model(tiny_clip_name, seed=0, **kw):
     torch.manual_seed(seed)
-    return AsyrpModel(unet=tiny_score_unet("vp", image_size=16), clip=OpenCLIPGuide(clip_name, pretrained=None),
+    return AsyrpModel(unet=tiny_score_unet("vp", image_size=16), clip=OpenCLIPGuide(tiny_clip_name, pretrained=None),
                       optimizer=functools.partial(torch.optim.Adam, lr=1e-2), target_text="a photo of a damaged {class}",
                       num_inference_steps=5, t_edit=400, alpha_min=ALPHA[0], alpha_max=ALPHA[1], seed=seed, **kw)
 
@@ -58,8 +44,8 @@ def _pixels(set_dir, row):
     return np.asarray(Image.open(set_dir / row["image"]), dtype=np.int16)
 
 
-def test_fit_then_export_records_alpha_and_is_batch_size_independent(clip_name, tmp_path):
-    model = _model(clip_name)
+def test_fit_then_export_records_alpha_and_is_batch_size_independent(tiny_clip_name, tmp_path):
+    model = _model(tiny_clip_name)
     trainer = _trainer(fast_dev_run=2)
     trainer.fit(model, datamodule=_datamodule(batch_size=4))
     assert {"train/loss", "train/clip", "train/l1", "train/timestep"} <= set(trainer.callback_metrics)
@@ -97,8 +83,8 @@ def test_fit_then_export_records_alpha_and_is_batch_size_independent(clip_name, 
     assert all(ALPHA[0] <= a <= ALPHA[1] for a in other) and other != alphas
 
 
-def test_each_training_image_is_inverted_once(clip_name):
-    model = _model(clip_name)
+def test_each_training_image_is_inverted_once(tiny_clip_name):
+    model = _model(tiny_clip_name)
     inverted = []
     invert = model.asyrp.invert
     model.asyrp.invert = lambda images: inverted.append(len(images)) or invert(images)
@@ -107,8 +93,8 @@ def test_each_training_image_is_inverted_once(clip_name):
     assert all(t.shape == (len(model.asyrp.edit_timesteps), 3, 16, 16) for t in model.trajectories.values())
 
 
-def test_only_deltah_is_optimised_and_checkpointed(clip_name, tmp_path):
-    model = _model(clip_name)
+def test_only_deltah_is_optimised_and_checkpointed(tiny_clip_name, tmp_path):
+    model = _model(tiny_clip_name)
     optimizer = model.configure_optimizers()
     optimised = [p for group in optimizer.param_groups for p in group["params"]]
     assert [id(p) for p in optimised] == [id(p) for p in model.asyrp.delta_h.parameters()]
@@ -125,7 +111,7 @@ def test_only_deltah_is_optimised_and_checkpointed(clip_name, tmp_path):
                                              optimizer=model.optimizer_factory)
     assert loaded.hparams.t_edit == 400 and loaded.asyrp.schedule.timesteps == model.asyrp.schedule.timesteps
     assert all(torch.equal(loaded.asyrp.delta_h.state_dict()[k], v) for k, v in trained.items())
-    fresh = _model(clip_name, seed=1)
+    fresh = _model(tiny_clip_name, seed=1)
     assert not torch.equal(fresh.asyrp.delta_h.conv_in.weight, trained["conv_in.weight"])
     fresh.load_state_dict(state)
     assert all(torch.equal(fresh.asyrp.delta_h.state_dict()[k], v) for k, v in trained.items())
@@ -135,9 +121,9 @@ def test_only_deltah_is_optimised_and_checkpointed(clip_name, tmp_path):
         fresh.load_state_dict({k: v for k, v in state.items() if not k.endswith("conv_out.bias")})
 
 
-def test_alpha_range_is_checked(clip_name):
+def test_alpha_range_is_checked(tiny_clip_name):
     with pytest.raises(ValueError, match="alpha_min"):
-        AsyrpModel(unet=tiny_score_unet("vp", image_size=16), clip=OpenCLIPGuide(clip_name, pretrained=None),
+        AsyrpModel(unet=tiny_score_unet("vp", image_size=16), clip=OpenCLIPGuide(tiny_clip_name, pretrained=None),
                    optimizer=functools.partial(torch.optim.Adam), alpha_min=2.0, alpha_max=1.0)
 
 
