@@ -99,17 +99,28 @@ def evaluate(cfg: DictConfig) -> tuple[dict, Path]:
     (run_dir / "report.md").write_text(render_report(report))
     loggers = instantiate_group(cfg.get("logger"))
     # what evaluation uses (train-only groups that shared experiment files bring along are left out)
-    cfg_used = OmegaConf.masked_copy(cfg, ["task_name", "tags", "seed", "datamodule", "detector", "quality",
-                                           "synthetic_set", "paths"])
     numbers = {k: v for k, v in json.loads(flat.read_text()).items() if isinstance(v, (int, float))}
     for logger in loggers:
-        logger.log_hyperparams(OmegaConf.to_container(cfg_used, resolve=True))
+        logger.log_hyperparams(used_config(cfg, ("task_name", "tags", "seed", "datamodule", "detector", "quality",
+                                                 "synthetic_set", "paths")))
         logger.log_metrics(numbers)
         if hasattr(logger, "log_table"):
             rows = [[k, v] for k, v in sorted(per_class.items())]
             logger.log_table(key="test/auroc_per_out_class", columns=["out_class", "AUROC"], data=rows)
     finish_loggers(loggers)
     return metrics, run_dir
+
+
+def used_config(cfg: DictConfig, keys) -> dict:
+    """The top-level ``keys`` of ``cfg``, each resolved against the whole config (train-only groups that shared
+    experiment files bring along are left out and never resolved)."""
+    from omegaconf import Container
+
+    out = {}
+    for key in keys:
+        node = cfg.get(key)
+        out[key] = OmegaConf.to_container(node, resolve=True) if isinstance(node, Container) else node
+    return out
 
 
 def evaluate_selection(cfg: DictConfig, run_dir: Path) -> tuple[dict, Path]:
@@ -148,8 +159,7 @@ def evaluate_selection(cfg: DictConfig, run_dir: Path) -> tuple[dict, Path]:
     numbers = {k: v for k, v in json.loads(flat.read_text()).items() if isinstance(v, (int, float))}
     loggers = instantiate_group(cfg.get("logger"))
     for logger in loggers:
-        used = OmegaConf.to_container(cfg, resolve=True)
-        logger.log_hyperparams({k: used.get(k) for k in ("task_name", "tags", "seed", "datamodule", "selection")})
+        logger.log_hyperparams(used_config(cfg, ("task_name", "tags", "seed", "datamodule", "selection")))
         logger.log_metrics(numbers)
         log_selection_media(logger, files)
     finish_loggers(loggers)

@@ -276,7 +276,7 @@ def _dump(obj, path: Path) -> None:
 def write_cifar(
     root: str | Path,
     variant: str = "cifar10",
-    n_per_class_train: int = 2,
+    n_per_class_train: int = 4,
     n_per_class_test: int = 1,
     seed: int = 0,
 ) -> str:
