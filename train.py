@@ -49,8 +49,11 @@ def train(cfg: DictConfig) -> tuple[dict, Path, bool]:
         logger.log_hyperparams(config)
 
     metrics: dict = {}
-    if cfg.fit and getattr(model, "trainable", True):
-        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    fitted = bool(cfg.fit and getattr(model, "trainable", True))
+    if fitted:
+        # a Lightning checkpoint holds the hyperparameters (optimizer partials, configs), not only tensors, so it is
+        # unpickled in full: give ckpt_path only checkpoints you made yourself
+        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=False)
         metrics.update({k: v for k, v in trainer.callback_metrics.items()})
     synthetic_set = None
     if cfg.generate and getattr(model, "generates", False):
@@ -59,7 +62,9 @@ def train(cfg: DictConfig) -> tuple[dict, Path, bool]:
             raise ValueError(f"{type(model).__name__} generates, but no SyntheticSetExport callback is configured "
                              "(callbacks.synthetic_set_export); add it or set generate=false")
         export.set_info.update(config=config, task=datamodule.describe(), code_version=version)
-        trainer.predict(model, datamodule=datamodule, return_predictions=False)
+        # without fitting, ckpt_path says which weights generate (e.g. export again from a finished run)
+        trainer.predict(model, datamodule=datamodule, return_predictions=False,
+                        ckpt_path=None if fitted else cfg.get("ckpt_path"), weights_only=False)
         synthetic_set = str(export.dirpath)
         if trainer.is_global_zero:
             from anomgen.data.synthetic import SyntheticSet

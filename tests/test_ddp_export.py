@@ -13,12 +13,13 @@ from anomgen.data.synthetic import read_manifest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _export(tmp_path: Path, name: str, *overrides: str) -> Path:
+def _export(tmp_path: Path, name: str, *overrides: str, experiment: str = "digits_noise_patch") -> Path:
     set_dir = tmp_path / name
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
     out = subprocess.run(
         [sys.executable, str(ROOT / "train.py"), f"paths.log_dir={tmp_path / 'logs'}", "logger=none",
-         "experiment=digits_noise_patch", "datamodule.num_generated=45", "datamodule.eval_batch_size=8", f"synthetic_set_dir={set_dir}", *overrides],
+         f"experiment={experiment}", "datamodule.num_generated=45", "datamodule.eval_batch_size=8",
+         f"synthetic_set_dir={set_dir}", *overrides],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
     )
     assert out.returncode == 0, out.stderr[-4000:]
@@ -46,9 +47,6 @@ def test_two_process_ddp_export_equals_one_process(tmp_path):
 def test_diffstyle_set_is_the_same_on_two_processes(tmp_path):
     """DiffStyle under DDP: each rank inverts what its batches need; every sample is seeded by its index, so the set
     equals the 1-process set (pixels up to one 8-bit level: batched float sums differ in the last bits)."""
-    import numpy as np
-    from PIL import Image
-
     common = ("model=diffstyle", "debug=tiny", "trainer.limit_predict_batches=1.0", "model.n_style=3",
               "model.n_content=3", "model.n_held_out=5")
     single = _export(tmp_path, "single", *common, "trainer.devices=1")
@@ -56,7 +54,33 @@ def test_diffstyle_set_is_the_same_on_two_processes(tmp_path):
     rows_single, rows_ddp = read_manifest(single), read_manifest(ddp)
     assert [r["label"] for r in rows_single] == [1] * 9 + [0] * 5
     assert rows_ddp == rows_single
-    for row in rows_single:
-        a = np.asarray(Image.open(single / row["image"]), dtype=np.int16)
-        b = np.asarray(Image.open(ddp / row["image"]), dtype=np.int16)
-        assert np.abs(a - b).max() <= 1, row["id"]
+    _same_images(single, ddp, rows_single)
+
+
+def _same_images(a: Path, b: Path, rows: list[dict]) -> None:
+    import numpy as np
+    from PIL import Image
+
+    for row in rows:
+        x = np.asarray(Image.open(a / row["image"]), dtype=np.int16)
+        y = np.asarray(Image.open(b / row["image"]), dtype=np.int16)
+        assert np.abs(x - y).max() <= 1, row["id"]
+
+
+def test_sde_export_from_one_checkpoint_is_the_same_on_two_processes(tmp_path):
+    """FITYMI's generator under DDP: trained once, then exported again from its checkpoint (fit=false ckpt_path=...)
+    on 1 and on 2 processes; every sample is seeded by its global index, so the sets agree (and with the export
+    made right after fitting)."""
+    common = ("debug=limit", "datamodule.num_generated=12", "model.num_steps=10", "callbacks=default")
+    trained = _export(tmp_path, "trained", *common, "trainer.devices=1", experiment="digits_sde")
+    (ckpt,) = (tmp_path / "logs" / "train" / "runs").glob("*/checkpoints/last.ckpt")
+    again = (*common, "fit=false", f"ckpt_path={ckpt}")
+    single = _export(tmp_path, "single", *again, "trainer.devices=1", experiment="digits_sde")
+    ddp = _export(tmp_path, "ddp", *again, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+                  experiment="digits_sde")
+    rows = read_manifest(single)
+    assert [r["id"] for r in rows] == [f"{i:06d}" for i in range(12)]
+    assert read_manifest(ddp) == rows
+    assert [r["sources"] for r in read_manifest(trained)] == [r["sources"] for r in rows]
+    _same_images(single, ddp, rows)
+    _same_images(single, trained, rows)

@@ -153,3 +153,19 @@ def test_cli_unknown_key_fails_with_its_name(tmp_path):
     out = _run("train.py", f"paths.log_dir={tmp_path}", "model.no_such_key=3", cwd=tmp_path)
     assert out.returncode != 0
     assert "no_such_key" in out.stderr
+
+
+def test_resume_from_a_checkpoint_continues_training(compose_config, tmp_path):
+    """``ckpt_path=<run>/checkpoints/last.ckpt`` resumes fitting where it stopped (epochs and global step)."""
+    import torch
+
+    from train import train
+
+    common = ["experiment=digits_sde", "debug=limit", "logger=none", "callbacks=default", "generate=false"]
+    train(compose_config("train", common, run_dir=tmp_path / "a"))
+    first = torch.load(tmp_path / "a" / "checkpoints" / "last.ckpt", weights_only=False)
+    train(compose_config("train", [*common, f"ckpt_path={tmp_path / 'a' / 'checkpoints' / 'last.ckpt'}",
+                                   "trainer.max_epochs=3"], run_dir=tmp_path / "b"))
+    second = torch.load(tmp_path / "b" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert first["epoch"] == 1 and second["epoch"] == 2
+    assert second["global_step"] == first["global_step"] * 3 // 2  # one more epoch of the same length
