@@ -9,7 +9,6 @@ as in open_clip zero-shot classification.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -38,28 +37,6 @@ def anomaly_probabilities(image_features: Tensor, normal_text: Tensor, anomalous
     return logits.softmax(dim=-1)[..., 1]
 
 
-def open_clip_architecture(model_name: str, pretrained: str | None) -> str:
-    """The open_clip model name that fits the weights of tag ``pretrained``.
-
-    OpenAI's CLIP weights were trained with QuickGELU; open_clip's plain ``ViT-B-16`` config uses GELU and only warns
-    about the mismatch, so for such a tag the ``-quickgelu`` twin of the config is used. A weights file or ``None``
-    keeps ``model_name`` as given (name the ``-quickgelu`` config yourself for a file of OpenAI weights).
-    """
-    import open_clip
-
-    if pretrained is None or Path(str(pretrained)).expanduser().is_file():
-        return model_name
-    tag_cfg = open_clip.get_pretrained_cfg(model_name, str(pretrained))
-    model_cfg = open_clip.get_model_config(model_name) or {}
-    if not tag_cfg or not tag_cfg.get("quick_gelu") or model_cfg.get("quick_gelu"):
-        return model_name
-    twin = f"{model_name}-quickgelu"
-    if open_clip.get_model_config(twin) is None:
-        raise ValueError(f"open_clip weights {model_name}/{pretrained} need QuickGELU, and open_clip has no "
-                         f"{twin!r} config; pass a model name whose config sets quick_gelu")
-    return twin
-
-
 class CLIPZeroShot:
     """Zero-shot anomaly detector: an open_clip model and a fixed pair of prompts; higher scores are more anomalous.
 
@@ -75,8 +52,8 @@ class CLIPZeroShot:
 
         from anomgen.detectors.features import OpenCLIPImageEncoder
 
-        self.model_name = open_clip_architecture(model_name, pretrained)
-        self.image_encoder = OpenCLIPImageEncoder(self.model_name, pretrained).to(device).eval()
+        self.image_encoder = OpenCLIPImageEncoder(model_name, pretrained).to(device).eval()
+        self.model_name = self.image_encoder.model_name
         self.model = self.image_encoder.model
         self.tokenizer = open_clip.get_tokenizer(self.model_name)
         self.device = torch.device(device)

@@ -44,6 +44,28 @@ def extract_features(extractor: nn.Module, batches, desc: str = "features") -> t
 OPEN_CLIP_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 
 
+def open_clip_architecture(model_name: str, pretrained: str | None) -> str:
+    """The open_clip model name that fits the weights of tag ``pretrained``.
+
+    OpenAI's CLIP weights were trained with QuickGELU; open_clip's plain ``ViT-B-16`` config uses GELU and only warns
+    about the mismatch, so for such a tag the ``-quickgelu`` twin of the config is used. A weights file or ``None``
+    keeps ``model_name`` as given (name the ``-quickgelu`` config yourself for a file of OpenAI weights).
+    """
+    import open_clip
+
+    if pretrained is None or Path(str(pretrained)).expanduser().is_file():
+        return model_name
+    tag_cfg = open_clip.get_pretrained_cfg(model_name, str(pretrained))
+    model_cfg = open_clip.get_model_config(model_name) or {}
+    if not tag_cfg or not tag_cfg.get("quick_gelu") or model_cfg.get("quick_gelu"):
+        return model_name
+    twin = f"{model_name}-quickgelu"
+    if open_clip.get_model_config(twin) is None:
+        raise ValueError(f"open_clip weights {model_name}/{pretrained} need QuickGELU, and open_clip has no "
+                         f"{twin!r} config; pass a model name whose config sets quick_gelu")
+    return twin
+
+
 class OpenCLIPImageEncoder(nn.Module):
     """L2-normalised image embeddings of an open_clip model (CLIP, SigLIP: EAP's ViT-B-16-SigLIP by default).
 
@@ -58,7 +80,9 @@ class OpenCLIPImageEncoder(nn.Module):
         import open_clip
 
         weights = None if pretrained is None else self._weights_file(model_name, str(pretrained))
-        self.model = open_clip.create_model(model_name, pretrained=weights).eval()
+        #: the architecture built: ``model_name``, or its ``-quickgelu`` twin for weights trained with QuickGELU
+        self.model_name = open_clip_architecture(model_name, None if pretrained is None else str(pretrained))
+        self.model = open_clip.create_model(self.model_name, pretrained=weights).eval()
         visual = self.model.visual
         size = getattr(visual, "image_size", 224)
         self.image_size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
@@ -89,11 +113,15 @@ class OpenCLIPImageEncoder(nn.Module):
                 return str(folder / name)
         raise PretrainedNotFoundError(f"{hub}: none of {OPEN_CLIP_WEIGHT_FILES} in {folder}")
 
-    @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """The embeddings with gradients flowing back to the images (a CLIP loss on generated images)."""
         from anomgen.pixels import normalize
 
         if tuple(images.shape[-2:]) != self.image_size:
             images = F.interpolate(images, size=self.image_size, mode="bicubic", align_corners=False).clamp(0, 1)
         features = self.model.encode_image(normalize(images, self.mean, self.std))
         return F.normalize(features.float(), dim=-1)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.embed(images)

@@ -33,7 +33,7 @@ from torch import nn
 
 from anomgen.diffusion.ddim import DDIMSchedule, EpsModel, ddim_invert, predict_x0
 from anomgen.diffusion.hspace import HSpace, edited_generation, eps_and_edited_eps
-from anomgen.pixels import from_diffusion_range, normalize, to_diffusion_range
+from anomgen.pixels import from_diffusion_range, to_diffusion_range
 
 CLASS_PLACEHOLDER = "{class}"
 
@@ -59,20 +59,14 @@ class OpenCLIPGuide(nn.Module):
         super().__init__()
         import open_clip
 
-        from anomgen.detectors.clip_zero_shot import open_clip_architecture
         from anomgen.detectors.features import OpenCLIPImageEncoder
 
-        name = open_clip_architecture(model_name, pretrained)
-        self.encoder = OpenCLIPImageEncoder(name, pretrained)
-        self.tokenizer = open_clip.get_tokenizer(name)
+        self.encoder = OpenCLIPImageEncoder(model_name, pretrained)
+        self.tokenizer = open_clip.get_tokenizer(self.encoder.model_name)
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """L2-normalised embeddings (B × D, float32) of [0, 1] RGB images, differentiable in the images."""
-        encoder = self.encoder
-        if tuple(images.shape[-2:]) != encoder.image_size:
-            images = F.interpolate(images, size=encoder.image_size, mode="bicubic", align_corners=False).clamp(0, 1)
-        features = encoder.model.encode_image(normalize(images, encoder.mean, encoder.std))
-        return F.normalize(features.float(), dim=-1)
+        return self.encoder.embed(images)
 
     @torch.no_grad()
     def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:

@@ -9,7 +9,8 @@ import torch
 from torch.utils.data import Dataset
 
 from anomgen.data.record import make_record
-from anomgen.detectors.clip_zero_shot import CLIPZeroShot, open_clip_architecture
+from anomgen.detectors.clip_zero_shot import CLIPZeroShot
+from anomgen.detectors.features import open_clip_architecture
 from anomgen.errors import PretrainedNotFoundError
 from anomgen.selection.evaluation import score_dataset
 
