@@ -15,11 +15,6 @@ from anomgen.metrics import MissingClassError, auroc
 from anomgen.selection.prompts import PromptPool, prompt_aurocs, rank_aurocs, render_prompt_table, select_prompts
 
 POOLS = Path(__file__).resolve().parents[2] / "configs" / "prompts"
-TINY = {
-    "embed_dim": 16,
-    "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 8, "head_width": 16},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
 
 # ----------------------------------------------------------------------------------------------------- pools
 
@@ -103,16 +98,11 @@ def test_rank_aurocs_match_auroc_with_ties():
 
 
 @pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory):
-    import open_clip
-
+def tiny_clip(tiny_clip_name):
     from anomgen.detectors.clip_zero_shot import CLIPZeroShot
 
-    folder = tmp_path_factory.mktemp("open_clip_cfg")
-    (folder / "anomgen-tiny-clip-prompts.json").write_text(json.dumps(TINY))
-    open_clip.add_model_config(folder)
     torch.manual_seed(0)
-    return CLIPZeroShot("anomgen-tiny-clip-prompts", pretrained=None)
+    return CLIPZeroShot(tiny_clip_name, pretrained=None)
 
 
 def test_prompt_aurocs_equal_a_loop_of_auroc_per_prompt(tiny_clip):
@@ -219,3 +209,63 @@ def test_render_prompt_table():
     assert rows["synthetic validation"][:2] == [f"{100 * synthetic['match_rate']:.1f}", f"{synthetic['auroc']:.3f}"]
     assert rows["synthetic validation"][0] == "75.0"
     assert rows["other dataset as anomalies"][2:] == ["–", "–"]
+
+
+# ------------------------------------------------------------------------------------------- over tasks
+
+
+def test_prompt_class_names():
+    from anomgen.selection.prompts import prompt_class_name
+
+    assert prompt_class_name("001.Black_footed_Albatross") == "black footed albatross"
+    assert prompt_class_name("metal_nut") == "metal nut"
+    assert prompt_class_name("pink primrose") == "pink primrose"
+
+
+def test_prompt_selection_over_tasks_equals_per_prompt_detectors(tiny_clip, tmp_path):
+    """run_prompt_selection's real and synthetic AUROCs equal scoring each prompt pair as its own detector."""
+    from types import SimpleNamespace
+
+    from anomgen.selection.evaluation import image_metrics, score_dataset
+    from anomgen.selection.features import FeatureCache
+    from anomgen.selection.prompts import run_prompt_selection
+
+    pool = PromptPool.from_mapping({"name": "t", "anomaly_word": "something", "default": 0,
+                                    "templates": ["a photo of a {}.", "a {} object.", "{}"]})
+    g = torch.Generator().manual_seed(5)
+    images = torch.rand(12, 3, 32, 32, generator=g)
+    images[6:] *= 0.5
+    test = Records(images, [0] * 6 + [1] * 6, ["good"] * 6 + ["x"] * 3 + ["y"] * 3, "test")
+    synthetic = Records(images.flip(0), [0] * 6 + [1] * 6, ["good"] * 6 + ["s"] * 6, "syn")
+    task = SimpleNamespace(name="widget", test_set=test, validation_sets={"diffstyle": synthetic})
+    out = run_prompt_selection(tiny_clip, pool, [task], FeatureCache(), "diffstyle")
+    for p, (normal, anomalous) in enumerate(pool.pairs("widget")):
+        tiny_clip.set_prompts(normal, anomalous)
+        real, _ = image_metrics(*score_dataset(tiny_clip, test))
+        syn, _ = image_metrics(*score_dataset(tiny_clip, synthetic))
+        got = out["per_task"]["widget"]
+        assert got["real"]["image_AUROC"][p] == pytest.approx(real["image_AUROC"], abs=1e-9)
+        assert got["real"]["image_AUROC_one_vs_one_closest"][p] == pytest.approx(
+            real["image_AUROC_one_vs_one_closest"], abs=1e-9)
+        assert got["synthetic"][p] == pytest.approx(syn["image_AUROC"], abs=1e-9)
+    assert set(out["results"]) == {"image_AUROC", "image_AUROC_one_vs_one_mean", "image_AUROC_one_vs_one_closest"}
+    assert "synthetic validation" in out["table"]
+
+
+class Records(torch.utils.data.Dataset):
+    """Labelled records with ``entries`` (what the feature cache and the prompt tables read)."""
+
+    def __init__(self, images: torch.Tensor, labels: list[int], defects: list[str], prefix: str) -> None:
+        from anomgen.data.record import Entry
+
+        self.images = images
+        self.entries = [Entry(f"{prefix}/{i}", y, "widget", d) for i, (y, d) in enumerate(zip(labels, defects))]
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, i: int) -> dict:
+        from anomgen.data.record import make_record
+
+        e = self.entries[i]
+        return make_record(self.images[i], e.label, None, e.image_path, None, e.category, "real", e.defect_type)
