@@ -38,12 +38,14 @@ def main(argv=None) -> dict:
     parser.add_argument("--classes", nargs="+", default=list(ANIMALS))
     parser.add_argument("--out", default=None, help="also write the per-class rows and the summary here (JSON)")
     parser.add_argument("--extra", nargs="*", default=[], help="more overrides for every run (e.g. debug=tiny)")
+    parser.add_argument("--sde-extra", nargs="*", default=[],
+                        help="more overrides for the SDE runs only (e.g. callbacks.fid_early_stopping.num_samples=128)")
     args = parser.parse_args(argv)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for normal in args.classes:
             common = (f"datamodule.normal_class={normal}", *args.extra)
-            sde = run_train(Path(tmp) / "logs", *common)
+            sde = run_train(Path(tmp) / "logs", *common, *args.sde_extra)
             noise = run_train(Path(tmp) / "logs", *common, "model=noise_patch", "~model.unet", "callbacks=default")
             row = {"name": "fitymi_animals_class", "normal_class": normal, "fid_at_stop": sde.get("train/fid"),
                    "num_exported": sde.get("predict/num_exported")}
