@@ -207,14 +207,14 @@ def model_selection(sel: DictConfig, tasks: list, cache, out_dir: Path, files: d
 
 def prompt_selection(cfg: DictConfig, tasks: list, cache, out_dir: Path, files: dict, seed: int) -> dict:
     """CLIP prompt selection by synthetic AUROC: ``selection/prompts/<benchmark>/<strategy>/{match_rate,auroc}``."""
+    from anomgen.files import write_atomic
     from anomgen.selection.prompts import PromptPool, run_prompt_selection
 
     clip = hydra.utils.instantiate(cfg.model)
     pool = PromptPool.load(cfg.pool)
     out = run_prompt_selection(clip, pool, tasks, cache, cfg.synthetic_set, cfg.get("other_set"), seed)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    files["prompts.md"] = out_dir / "prompts.md"
-    files["prompts.md"].write_text(f"# Prompt selection ({pool.name}, {len(tasks)} tasks)\n\n{out['table']}\n")
+    files["prompts.md"] = write_atomic(out_dir / "prompts.md",
+                                       f"# Prompt selection ({pool.name}, {len(tasks)} tasks)\n\n{out['table']}\n")
     files["prompts.json"] = write_json(out_dir / "prompts.json", out)
     return {f"selection/prompts/{bench}/{strategy}/{key}": float(res[key])
             for bench, by_strategy in out["results"].items() for strategy, res in by_strategy.items()

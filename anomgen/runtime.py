@@ -95,12 +95,9 @@ def to_jsonable(value):
 
 def write_json(path: str | Path, obj) -> Path:
     """Write JSON atomically (temporary file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-    return path
+    from anomgen.files import write_atomic
+
+    return write_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def write_metrics(run_dir: str | Path, metrics: Mapping) -> Path:
@@ -111,11 +108,9 @@ def write_metrics(run_dir: str | Path, metrics: Mapping) -> Path:
 def record_run(log_dir: str | Path, run_dir: str | Path, info: Mapping) -> None:
     """Write ``<run_dir>/run.json`` and point ``<log_dir>/latest_train_run.txt`` at the run."""
     write_json(Path(run_dir) / "run.json", dict(info))
-    pointer = Path(log_dir) / LATEST_TRAIN_RUN
-    pointer.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pointer.with_name(f".{pointer.name}.tmp-{os.getpid()}")
-    tmp.write_text(str(Path(run_dir).resolve()) + "\n")
-    os.replace(tmp, pointer)
+    from anomgen.files import write_atomic
+
+    write_atomic(Path(log_dir) / LATEST_TRAIN_RUN, str(Path(run_dir).resolve()) + "\n")
 
 
 def code_version() -> str:

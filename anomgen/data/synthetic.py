@@ -45,6 +45,7 @@ from PIL import Image
 from anomgen.data.base import ImageSize, RecordDataset
 from anomgen.data.record import ANOMALOUS, GOOD, NORMAL, Entry
 from anomgen.errors import SyntheticSetError
+from anomgen.files import write_atomic
 from anomgen.pixels import to_uint8
 
 FORMAT_VERSION = 1
@@ -155,17 +156,7 @@ def _dump_line(obj: dict) -> str:
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:10]}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_atomic(path, text)
 
 
 def _manifest_text(rows: Iterable[dict]) -> str:

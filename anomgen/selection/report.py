@@ -10,9 +10,9 @@ import json
 import math
 import os
 import re
-import uuid
 from pathlib import Path
 
+from anomgen.files import write_atomic
 from anomgen.selection.model_selection import ALL, SelectionResult
 
 BENCHMARK_NAMES = {
@@ -97,21 +97,6 @@ def render_selection_markdown(result: SelectionResult, benchmark: str = "image_A
     return "\n".join(lines) + "\n"
 
 
-def _write_atomic(path: Path, data: bytes) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:10]}"
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
-
-
 def plot_real_vs_synthetic(result: SelectionResult, path: str | os.PathLike, benchmark: str = "image_AUROC",
                            validation_set: str | None = None, k: str | None = None) -> Path:
     """Scatter of the per-candidate mean synthetic AUROC (x; ``validation_set`` default the first, ``k`` default
@@ -149,7 +134,7 @@ def plot_real_vs_synthetic(result: SelectionResult, path: str | os.PathLike, ben
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
-    return _write_atomic(Path(path), buffer.getvalue())
+    return write_atomic(Path(path), buffer.getvalue())
 
 
 def _file_part(name: str) -> str:
@@ -161,8 +146,8 @@ def write_selection_report(result: SelectionResult, out_dir: str | os.PathLike) 
     ``out_dir``; returns ``{file name: path}``."""
     out = Path(out_dir)
     written = {
-        "selection.md": _write_atomic(out / "selection.md", render_selection_markdown(result).encode()),
-        "selection.json": _write_atomic(
+        "selection.md": write_atomic(out / "selection.md", render_selection_markdown(result).encode()),
+        "selection.json": write_atomic(
             out / "selection.json", json.dumps(result.to_dict(), indent=2, allow_nan=False).encode() + b"\n"),
     }
     for vs in result.validation_sets:
