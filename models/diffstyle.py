@@ -70,12 +70,12 @@ class DiffStyleModel(LightningModule):
                "category": [], "defect_type": [], "sources": [], "params": []}
         for i, s, c, j in zip(indices, batch["style"].tolist(), batch["content"].tolist(), batch["held_out"].tolist()):
             if s >= 0:
-                style, content = self.plan.style[s], self.plan.content[c]
+                fields = self.plan.anomaly_fields(i)
                 out["image"].append(generated[i])
                 out["label"].append(1)
-                out["category"].append(style["category"])
+                out["category"].append(fields["category"])
                 out["defect_type"].append(self.generator_name)
-                out["sources"].append([style["image_path"], content["image_path"]])
+                out["sources"].append(fields["sources"])
                 out["params"].append({**self.generator.params, "seed": self.hparams.seed, "role": "anomaly"})
             else:
                 normal = self.plan.held_out[j]

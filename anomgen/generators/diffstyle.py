@@ -168,6 +168,14 @@ class DiffStylePlan(Dataset):
         #: support images in no part of the set (with ``n_held_out`` below the rest): a detector's bank may use them
         self.unused = TaskView(rest, range(n_held_out, len(rest)), name="unused")
         self.n_pairs = n_style * n_content
+        self._style_entries, self._content_entries = self.style.entries, self.content.entries
+
+    def anomaly_fields(self, index: int) -> dict:
+        """``category`` (the style image's) and ``sources`` (style, content image paths) of anomaly ``index``, read
+        from the entries without loading pixels."""
+        style = self._style_entries[index // len(self._content_entries)]
+        content = self._content_entries[index % len(self._content_entries)]
+        return {"category": style.category, "sources": [style.image_path, content.image_path]}
 
     def __len__(self) -> int:
         return self.n_pairs + len(self.held_out)

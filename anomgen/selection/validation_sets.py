@@ -76,14 +76,12 @@ class DiffStyleSets:
             return resize(torch.stack([part[i]["image"] for i in range(len(part))]), work_size)
 
         def samples() -> Iterator[dict]:
-            n_content = len(plan.content)
             for indices, images in self.generator.cross_product(stack(plan.style), stack(plan.content), self.seed,
                                                                 self.batch_size):
                 for i, image in zip(indices, resize(images, size)):
-                    style, content = plan.style[i // n_content], plan.content[i % n_content]
-                    yield {"image": image, "label": 1, "generator": self.name, "category": style["category"],
-                           "defect_type": self.name, "sources": [style["image_path"], content["image_path"]],
-                           "params": {**self.generator.params, "seed": self.seed}}
+                    yield {"image": image, "label": 1, "generator": self.name, "defect_type": self.name,
+                           **plan.anomaly_fields(i),
+                           "params": {**self.generator.params, "seed": self.seed, "role": "anomaly"}}
             yield from _held_out_samples(plan, size)
 
         return _write(Path(out_dir), samples, {**info, "generator": self.name, **self.generator.params,

@@ -95,6 +95,8 @@ def test_plan_partitions_the_support_and_errors_when_too_small():
     assert plan[0] == {"index": 0, "style": 0, "content": 0, "held_out": -1}
     assert plan[5] == {"index": 5, "style": 2, "content": 1, "held_out": -1}
     assert plan[6] == {"index": 6, "style": -1, "content": -1, "held_out": 0}
+    assert plan.anomaly_fields(5) == {"category": "3", "sources": [plan.style[2]["image_path"],
+                                                                   plan.content[1]["image_path"]]}
     paths = [{r["image_path"] for r in part} for part in (plan.style, plan.content, plan.held_out, plan.unused)]
     assert sum(map(len, paths)) == len(support) and not set.intersection(*paths[:3])
     with pytest.raises(ValueError, match="needs 6"):
