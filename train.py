@@ -49,14 +49,16 @@ def train(cfg: DictConfig) -> tuple[dict, Path, bool]:
         logger.log_hyperparams(config)
 
     metrics: dict = {}
-    fitted = bool(cfg.fit and getattr(model, "trainable", True))
+    given_set = cfg.get("outlier_exposure_set")
+    # outlier exposure on a set made before: the generative model is neither fitted nor run
+    synthetic_set = _existing_set(given_set, cfg) if given_set else None
+    fitted = bool(cfg.fit and getattr(model, "trainable", True)) and not given_set
     if fitted:
         # a Lightning checkpoint holds the hyperparameters (optimizer partials, configs), not only tensors, so it is
         # unpickled in full: give ckpt_path only checkpoints you made yourself
         trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=False)
         metrics.update({k: v for k, v in trainer.callback_metrics.items()})
-    synthetic_set = None
-    if cfg.generate and getattr(model, "generates", False):
+    if cfg.generate and getattr(model, "generates", False) and not given_set:
         export = next((c for c in callbacks if isinstance(c, SyntheticSetExport)), None)
         if export is None:
             raise ValueError(f"{type(model).__name__} generates, but no SyntheticSetExport callback is configured "
@@ -82,6 +84,17 @@ def train(cfg: DictConfig) -> tuple[dict, Path, bool]:
                                                 "code_version": version})
     finish_loggers(loggers)
     return metrics, run_dir, trainer.is_global_zero
+
+
+def _existing_set(path: str, cfg: DictConfig) -> str:
+    """``outlier_exposure_set=<dir>``: check that it is a finished synthetic set and that there is a stage to run."""
+    from anomgen.data.synthetic import SyntheticSet
+
+    if not cfg.get("outlier_exposure"):
+        raise ValueError(f"outlier_exposure_set={path} needs an outlier_exposure stage in the config (e.g. "
+                         "experiment=animals_nearnd); this config has outlier_exposure: null")
+    SyntheticSet(path)  # raises, naming the folder, when it is missing or unfinished
+    return str(Path(path).resolve())
 
 
 def outlier_exposure(cfg: DictConfig, synthetic_set: str, run_dir: Path, loggers: list) -> dict:

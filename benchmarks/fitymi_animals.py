@@ -1,13 +1,23 @@
 """FITYMI on Animal-MNIST over every class as the normal class: kNN on raw pixels, the backbone pretrained on digits
-without OE, with OE on a simple source (noise patches) and with OE on score-SDE fakes (stopped by FID). Feeds the
-README table "FITYMI on Animal-MNIST, all classes".
+without OE, with OE on a simple source (noise patches), and with OE on score-SDE fakes taken at several FID bands
+(the paper's Table 4 in kind) and at the FID stop. Feeds the README table "FITYMI on Animal-MNIST".
 
-    python benchmarks/fitymi_animals.py --classes Bear Bird ... --out fitymi_animals.json
+    python benchmarks/fitymi_animals.py --results benchmarks/results/fitymi_animals.jsonl \\
+        --sde-extra callbacks.fid_early_stopping.num_samples=128 model.num_steps=50 trainer.max_epochs=30
 
-For each class it runs ``train.py experiment=animals_nearnd`` (SDE + FID stop + export + OE + kNN summary) and the
-same with ``model=noise_patch`` (OE on noise-patched support images), reads both runs' ``metrics.json``, prints one
-JSON object per class and a summary with the mean of each figure over the classes (also written to ``--out``).
-Each class takes a few minutes on a 2-core CPU.
+For each class:
+
+1. ``train.py experiment=animals_nearnd`` with ``callbacks.fid_early_stopping.bands`` (``--bands``): the score-SDE,
+   a set exported the first time its FID check falls in each band, the set at the FID stop, OE on that last set and
+   the kNN comparison (raw pixels, backbone without OE, backbone with OE);
+2. the same experiment with ``model=noise_patch``: OE on noise-patched support images;
+3. ``train.py experiment=animals_nearnd outlier_exposure_set=<band set>`` for each band set: OE on it, kNN.
+
+Each class's row (AUROC one-vs-rest, one-vs-one mean and closest, per detector; FID of each set) is appended to
+``--results`` (JSON lines) as soon as it is complete, and classes already there are skipped, so an interrupted run
+continues where it stopped. The summary (mean of each figure over the classes that have it, with their number) is
+printed and written next to the results (``<results>.summary.json``), with a markdown table. A class takes about
+15 min on a 2-core CPU.
 """
 
 from __future__ import annotations
@@ -20,48 +30,122 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-ANIMALS = ("Bear", "Bird", "Cat", "Cow", "Dog", "Elephant", "Giraffe", "Horse", "Sheep", "Zebra")
+sys.path.insert(0, str(ROOT))
+ANIMALS = ("Dog", "Cat", "Sheep", "Cow", "Horse", "Giraffe", "Bear", "Bird", "Elephant", "Zebra")  # closest pairs first
 KEYS = ("image_AUROC", "image_AUROC_one_vs_one_mean", "image_AUROC_one_vs_one_closest")
+DEFAULT_BANDS = ("200:", "100:200")
 
 
-def run_train(log_dir: Path, *overrides: str) -> dict:
+def parse_band(text: str) -> list:
+    """``"100:200"`` -> [100, 200]; an empty side is open (``"200:"`` -> [200, None])."""
+    lo, sep, hi = text.partition(":")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"a band is LO:HI with either side optional, got {text!r}")
+    return [float(lo) if lo else None, float(hi) if hi else None]
+
+
+def run_train(log_dir: Path, *overrides: str) -> tuple[dict, Path]:
+    """One ``train.py`` run; its metrics and run directory."""
     out = subprocess.run([sys.executable, str(ROOT / "train.py"), f"paths.log_dir={log_dir}", "logger=csv",
                           "experiment=animals_nearnd", *overrides], capture_output=True, text=True, cwd=ROOT)
     if out.returncode != 0:
         raise RuntimeError(f"train.py {' '.join(overrides)} failed:\n{out.stderr[-3000:]}")
     run_dir = Path(out.stdout.strip().splitlines()[-1])
-    return json.loads((run_dir / "metrics.json").read_text())
+    return json.loads((run_dir / "metrics.json").read_text()), run_dir
+
+
+def detector_figures(metrics: dict, detector: str, prefix: str) -> dict:
+    return {f"{prefix}/{key}": metrics[f"summary/{detector}/{key}"] for key in KEYS}
+
+
+def run_class(normal: str, work: Path, bands: list, extra: list[str], sde_extra: list[str]) -> dict:
+    from anomgen.data.synthetic import read_set_info
+
+    common = (f"datamodule.normal_class={normal}", *extra)
+    band_override = f"callbacks.fid_early_stopping.bands={json.dumps(bands)}"
+    sde, sde_dir = run_train(work, *common, *sde_extra, band_override)
+    noise, _ = run_train(work, *common, "model=noise_patch", "~model.unet", "callbacks=default")
+    row = {"name": "fitymi_animals_class", "normal_class": normal, "sde_run": str(sde_dir),
+           "fid_at_stop": sde.get("train/fid"), "fid_target": sde.get("train/fid_target"),
+           "num_exported": sde.get("predict/num_exported"),
+           **detector_figures(sde, "knn_pixels", "raw_pixels"),
+           **detector_figures(sde, "backbone_without_oe", "no_oe"),
+           **detector_figures(noise, "backbone_with_oe", "oe_noise_patch"),
+           **detector_figures(sde, "backbone_with_oe", "oe_sde_stop")}
+    for band_set in sorted((sde_dir / "fid_bands").glob("fid_*")):
+        band, _ = run_train(work, *common, f"outlier_exposure_set={band_set}")
+        row[f"fid/{band_set.name}"] = read_set_info(band_set).get("fid")
+        row.update(detector_figures(band, "backbone_with_oe", f"oe_sde_{band_set.name}"))
+    return row
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Mean of every numeric figure over the classes that have it (``n/<figure>``: how many)."""
+    keys = dict.fromkeys(k for r in rows for k, v in r.items() if isinstance(v, (int, float)))
+    summary = {"name": "fitymi_animals_mean", "classes": [r["normal_class"] for r in rows], "device": "cpu"}
+    for key in keys:
+        values = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
+        summary[key] = sum(values) / len(values)
+        summary[f"n/{key}"] = len(values)
+    return summary
+
+
+def markdown_table(rows: list[dict], summary: dict) -> str:
+    """One row per class: AUROC one-vs-rest / one-vs-one closest of each detector (the README table)."""
+    columns = [("raw pixels", "raw_pixels"), ("ViT, no OE", "no_oe"), ("OE noise patches", "oe_noise_patch")]
+    bands = sorted({k.split("/")[0][len("oe_sde_"):] for r in rows for k in r if k.startswith("oe_sde_fid_")})
+    columns += [(f"OE SDE, {b.replace('fid_', 'FID ')}", f"oe_sde_{b}") for b in bands]
+    columns += [("OE SDE, FID stop", "oe_sde_stop")]
+
+    def cell(r: dict, prefix: str) -> str:
+        a, c = r.get(f"{prefix}/image_AUROC"), r.get(f"{prefix}/image_AUROC_one_vs_one_closest")
+        return "–" if a is None else f"{a:.3f} / {c:.3f}"
+
+    lines = ["| normal class | FID at stop | " + " | ".join(c for c, _ in columns) + " |",
+             "|---" * (len(columns) + 2) + "|"]
+    for r in [*rows, {**summary, "normal_class": f"mean ({len(rows)} classes)"}]:
+        fid = r.get("fid_at_stop")
+        lines.append(f"| {r['normal_class']} | {'–' if fid is None else f'{fid:.1f}'} | "
+                     + " | ".join(cell(r, p) for _, p in columns) + " |")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--classes", nargs="+", default=list(ANIMALS))
-    parser.add_argument("--out", default=None, help="also write the per-class rows and the summary here (JSON)")
+    parser.add_argument("--results", default=None,
+                        help="JSON-lines file of per-class rows: appended to, and classes already in it are skipped")
+    parser.add_argument("--bands", nargs="*", type=parse_band, default=[parse_band(b) for b in DEFAULT_BANDS],
+                        help="FID bands LO:HI that export a set each (pixel FID; default: 200: 100:200)")
+    parser.add_argument("--work-dir", default=None, help="keep the runs here (default: a temporary folder)")
     parser.add_argument("--extra", nargs="*", default=[], help="more overrides for every run (e.g. debug=tiny)")
     parser.add_argument("--sde-extra", nargs="*", default=[],
                         help="more overrides for the SDE runs only (e.g. callbacks.fid_early_stopping.num_samples=128)")
     args = parser.parse_args(argv)
-    rows = []
+    results = Path(args.results) if args.results else None
+    rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()] \
+        if results and results.is_file() else []
+    done = {r["normal_class"] for r in rows}
     with tempfile.TemporaryDirectory() as tmp:
+        work = Path(args.work_dir or tmp)
         for normal in args.classes:
-            common = (f"datamodule.normal_class={normal}", *args.extra)
-            sde = run_train(Path(tmp) / "logs", *common, *args.sde_extra)
-            noise = run_train(Path(tmp) / "logs", *common, "model=noise_patch", "~model.unet", "callbacks=default")
-            row = {"name": "fitymi_animals_class", "normal_class": normal, "fid_at_stop": sde.get("train/fid"),
-                   "num_exported": sde.get("predict/num_exported")}
-            for key in KEYS:
-                row[f"raw_pixels/{key}"] = sde[f"summary/knn_pixels/{key}"]
-                row[f"no_oe/{key}"] = sde[f"summary/backbone_without_oe/{key}"]
-                row[f"oe_noise_patch/{key}"] = noise[f"summary/backbone_with_oe/{key}"]
-                row[f"oe_sde/{key}"] = sde[f"summary/backbone_with_oe/{key}"]
+            if normal in done:
+                continue
+            row = run_class(normal, work / "logs", args.bands, args.extra, args.sde_extra)
             print(json.dumps(row), flush=True)
             rows.append(row)
-    numeric = [k for k in rows[0] if k not in ("name", "normal_class") and rows[0][k] is not None]
-    summary = {"name": "fitymi_animals_mean", "classes": [r["normal_class"] for r in rows], "device": "cpu",
-               **{k: sum(r[k] for r in rows) / len(rows) for k in numeric}}
+            if results:
+                results.parent.mkdir(parents=True, exist_ok=True)
+                with results.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+    rows = [r for r in rows if r["normal_class"] in args.classes]
+    summary = summarize(rows)
     print(json.dumps(summary), flush=True)
-    if args.out:
-        Path(args.out).write_text(json.dumps({"rows": rows, "summary": summary}, indent=2) + "\n")
+    table = markdown_table(rows, summary)
+    print(table)
+    if results:
+        results.with_suffix(".summary.json").write_text(json.dumps({"summary": summary, "table": table}, indent=2)
+                                                        + "\n")
     return summary
 
 

@@ -169,3 +169,30 @@ def test_resume_from_a_checkpoint_continues_training(compose_config, tmp_path):
     second = torch.load(tmp_path / "b" / "checkpoints" / "last.ckpt", weights_only=False)
     assert first["epoch"] == 1 and second["epoch"] == 2
     assert second["global_step"] == first["global_step"] * 3 // 2  # one more epoch of the same length
+
+
+def test_outlier_exposure_on_a_set_made_before(compose_config, tmp_path):
+    """``outlier_exposure_set=<dir>`` runs only the OE stage and the detector comparison on that set: the generative
+    model is neither fitted nor run, and the OE backbone records which set it saw. Bad sets fail naming the folder."""
+    import torch
+
+    from train import train
+
+    common = ["experiment=digits_nearnd", "debug=tiny", "+trainer.fast_dev_run=true", "logger=csv",
+              f"paths.cache_dir={tmp_path / 'cache'}"]
+    train(compose_config("train", common, run_dir=tmp_path / "first"))
+    made = tmp_path / "first" / "synthetic_set"
+    metrics, run_dir, _ = train(compose_config("train", [*common, f"outlier_exposure_set={made}"],
+                                               run_dir=tmp_path / "again"))
+    assert "predict/num_exported" not in metrics and "train/loss" not in metrics  # no SDE fit, no export
+    assert not (run_dir / "synthetic_set").exists() and not (run_dir / "checkpoints").exists()
+    info = torch.load(run_dir / "oe" / "backbone.pt", weights_only=False)["info"]
+    assert info["outlier_exposure_set"] == str(made)
+    assert 0.0 <= metrics["summary/backbone_with_oe/image_AUROC"] <= 1.0
+
+    with pytest.raises(SyntheticSetError, match="no_such_set"):
+        train(compose_config("train", [*common, f"outlier_exposure_set={tmp_path / 'no_such_set'}"],
+                             run_dir=tmp_path / "missing"))
+    with pytest.raises(ValueError, match="outlier_exposure: null"):
+        train(compose_config("train", [*common, f"outlier_exposure_set={made}", "outlier_exposure=null"],
+                             run_dir=tmp_path / "no_stage"))

@@ -270,10 +270,16 @@ def ensure_backbone(out: str | Path, dataset: str, epochs: int = 5, max_images: 
     """The pretrained backbone file ``out``, pretraining it on ``dataset`` first when it does not exist.
 
     For pipelines that need a backbone pretrained on data disjoint from the task (``outlier_exposure.backbone`` in
-    train.py): the first run pays for the pretraining, later runs reuse the file.
+    train.py): the first run pays for the pretraining, later runs reuse the file. A file pretrained on another
+    dataset or for another number of epochs is an error (it would silently change the experiment).
     """
     out = Path(out)
     if out.is_file():
+        info = torch.load(out, map_location="cpu", weights_only=False).get("info") or {}
+        made = {"dataset": info.get("dataset"), "epochs": info.get("epochs")}
+        if made != {"dataset": dataset, "epochs": epochs}:
+            raise ValueError(f"{out} was pretrained with {made}, but this run asks for dataset={dataset!r}, "
+                             f"epochs={epochs}; delete the file to pretrain again, or point the run at another file")
         return out
     argv = ["--dataset", dataset, "--epochs", str(epochs), "--arch", arch, "--image-size", str(image_size),
             "--seed", str(seed), "--out", str(out)]

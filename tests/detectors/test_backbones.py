@@ -212,3 +212,15 @@ def test_position_embedding_of_another_resolution_is_interpolated():
     fitted = _interpolate_pos_embedding(state, backbone)
     assert fitted["encoder.pos_embedding"].shape == (1, 1 + 16, 32)
     load_state_dict_strict(backbone.vit, fitted, "interpolated")
+
+
+def test_ensure_backbone_reuses_only_a_file_made_the_same_way(tmp_path):
+    from anomgen.detectors.pretrain import ensure_backbone
+
+    out = tmp_path / "vit.pt"
+    save_backbone(_tiny(), out, {"stage": "pretrain", "dataset": "digits", "epochs": 5})
+    assert ensure_backbone(out, "digits", epochs=5) == out  # reused, not pretrained again
+    with pytest.raises(ValueError, match=r"vit\.pt was pretrained with .*'epochs': 5.*epochs=30"):
+        ensure_backbone(out, "digits", epochs=30)
+    with pytest.raises(ValueError, match="dataset='animal_mnist'"):
+        ensure_backbone(out, "animal_mnist", epochs=5)

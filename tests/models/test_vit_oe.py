@@ -126,11 +126,13 @@ def test_model_configs(compose_config, option):
     cfg = compose_config("train", [f"model={option}"])
     model_cfg = cfg.model
     optimizer = model_cfg.optimizer
-    assert optimizer._target_ == "torch.optim.SGD" and optimizer.lr == 4e-4 and optimizer.weight_decay == 5e-5
+    small = option == "vit_oe"  # the small-set recipe: lr ×10, half the blocks frozen
+    assert optimizer._target_ == "torch.optim.SGD" and optimizer.lr == (4e-3 if small else 4e-4)
+    assert optimizer.weight_decay == 5e-5
     assert optimizer.momentum == 0.0
     if option == "vit_oe":
         assert model_cfg.backbone.pretrained.endswith("/backbones/vit_small_animal_mnist.pt")
-        assert model_cfg.freeze_blocks == 4 and model_cfg.backbone.image_size == 32
+        assert model_cfg.freeze_blocks == 2 and model_cfg.backbone.image_size == 32
         model = hydra.utils.instantiate(model_cfg)  # the weights load at fit, so this works offline
         assert isinstance(model, ViTOE) and model.backbone.feature_dim == 128 and len(model.backbone.blocks) == 6
         assert ViTOE.trainable and not ViTOE.generates
