@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCHMARKS = Path(__file__).resolve().parent.parent.parent / "benchmarks"
 
 
@@ -61,3 +63,39 @@ def test_selection_cost_runs_and_the_cache_computes_each_image_once():
     shared, naive, summary = rows
     assert summary["max_abs_auroc_diff"] < 1e-9
     assert naive["images_through_extractors"] > shared["images_through_extractors"]
+
+
+def test_fitymi_classes_resumes_and_summarizes(tmp_path, monkeypatch):
+    """fitymi_classes.py (each class is three or more full train.py runs, minutes even tiny): rows are appended per
+    class, classes already in the results file are skipped, and the summary averages each figure over the classes
+    that have it (a band that a class skipped counts only where present)."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import fitymi_classes
+
+    made = []
+
+    def fake_run_class(experiment, normal, work, bands, extra, sde_extra):
+        made.append(normal)
+        row = {"name": "fitymi_class", "experiment": experiment, "normal_class": normal, "fid_at_stop": 50.0}
+        for prefix, value in (("raw_pixels", 0.9), ("no_oe", 0.6), ("oe_noise_patch", 0.7), ("oe_sde_stop", 0.8)):
+            for key in fitymi_classes.KEYS:
+                row[f"{prefix}/{key}"] = value + (0.1 if normal == "Cat" else 0.0)
+        if normal == "Dog":  # only Dog's FID checks fell in this band
+            row["fid/fid_200-inf"] = 299.0
+            row.update({f"oe_sde_fid_200-inf/{key}": 0.65 for key in fitymi_classes.KEYS})
+        return row
+
+    monkeypatch.setattr(fitymi_classes, "run_class", fake_run_class)
+    results = tmp_path / "rows.jsonl"
+    fitymi_classes.main(["--classes", "Dog", "--results", str(results)])
+    summary = fitymi_classes.main(["--classes", "Dog", "Cat", "--results", str(results)])
+    assert made == ["Dog", "Cat"]  # Dog was not run again
+    assert [json.loads(line)["normal_class"] for line in results.read_text().splitlines()] == ["Dog", "Cat"]
+    assert abs(summary["oe_sde_stop/image_AUROC"] - 0.85) < 1e-12 and summary["n/oe_sde_stop/image_AUROC"] == 2
+    assert summary["oe_sde_fid_200-inf/image_AUROC"] == 0.65 and summary["n/oe_sde_fid_200-inf/image_AUROC"] == 1
+    table = json.loads(results.with_suffix(".summary.json").read_text())["table"].splitlines()
+    assert table[0].startswith("| normal class | FID at stop | raw pixels | ViT, no OE | OE noise patches | OE SDE, FID 200-inf")
+    assert table[3].startswith("| Cat | 50.0 | 1.000 / 1.000") and "| – |" in table[3]  # Cat has no band row
+    assert fitymi_classes.parse_band("100:200") == [100.0, 200.0] and fitymi_classes.parse_band(":20") == [None, 20.0]
+    with pytest.raises(SystemExit, match="digits_nearnd"):
+        fitymi_classes.main(["--experiment", "digits_nearnd", "--classes", "3", "--results", str(results)])
