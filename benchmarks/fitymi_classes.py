@@ -64,6 +64,15 @@ def run_train(log_dir: Path, *overrides: str) -> tuple[dict, Path]:
     return json.loads((run_dir / "metrics.json").read_text()), run_dir
 
 
+def run_device(extra: list[str]) -> str:
+    """Where the runs go: the trainers' accelerator is ``auto`` unless an override sets it."""
+    import torch
+
+    if any(o.startswith("trainer.accelerator=") and o.split("=", 1)[1] == "cpu" for o in extra):
+        return "cpu"
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+
+
 def detector_figures(metrics: dict, detector: str, prefix: str) -> dict:
     return {f"{prefix}/{key}": metrics[f"summary/{detector}/{key}"] for key in KEYS}
 
@@ -75,7 +84,8 @@ def run_class(experiment: str, normal: str, work: Path, bands: list, extra: list
     band_override = f"callbacks.fid_early_stopping.bands={json.dumps(bands)}"
     sde, sde_dir = run_train(work, *common, *sde_extra, band_override)
     noise, _ = run_train(work, *common, *EXPERIMENTS[experiment]["noise"])
-    row = {"name": "fitymi_class", "experiment": experiment, "normal_class": normal, "sde_run": str(sde_dir),
+    row = {"name": "fitymi_class", "experiment": experiment, "normal_class": normal, "device": run_device(extra),
+           "sde_run": str(sde_dir),
            "fid_at_stop": sde.get("train/fid"), "fid_target": sde.get("train/fid_target"),
            "num_exported": sde.get("predict/num_exported"),
            **detector_figures(sde, "knn_pixels", "raw_pixels"),
@@ -92,7 +102,9 @@ def run_class(experiment: str, normal: str, work: Path, bands: list, extra: list
 def summarize(rows: list[dict]) -> dict:
     """Mean of every numeric figure over the classes that have it (``n/<figure>``: how many)."""
     keys = dict.fromkeys(k for r in rows for k, v in r.items() if isinstance(v, (int, float)))
-    summary = {"name": "fitymi_mean", "experiment": rows[0]["experiment"] if rows else None, "classes": [r["normal_class"] for r in rows], "device": "cpu"}
+    summary = {"name": "fitymi_mean", "experiment": rows[0]["experiment"] if rows else None,
+               "classes": [r["normal_class"] for r in rows],
+               "devices": sorted({r.get("device", "unknown") for r in rows})}
     for key in keys:
         values = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
         summary[key] = sum(values) / len(values)
@@ -104,7 +116,7 @@ def markdown_table(rows: list[dict], summary: dict) -> str:
     """One row per class: AUROC one-vs-rest / one-vs-one closest of each detector (the README table)."""
     columns = [("raw pixels", "raw_pixels"), ("ViT, no OE", "no_oe"), ("OE noise patches", "oe_noise_patch")]
     bands = sorted({k.split("/")[0][len("oe_sde_"):] for r in rows for k in r if k.startswith("oe_sde_fid_")},
-                   key=lambda name: -float(name.split("_")[1].split("-")[0]))  # farthest from the data first
+                   key=lambda name: -summary[f"fid/{name}"])  # farthest from the data (highest mean FID) first
     columns += [(f"OE SDE, {b.replace('fid_', 'FID ')}", f"oe_sde_{b}") for b in bands]
     columns += [("OE SDE, FID stop", "oe_sde_stop")]
 
@@ -128,7 +140,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--results", default=None,
                         help="JSON-lines file of per-class rows: appended to, and classes already in it are skipped")
     parser.add_argument("--bands", nargs="*", type=parse_band, default=None,
-                        help="FID bands LO:HI that export a set each (pixel FID; default: per experiment, see EXPERIMENTS)")
+                        help="FID bands LO:HI that export a set each (pixel FID; default: the experiment's, "
+                             "see EXPERIMENTS)")
     parser.add_argument("--work-dir", default=None, help="keep the runs here (default: a temporary folder)")
     parser.add_argument("--extra", nargs="*", default=[], help="more overrides for every run (e.g. debug=tiny)")
     parser.add_argument("--sde-extra", nargs="*", default=[],

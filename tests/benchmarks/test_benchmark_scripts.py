@@ -80,9 +80,10 @@ def test_fitymi_classes_resumes_and_summarizes(tmp_path, monkeypatch):
         for prefix, value in (("raw_pixels", 0.9), ("no_oe", 0.6), ("oe_noise_patch", 0.7), ("oe_sde_stop", 0.8)):
             for key in fitymi_classes.KEYS:
                 row[f"{prefix}/{key}"] = value + (0.1 if normal == "Cat" else 0.0)
-        if normal == "Dog":  # only Dog's FID checks fell in this band
-            row["fid/fid_200-inf"] = 299.0
+        if normal == "Dog":  # only Dog's FID checks fell in these bands
+            row.update({"fid/fid_200-inf": 299.0, "fid/fid_100-200": 170.0})
             row.update({f"oe_sde_fid_200-inf/{key}": 0.65 for key in fitymi_classes.KEYS})
+            row.update({f"oe_sde_fid_100-200/{key}": 0.7 for key in fitymi_classes.KEYS})
         return row
 
     monkeypatch.setattr(fitymi_classes, "run_class", fake_run_class)
@@ -94,8 +95,11 @@ def test_fitymi_classes_resumes_and_summarizes(tmp_path, monkeypatch):
     assert abs(summary["oe_sde_stop/image_AUROC"] - 0.85) < 1e-12 and summary["n/oe_sde_stop/image_AUROC"] == 2
     assert summary["oe_sde_fid_200-inf/image_AUROC"] == 0.65 and summary["n/oe_sde_fid_200-inf/image_AUROC"] == 1
     table = json.loads(results.with_suffix(".summary.json").read_text())["table"].splitlines()
-    assert table[0].startswith("| normal class | FID at stop | raw pixels | ViT, no OE | OE noise patches | OE SDE, FID 200-inf")
-    assert table[3].startswith("| Cat | 50.0 | 1.000 / 1.000") and "| – |" in table[3]  # Cat has no band row
+    # band columns farthest from the data first (by mean FID, not by name), then the stop
+    assert table[0] == ("| normal class | FID at stop | raw pixels | ViT, no OE | OE noise patches | "
+                        "OE SDE, FID 200-inf | OE SDE, FID 100-200 | OE SDE, FID stop |")
+    assert table[3].startswith("| Cat | 50.0 | 1.000 / 1.000") and "| – | – |" in table[3]  # Cat has no band row
+    assert summary["devices"] == ["unknown"]  # the replaced runs say nothing of their device
     assert fitymi_classes.parse_band("100:200") == [100.0, 200.0] and fitymi_classes.parse_band(":20") == [None, 20.0]
     with pytest.raises(SystemExit, match="digits_nearnd"):
         fitymi_classes.main(["--experiment", "digits_nearnd", "--classes", "3", "--results", str(results)])
