@@ -53,7 +53,8 @@ class FIDEarlyStopping(Callback):
         grid_size: int = 16,
     ) -> None:
         if target is not None and target_factor is not None:
-            raise ValueError("give FID early stopping either target (absolute) or target_factor (× reference), not both")
+            raise ValueError("give FID early stopping either target (absolute) or target_factor (× reference), "
+                             "not both")
         if bands and export_dir is None:
             raise ValueError("FID bands export synthetic sets: set export_dir")
         self.extractor = feature_extractor.eval()

@@ -181,7 +181,8 @@ def anomalydiffusion_split(dataset, train_fraction: float = 1 / 3) -> tuple[Task
         n_train = int(np.ceil(len(idx) * train_fraction))
         train += idx[:n_train]
         test += idx[n_train:]
-    return TaskView(dataset, train, name="anomalydiffusion-train"), TaskView(dataset, test, name="anomalydiffusion-test")
+    return (TaskView(dataset, train, name="anomalydiffusion-train"),
+            TaskView(dataset, test, name="anomalydiffusion-test"))
 
 
 def labelled_anomalies(dataset, normal: str, m: int, seed: int = 0) -> TaskView:

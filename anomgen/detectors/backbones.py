@@ -89,7 +89,8 @@ def torchvision_weights_path(arch: str, name: str) -> Path:
     enum_name = f"{type(weights).__name__}.{weights.name}"
     how = (f"Supply it by one of: (a) downloading {weights.url} to {cache} (the torch hub cache; TORCH_HOME moves "
            f"it); (b) copying {filename} to ${ENV_DIR}/; (c) giving the file's path as `pretrained`; (d) running "
-           f"once with network access (HF_HUB_OFFLINE unset), e.g. torchvision.models.{arch}(weights={weights.name!r}).")
+           f"once with network access (HF_HUB_OFFLINE unset), e.g. "
+           f"torchvision.models.{arch}(weights={weights.name!r}).")
     looked = "; ".join(str(c) for c in candidates)
     if hub_offline():
         raise PretrainedNotFoundError(f"torchvision weights {enum_name} ({filename}) not found (looked at: {looked}) "

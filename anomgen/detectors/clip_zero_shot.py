@@ -48,14 +48,12 @@ class CLIPZeroShot:
     def __init__(self, model_name: str = "ViT-B-16", pretrained: str | None = "openai",
                  normal_text: str | None = None, anomalous_text: str | None = None,
                  device: str | torch.device = "cpu", name: str = "clip_zero_shot") -> None:
-        import open_clip
 
         from anomgen.detectors.features import OpenCLIPImageEncoder
 
         self.image_encoder = OpenCLIPImageEncoder(model_name, pretrained).to(device).eval()
         self.model_name = self.image_encoder.model_name
         self.model = self.image_encoder.model
-        self.tokenizer = open_clip.get_tokenizer(self.model_name)
         self.device = torch.device(device)
         self.name = name
         self.normal_text: str | None = None
@@ -79,10 +77,7 @@ class CLIPZeroShot:
     @torch.no_grad()
     def encode_texts(self, texts: Sequence[str]) -> Tensor:
         """L2-normalised embeddings (N × D, float32, on the model's device) of ``texts``."""
-        if isinstance(texts, str) or not texts:
-            raise ValueError(f"{self.name}: encode_texts takes a non-empty list of strings, got {texts!r}")
-        tokens = self.tokenizer(list(texts)).to(self.device)
-        return F.normalize(self.model.encode_text(tokens).float(), dim=-1)
+        return self.image_encoder.embed_texts(texts)
 
     def anomaly_scores(self, image_features: Tensor, normal_text: str | Tensor, anomalous_text: str | Tensor) -> Tensor:
         """Probability (B, float64) of the anomalous prompt for image features B × D.

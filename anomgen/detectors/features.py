@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -88,6 +89,7 @@ class OpenCLIPImageEncoder(nn.Module):
         self.image_size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
         self.mean = getattr(visual, "image_mean", None) or (0.48145466, 0.4578275, 0.40821073)
         self.std = getattr(visual, "image_std", None) or (0.26862954, 0.26130258, 0.27577711)
+        self._tokenizer = None
 
     @staticmethod
     def _weights_file(model_name: str, pretrained: str) -> str:
@@ -125,3 +127,21 @@ class OpenCLIPImageEncoder(nn.Module):
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.embed(images)
+
+    @property
+    def tokenizer(self):
+        """The model's open_clip tokenizer, made on first use (SigLIP's is a Hugging Face tokenizer that image-only
+        use never needs)."""
+        if self._tokenizer is None:
+            import open_clip
+
+            self._tokenizer = open_clip.get_tokenizer(self.model_name)
+        return self._tokenizer
+
+    @torch.no_grad()
+    def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        """L2-normalised text embeddings (N × D, float32, on the model's device) of a non-empty list of strings."""
+        if isinstance(texts, str) or not texts:
+            raise ValueError(f"{self.model_name}: embed_texts takes a non-empty list of strings, got {texts!r}")
+        tokens = self.tokenizer(list(texts)).to(next(self.model.parameters()).device)
+        return F.normalize(self.model.encode_text(tokens).float(), dim=-1)

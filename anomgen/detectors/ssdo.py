@@ -182,7 +182,7 @@ class SSDO:
 
     # ------------------------------------------------------------------ fitting
     def fit(self, X, y=None) -> SSDO:
-        """Fit on training features ``X`` (n × d) and labels ``y`` (1 anomaly, -1 normal, 0 unlabelled; None = all 0)."""
+        """Fit on training features ``X`` (n × d) and labels ``y`` (1 anomaly, -1 normal, 0 unlabelled; None: all 0)."""
         self._check_params()
         X = _check_X(X, "X")
         if len(X) < 2:

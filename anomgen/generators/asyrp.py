@@ -57,12 +57,9 @@ class OpenCLIPGuide(nn.Module):
 
     def __init__(self, model_name: str = "ViT-B-16", pretrained: str | None = "openai") -> None:
         super().__init__()
-        import open_clip
-
         from anomgen.detectors.features import OpenCLIPImageEncoder
 
         self.encoder = OpenCLIPImageEncoder(model_name, pretrained)
-        self.tokenizer = open_clip.get_tokenizer(self.encoder.model_name)
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """L2-normalised embeddings (B × D, float32) of [0, 1] RGB images, differentiable in the images."""
@@ -71,9 +68,7 @@ class OpenCLIPGuide(nn.Module):
     @torch.no_grad()
     def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
         """L2-normalised embeddings (N × D, float32) of ``texts``."""
-        device = next(self.encoder.model.parameters()).device
-        tokens = self.tokenizer(list(texts)).to(device)
-        return F.normalize(self.encoder.model.encode_text(tokens).float(), dim=-1)
+        return self.encoder.embed_texts(texts)
 
 
 class DeltaH(nn.Module):

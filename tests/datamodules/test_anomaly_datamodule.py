@@ -146,7 +146,7 @@ def _tiny_synthetic_set(path) -> str:
         mask = torch.zeros(8, 8)
         mask[2:5, 1:4] = 1
         samples.append({"image": torch.rand(3, 8, 8, generator=gen), "mask": mask, "label": 1,
-                        "generator": "noise_patch", "category": "3", "sources": [f"sklearn-digits:{i:05d}"]})  # fmt: skip
+                        "generator": "noise_patch", "category": "3", "sources": [f"sklearn-digits:{i:05d}"]})
     samples.append({"image": torch.rand(3, 8, 8, generator=gen), "mask": None, "label": 0,
                     "generator": "noise_patch", "category": "3"})  # fmt: skip
     return str(write_set(path, samples, {"generator": "noise_patch"}))

@@ -65,6 +65,20 @@ def test_anomaly_scores_match_open_clip_zero_shot(detector, tiny_clip_name):
     assert torch.allclose(swapped, 1 - scores, atol=1e-12)
 
 
+def test_text_embeddings_are_shared_with_the_asyrp_guide(detector, tiny_clip_name):
+    """One text path for every open_clip user: the Asyrp CLIP guide with the same weights embeds texts identically,
+    and a bare string or an empty list is refused (a string would be split into characters)."""
+    from anomgen.generators.asyrp import OpenCLIPGuide
+
+    guide = OpenCLIPGuide(tiny_clip_name, pretrained=None)
+    guide.encoder.model.load_state_dict(detector.model.state_dict())
+    texts = [NORMAL, ANOMALOUS, "a photo of a damaged cardinal."]
+    torch.testing.assert_close(guide.encode_texts(texts), detector.encode_texts(texts))
+    for bad in (NORMAL, []):
+        with pytest.raises(ValueError, match="non-empty list of strings"):
+            detector.encode_texts(bad)
+
+
 def test_score_over_record_batches_via_score_dataset(detector, tiny_clip_name):
     torch.manual_seed(1)
     images = torch.rand(7, 3, 32, 32)

@@ -168,7 +168,8 @@ def test_raw_pixels_resize(grayscale, channels):
     assert f.shape == (3, channels * 64)
     # a 2x antialiased bilinear downsample of a constant image keeps the constant; of any image keeps the mean
     const = torch.full((1, 3, 16, 16), 0.25)
-    torch.testing.assert_close(RawPixels(image_size=8, grayscale=grayscale)(const), torch.full((1, channels * 64), 0.25))
+    torch.testing.assert_close(RawPixels(image_size=8, grayscale=grayscale)(const),
+                               torch.full((1, channels * 64), 0.25))
     ref = F.interpolate(x, size=(8, 8), mode="bilinear", antialias=True, align_corners=False)
     ref = ref.mean(1, keepdim=True) if grayscale else ref
     torch.testing.assert_close(f, ref.flatten(1))

@@ -105,7 +105,8 @@ def test_loss_matches_written_out_computation(tiny_clip_name):
             f = model.encode_image((x - mean) / std)
             return f / f.norm(dim=-1, keepdim=True)
 
-        texts = model.encode_text(open_clip.get_tokenizer(tiny_clip_name)([f"a photo of a damaged {c}" for c in categories]))
+        tokenize = open_clip.get_tokenizer(tiny_clip_name)
+        texts = model.encode_text(tokenize([f"a photo of a damaged {c}" for c in categories]))
         texts = texts / texts.norm(dim=-1, keepdim=True)
         source = embed_images(images)
         edited = embed_images(((x0_edited + 1) / 2).clamp(0, 1))

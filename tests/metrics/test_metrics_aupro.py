@@ -140,7 +140,8 @@ def test_normal_images_only_add_normal_pixels():
     # rescaling FPR: the curve of the original images with num_normal grown by 3*32*32
     fpr, pro, _ = pro_curve(maps, masks)
     n_normal = int((~masks).sum())
-    fpr_all, pro_all, _ = pro_curve(torch.cat([maps, low]), torch.cat([masks, torch.zeros(3, 32, 32, dtype=torch.bool)]))
+    fpr_all, pro_all, _ = pro_curve(torch.cat([maps, low]),
+                                    torch.cat([masks, torch.zeros(3, 32, 32, dtype=torch.bool)]))
     np.testing.assert_allclose(fpr_all[:-1].numpy(), fpr.numpy() * n_normal / (n_normal + 3 * 32 * 32), atol=1e-12)
     np.testing.assert_allclose(pro_all[:-1].numpy(), pro.numpy(), atol=1e-12)
 

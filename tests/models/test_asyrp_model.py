@@ -27,7 +27,8 @@ ALPHA = (0.5, 1.5)
 def _model(tiny_clip_name, seed=0, **kw):
     torch.manual_seed(seed)
     return AsyrpModel(unet=tiny_score_unet("vp", image_size=16), clip=OpenCLIPGuide(tiny_clip_name, pretrained=None),
-                      optimizer=functools.partial(torch.optim.Adam, lr=1e-2), target_text="a photo of a damaged {class}",
+                      optimizer=functools.partial(torch.optim.Adam, lr=1e-2),
+                      target_text="a photo of a damaged {class}",
                       num_inference_steps=5, t_edit=400, alpha_min=ALPHA[0], alpha_max=ALPHA[1], seed=seed, **kw)
 
 
