@@ -87,6 +87,7 @@ def run_class(experiment: str, normal: str, work: Path, bands: list, extra: list
     row = {"name": "fitymi_class", "experiment": experiment, "normal_class": normal, "device": run_device(extra),
            "sde_run": str(sde_dir),
            "fid_at_stop": sde.get("train/fid"), "fid_target": sde.get("train/fid_target"),
+           "fid_reference": sde.get("train/fid_reference"),
            "num_exported": sde.get("predict/num_exported"),
            **detector_figures(sde, "knn_pixels", "raw_pixels"),
            **detector_figures(sde, "backbone_without_oe", "no_oe"),
@@ -99,8 +100,36 @@ def run_class(experiment: str, normal: str, work: Path, bands: list, extra: list
     return row
 
 
+def held_out_fid(row: dict) -> float | None:
+    """The class's reference FID (held-out real normals against the training normals): the row's ``fid_reference``,
+    or, for rows written before it was logged, ``fid_target`` / ``target_factor`` of the SDE run's saved config when
+    that run folder still exists."""
+    if row.get("fid_reference") is not None:
+        return row["fid_reference"]
+    config = Path(str(row.get("sde_run", ""))) / ".hydra" / "config.yaml"
+    if row.get("fid_target") is None or not config.is_file():
+        return None
+    from omegaconf import OmegaConf
+
+    factor = OmegaConf.select(OmegaConf.load(config), "callbacks.fid_early_stopping.target_factor")
+    return row["fid_target"] / factor if factor else None
+
+
+def with_fid_ratios(row: dict) -> dict:
+    """The row plus ``fid_reference`` and each set's FID as a multiple of it (``fid_ratio/stop``,
+    ``fid_ratio/<band>``): pixel FIDs of different datasets compare only in these units."""
+    reference = held_out_fid(row)
+    if reference is None:
+        return row
+    ratios = {"fid_ratio/stop": row["fid_at_stop"] / reference} if row.get("fid_at_stop") is not None else {}
+    ratios.update({f"fid_ratio/{k[len('fid/'):]}": v / reference for k, v in row.items()
+                   if k.startswith("fid/") and v is not None})
+    return {**row, "fid_reference": reference, **ratios}
+
+
 def summarize(rows: list[dict]) -> dict:
     """Mean of every numeric figure over the classes that have it (``n/<figure>``: how many)."""
+    rows = [with_fid_ratios(r) for r in rows]
     keys = dict.fromkeys(k for r in rows for k, v in r.items() if isinstance(v, (int, float)))
     summary = {"name": "fitymi_mean", "experiment": rows[0]["experiment"] if rows else None,
                "classes": [r["normal_class"] for r in rows],
@@ -117,19 +146,25 @@ def markdown_table(rows: list[dict], summary: dict) -> str:
     columns = [("raw pixels", "raw_pixels"), ("ViT, no OE", "no_oe"), ("OE noise patches", "oe_noise_patch")]
     bands = sorted({k.split("/")[0][len("oe_sde_"):] for r in rows for k in r if k.startswith("oe_sde_fid_")},
                    key=lambda name: -summary[f"fid/{name}"])  # farthest from the data (highest mean FID) first
-    columns += [(f"OE SDE, {b.replace('fid_', 'FID ')}", f"oe_sde_{b}") for b in bands]
-    columns += [("OE SDE, FID stop", "oe_sde_stop")]
+    def times_held_out(key: str) -> str:
+        return f" (≈{summary[key]:.1f}×)" if isinstance(summary.get(key), (int, float)) else ""
+
+    columns += [(f"OE SDE, {b.replace('fid_', 'FID ')}{times_held_out(f'fid_ratio/{b}')}", f"oe_sde_{b}")
+                for b in bands]
+    columns += [(f"OE SDE, FID stop{times_held_out('fid_ratio/stop')}", "oe_sde_stop")]
 
     def cell(r: dict, prefix: str) -> str:
         a, c = r.get(f"{prefix}/image_AUROC"), r.get(f"{prefix}/image_AUROC_one_vs_one_closest")
         return "–" if a is None else f"{a:.3f} / {c:.3f}"
 
-    lines = ["| normal class | FID at stop | " + " | ".join(c for c, _ in columns) + " |",
+    def fid_cell(r: dict) -> str:
+        fid, ratio = r.get("fid_at_stop"), r.get("fid_ratio/stop")
+        return "–" if fid is None else f"{fid:.1f}" + ("" if ratio is None else f" ({ratio:.1f}×)")
+
+    lines = ["| normal class | FID at stop (× held-out) | " + " | ".join(c for c, _ in columns) + " |",
              "|---" * (len(columns) + 2) + "|"]
-    for r in [*rows, {**summary, "normal_class": f"mean ({len(rows)} classes)"}]:
-        fid = r.get("fid_at_stop")
-        lines.append(f"| {r['normal_class']} | {'–' if fid is None else f'{fid:.1f}'} | "
-                     + " | ".join(cell(r, p) for _, p in columns) + " |")
+    for r in [*map(with_fid_ratios, rows), {**summary, "normal_class": f"mean ({len(rows)} classes)"}]:
+        lines.append(f"| {r['normal_class']} | {fid_cell(r)} | " + " | ".join(cell(r, p) for _, p in columns) + " |")
     return "\n".join(lines)
 
 

@@ -125,6 +125,9 @@ class FIDEarlyStopping(Callback):
         pl_module.log("train/fid", fid, on_step=True, on_epoch=False, rank_zero_only=False)
         if self.target_fid is not None:
             pl_module.log("train/fid_target", self.target_fid, on_step=True, on_epoch=False, rank_zero_only=False)
+        if self.reference_fid is not None:  # held-out real normals against the training normals
+            pl_module.log("train/fid_reference", self.reference_fid, on_step=True, on_epoch=False,
+                          rank_zero_only=False)
         for band in self.bands:
             name = band_name(band)
             if in_band(fid, band) and name not in self.exported:

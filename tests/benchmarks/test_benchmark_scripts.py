@@ -77,6 +77,13 @@ def test_fitymi_classes_resumes_and_summarizes(tmp_path, monkeypatch):
     def fake_run_class(experiment, normal, work, bands, extra, sde_extra):
         made.append(normal)
         row = {"name": "fitymi_class", "experiment": experiment, "normal_class": normal, "fid_at_stop": 50.0}
+        if normal == "Dog":
+            row["fid_reference"] = 25.0
+        else:  # a row from before the reference FID was logged: it comes from the run's target and saved config
+            run = tmp_path / "runs" / normal
+            (run / ".hydra").mkdir(parents=True)
+            (run / ".hydra" / "config.yaml").write_text("callbacks:\n  fid_early_stopping:\n    target_factor: 5.0\n")
+            row.update({"fid_target": 110.0, "sde_run": str(run)})
         for prefix, value in (("raw_pixels", 0.9), ("no_oe", 0.6), ("oe_noise_patch", 0.7), ("oe_sde_stop", 0.8)):
             for key in fitymi_classes.KEYS:
                 row[f"{prefix}/{key}"] = value + (0.1 if normal == "Cat" else 0.0)
@@ -96,9 +103,12 @@ def test_fitymi_classes_resumes_and_summarizes(tmp_path, monkeypatch):
     assert summary["oe_sde_fid_200-inf/image_AUROC"] == 0.65 and summary["n/oe_sde_fid_200-inf/image_AUROC"] == 1
     table = json.loads(results.with_suffix(".summary.json").read_text())["table"].splitlines()
     # band columns farthest from the data first (by mean FID, not by name), then the stop
-    assert table[0] == ("| normal class | FID at stop | raw pixels | ViT, no OE | OE noise patches | "
-                        "OE SDE, FID 200-inf | OE SDE, FID 100-200 | OE SDE, FID stop |")
-    assert table[3].startswith("| Cat | 50.0 | 1.000 / 1.000") and "| – | – |" in table[3]  # Cat has no band row
+    # with each set's FID as a multiple of the class's held-out FID (Dog 25, Cat 110 / 5 = 22), mean over classes
+    assert table[0] == ("| normal class | FID at stop (× held-out) | raw pixels | ViT, no OE | OE noise patches | "
+                        "OE SDE, FID 200-inf (≈12.0×) | OE SDE, FID 100-200 (≈6.8×) | OE SDE, FID stop (≈2.1×) |")
+    assert table[2].startswith("| Dog | 50.0 (2.0×) | 0.900 / 0.900")
+    assert table[3].startswith("| Cat | 50.0 (2.3×) | 1.000 / 1.000") and "| – | – |" in table[3]  # no band sets
+    assert abs(summary["fid_ratio/stop"] - (2.0 + 50 / 22) / 2) < 1e-12 and summary["n/fid_ratio/fid_100-200"] == 1
     assert summary["devices"] == ["unknown"]  # the replaced runs say nothing of their device
     assert fitymi_classes.parse_band("100:200") == [100.0, 200.0] and fitymi_classes.parse_band(":20") == [None, 20.0]
     with pytest.raises(SystemExit, match="digits_nearnd"):

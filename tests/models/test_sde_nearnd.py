@@ -50,6 +50,9 @@ def test_fid_factor_target_bands_and_resume(tmp_path):
     trainer.fit(model, datamodule=_datamodule())
     assert [s for s, _ in fid.curve] == [2, 4] and fid.stopped_at is None  # the target is never reached
     assert fid.reference_fid > 0 and fid.target_fid == pytest.approx(1e-9 * fid.reference_fid)
+    logged = trainer.callback_metrics
+    assert logged["train/fid_reference"].item() == pytest.approx(fid.reference_fid)
+    assert logged["train/fid_target"].item() == pytest.approx(fid.target_fid)
     rows = read_manifest(tmp_path / "bands" / "fid_0-inf")
     assert len(rows) == 5 and all(r["params"]["fid"] == pytest.approx(fid.curve[0][1]) for r in rows)
     assert list(fid.exported) == ["fid_0-inf"]  # a band is exported once, when the FID first enters it
