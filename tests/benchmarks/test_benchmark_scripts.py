@@ -110,6 +110,9 @@ def test_fitymi_classes_resumes_and_summarizes(tmp_path, monkeypatch):
     assert table[3].startswith("| Cat | 50.0 (2.3×) | 1.000 / 1.000") and "| – | – |" in table[3]  # no band sets
     assert abs(summary["fid_ratio/stop"] - (2.0 + 50 / 22) / 2) < 1e-12 and summary["n/fid_ratio/fid_100-200"] == 1
     assert summary["devices"] == ["unknown"]  # the replaced runs say nothing of their device
+    # running one more class (here: none left) summarises the whole results file, not only the classes named
+    assert fitymi_classes.main(["--classes", "Cat", "--results", str(results)])["classes"] == ["Dog", "Cat"]
+    assert made == ["Dog", "Cat"]
     assert fitymi_classes.parse_band("100:200") == [100.0, 200.0] and fitymi_classes.parse_band(":20") == [None, 20.0]
     with pytest.raises(SystemExit, match="digits_nearnd"):
         fitymi_classes.main(["--experiment", "digits_nearnd", "--classes", "3", "--results", str(results)])
