@@ -130,7 +130,6 @@ def with_fid_ratios(row: dict) -> dict:
 
 def summarize(rows: list[dict]) -> dict:
     """Mean of every numeric figure over the classes that have it (``n/<figure>``: how many)."""
-    rows = [with_fid_ratios(r) for r in rows]
     keys = dict.fromkeys(k for r in rows for k, v in r.items() if isinstance(v, (int, float)))
     summary = {"name": "fitymi_mean", "experiment": rows[0]["experiment"] if rows else None,
                "classes": [r["normal_class"] for r in rows],
@@ -143,10 +142,12 @@ def summarize(rows: list[dict]) -> dict:
 
 
 def markdown_table(rows: list[dict], summary: dict) -> str:
-    """One row per class: AUROC one-vs-rest / one-vs-one closest of each detector (the README table)."""
+    """One row per class (rows with their FID ratios, :func:`with_fid_ratios`): AUROC one-vs-rest / one-vs-one
+    closest of each detector (the README table)."""
     columns = [("raw pixels", "raw_pixels"), ("ViT, no OE", "no_oe"), ("OE noise patches", "oe_noise_patch")]
     bands = sorted({k.split("/")[0][len("oe_sde_"):] for r in rows for k in r if k.startswith("oe_sde_fid_")},
                    key=lambda name: -summary[f"fid/{name}"])  # farthest from the data (highest mean FID) first
+
     def times_held_out(key: str) -> str:
         return f" (≈{summary[key]:.1f}×)" if isinstance(summary.get(key), (int, float)) else ""
 
@@ -164,7 +165,7 @@ def markdown_table(rows: list[dict], summary: dict) -> str:
 
     lines = ["| normal class | FID at stop (× held-out) | " + " | ".join(c for c, _ in columns) + " |",
              "|---" * (len(columns) + 2) + "|"]
-    for r in [*map(with_fid_ratios, rows), {**summary, "normal_class": f"mean ({len(rows)} classes)"}]:
+    for r in [*rows, {**summary, "normal_class": f"mean ({len(rows)} classes)"}]:
         lines.append(f"| {r['normal_class']} | {fid_cell(r)} | " + " | ".join(cell(r, p) for _, p in columns) + " |")
     return "\n".join(lines)
 
@@ -205,6 +206,7 @@ def main(argv=None) -> dict:
                 results.parent.mkdir(parents=True, exist_ok=True)
                 with results.open("a") as f:
                     f.write(json.dumps(row) + "\n")
+    rows = [with_fid_ratios(r) for r in rows]
     summary = summarize(rows)  # every row of the results file, also when --classes named only some
     print(json.dumps(summary), flush=True)
     table = markdown_table(rows, summary)

@@ -48,7 +48,6 @@ class CLIPZeroShot:
     def __init__(self, model_name: str = "ViT-B-16", pretrained: str | None = "openai",
                  normal_text: str | None = None, anomalous_text: str | None = None,
                  device: str | torch.device = "cpu", name: str = "clip_zero_shot") -> None:
-
         from anomgen.detectors.features import OpenCLIPImageEncoder
 
         self.image_encoder = OpenCLIPImageEncoder(model_name, pretrained).to(device).eval()
