@@ -74,7 +74,7 @@ def test_fitymi_classes_resumes_and_summarizes(tmp_path, monkeypatch):
 
     made = []
 
-    def fake_run_class(experiment, normal, work, bands, extra, sde_extra):
+    def fake_run_class(experiment, normal, work, bands, extra, sde_extra, stop_only):
         made.append(normal)
         row = {"name": "fitymi_class", "experiment": experiment, "normal_class": normal, "fid_at_stop": 50.0}
         if normal == "Dog":
@@ -116,3 +116,29 @@ def test_fitymi_classes_resumes_and_summarizes(tmp_path, monkeypatch):
     assert fitymi_classes.parse_band("100:200") == [100.0, 200.0] and fitymi_classes.parse_band(":20") == [None, 20.0]
     with pytest.raises(SystemExit, match="digits_nearnd"):
         fitymi_classes.main(["--experiment", "digits_nearnd", "--classes", "3", "--results", str(results)])
+
+
+@pytest.mark.parametrize("stop_only", [False, True])
+def test_fitymi_class_runs(tmp_path, monkeypatch, stop_only):
+    """One class: the SDE run (with the band overrides) and the noise-patch run; --stop-only: the SDE run alone, with
+    no bands, and a row without noise figures."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import fitymi_classes
+
+    calls = []
+
+    def fake_run_train(log_dir, *overrides):
+        calls.append(overrides)
+        metrics = {f"summary/{d}/{k}": 0.5 for d in ("knn_pixels", "backbone_without_oe", "backbone_with_oe")
+                   for k in fitymi_classes.KEYS}
+        return {**metrics, "train/fid": 40.0}, tmp_path  # no fid_bands folder: no band set was exported
+
+    monkeypatch.setattr(fitymi_classes, "run_train", fake_run_train)
+    row = fitymi_classes.run_class("animals_nearnd", "Cat", tmp_path, [[100.0, 200.0]], [], ["model.num_steps=5"],
+                                   stop_only=stop_only)
+    assert "model.num_steps=5" in calls[0] and "datamodule.normal_class=Cat" in calls[0]
+    bands = "[]" if stop_only else "[[100.0, 200.0]]"
+    assert f"callbacks.fid_early_stopping.bands={bands}" in calls[0]
+    assert len(calls) == (1 if stop_only else 2)
+    assert ("oe_noise_patch/image_AUROC" in row) is not stop_only
+    assert row["oe_sde_stop/image_AUROC"] == 0.5 and row["fid_at_stop"] == 40.0

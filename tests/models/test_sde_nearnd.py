@@ -61,6 +61,27 @@ def test_fid_factor_target_bands_and_resume(tmp_path):
     assert resumed.curve == fid.curve and resumed.exported == fid.exported
 
 
+def test_checks_are_refined_near_the_target(monkeypatch):
+    fid = FIDEarlyStopping(RawPixels(), every_n_steps=10, num_samples=8, target=10.0, refine_every_n_steps=3,
+                           refine_factor=2.0, grid_size=0)
+    scripted = iter([100.0, 25.0, 15.0, 12.0, 9.0])  # coarse, coarse (> 2 × 10), then refined down to the stop
+    monkeypatch.setattr(fid, "measure", lambda trainer, module: next(scripted))
+    trainer = _trainer([fid], max_steps=60)
+    trainer.fit(_model(), datamodule=_datamodule())
+    assert fid.curve == [(10, 100.0), (20, 25.0), (30, 15.0), (33, 12.0), (36, 9.0)]
+    assert fid.stopped_at == (36, 9.0) and trainer.global_step == 36
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(target=1.0, refine_every_n_steps=20), "1..every_n_steps"),
+    (dict(target=1.0, refine_every_n_steps=2, refine_factor=1.0), "> 1"),
+    (dict(refine_every_n_steps=2), "set target or target_factor"),
+])
+def test_refined_checks_reject_bad_settings(kw, message):
+    with pytest.raises(ValueError, match=message):
+        FIDEarlyStopping(RawPixels(), every_n_steps=10, **kw)
+
+
 def test_export_is_the_same_for_any_batch_size(tmp_path):
     model = _model()
     _trainer([], max_steps=2).fit(model, datamodule=_datamodule())
