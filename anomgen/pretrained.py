@@ -85,8 +85,13 @@ def resolve(model_id: str | os.PathLike, filename: str | None = None, revision: 
         ) from err
 
 
-def load_state_dict_strict(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
-    """Load ``state_dict`` into ``module``; any missing or unexpected key (or shape mismatch) is an error."""
+def load_state_dict_strict(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], source: str,
+                           assign: bool = False) -> None:
+    """Load ``state_dict`` into ``module``; any missing or unexpected key (or shape mismatch) is an error.
+
+    ``assign=True`` for a module built on the meta device (no memory, no random init): its tensors become the
+    checkpoint's, cast to the module's dtypes, and a tensor the checkpoint does not fill (a non-persistent buffer)
+    is an error."""
     own = module.state_dict()
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))
@@ -108,7 +113,15 @@ def load_state_dict_strict(module: torch.nn.Module, state_dict: Mapping[str, tor
         if mismatched:
             parts.append(f"shape mismatches: {show(mismatched)}")
         raise RuntimeError("; ".join(parts))
-    module.load_state_dict(state_dict, strict=True)
+    if not assign:
+        module.load_state_dict(state_dict, strict=True)
+        return
+    module.load_state_dict({k: v.to(own[k].dtype) if v.is_floating_point() else v for k, v in state_dict.items()},
+                           strict=True, assign=True)
+    left = [name for name, t in (*module.named_parameters(), *module.named_buffers()) if t.is_meta]
+    if left:
+        raise RuntimeError(f"weights from {source} leave {type(module).__name__} tensors without values: "
+                           f"{', '.join(left[:10])}")
 
 
 def load_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:

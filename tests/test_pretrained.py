@@ -247,6 +247,25 @@ def test_matching_state_dict_loads_values():
         assert torch.equal(v, state[k]), k
 
 
+def test_meta_module_takes_the_checkpoint_tensors_cast_to_its_dtypes():
+    with torch.device("meta"):
+        model = Tiny()
+    state = {k: v.double() if v.is_floating_point() else v for k, v in _random_state(Tiny()).items()}
+    load_state_dict_strict(model, state, source="test", assign=True)
+    for k, v in model.state_dict().items():
+        assert not v.is_meta and v.dtype == Tiny().state_dict()[k].dtype, k
+        assert torch.equal(v, state[k].to(v.dtype)), k
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_meta_module_with_a_tensor_the_checkpoint_cannot_fill_is_an_error():
+    with torch.device("meta"):
+        model = Tiny()
+        model.register_buffer("cache", torch.zeros(2), persistent=False)  # not in any state dict
+    with pytest.raises(RuntimeError, match="ckpt.pt leave Tiny tensors without values: cache"):
+        load_state_dict_strict(model, _random_state(Tiny()), source="ckpt.pt", assign=True)
+
+
 def test_missing_key_is_an_error_naming_it():
     model = Tiny()
     state = _random_state(model)

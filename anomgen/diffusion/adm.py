@@ -288,9 +288,10 @@ def load_adm_unet(path_or_id: str | os.PathLike = ADM_256_UNCOND, **config_overr
         raise ValueError(f"{path_or_id!r} resolved to the folder {path}; expected a guided-diffusion .pt file "
                          f"such as {ADM_256_UNCOND}")
     config = adm_unet_config(**config_overrides)
-    unet = UNet2DModel(**config)
+    with torch.device("meta"):  # the 552M-parameter model gets the checkpoint's tensors, not a random init first
+        unet = UNet2DModel(**config)
     state = _convert(load_weights_file(path), unet)
-    load_state_dict_strict(unet, state, source=str(path))
+    load_state_dict_strict(unet, state, source=str(path), assign=True)
     return unet.eval()
 
 

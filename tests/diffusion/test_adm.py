@@ -142,8 +142,19 @@ def test_load_adm_unet_from_path_and_from_pretrained_dir(tmp_path, monkeypatch):
     torch.save(state, path)
     x, t = inputs(TINY)
     expected = adm_forward(state, TINY, x, t)
+    from diffusers import UNet2DModel
+
+    built_on = []
+    init = UNet2DModel.__init__
+
+    def spy(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        built_on.append(next(self.parameters()).device.type)
+
+    monkeypatch.setattr(UNet2DModel, "__init__", spy)
     unet = load_adm_unet(str(path), **TINY)
-    assert not unet.training
+    assert built_on == ["meta"]  # no random init of the full model before the checkpoint's tensors replace it
+    assert not unet.training and not any(p.is_meta for p in unet.parameters())
     torch.testing.assert_close(unet(x, t).sample, expected, atol=1e-4, rtol=1e-4)
     monkeypatch.setenv(ENV_DIR, str(tmp_path))
     torch.testing.assert_close(load_adm_unet("tiny_adm.pt", **TINY)(x, t).sample, expected, atol=1e-4, rtol=1e-4)
