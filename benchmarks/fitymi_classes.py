@@ -149,7 +149,9 @@ def summarize(rows: list[dict]) -> dict:
 def markdown_table(rows: list[dict], summary: dict) -> str:
     """One row per class (rows with their FID ratios, :func:`with_fid_ratios`): AUROC one-vs-rest / one-vs-one
     closest of each detector (the README table)."""
-    columns = [("raw pixels", "raw_pixels"), ("ViT, no OE", "no_oe"), ("OE noise patches", "oe_noise_patch")]
+    columns = [("raw pixels", "raw_pixels"), ("ViT, no OE", "no_oe")]
+    if any("oe_noise_patch/image_AUROC" in r for r in rows):  # absent from --stop-only results
+        columns.append(("OE noise patches", "oe_noise_patch"))
     bands = sorted({k.split("/")[0][len("oe_sde_"):] for r in rows for k in r if k.startswith("oe_sde_fid_")},
                    key=lambda name: -summary[f"fid/{name}"])  # farthest from the data (highest mean FID) first
 

@@ -142,3 +142,5 @@ def test_fitymi_class_runs(tmp_path, monkeypatch, stop_only):
     assert len(calls) == (1 if stop_only else 2)
     assert ("oe_noise_patch/image_AUROC" in row) is not stop_only
     assert row["oe_sde_stop/image_AUROC"] == 0.5 and row["fid_at_stop"] == 40.0
+    header = fitymi_classes.markdown_table([row], fitymi_classes.summarize([row])).splitlines()[0]
+    assert ("OE noise patches" in header) is not stop_only and header.endswith("| OE SDE, FID stop |")
