@@ -1,35 +1,37 @@
-"""Score a detector on the real test split and on a synthetic validation set; write the report.
+"""Score detectors on the real test split and on synthetic validation sets; write the report. It only scores.
 
-    python evaluate.py                                   # kNN on raw pixels; the last train.py run's synthetic set
-    python evaluate.py experiment=digits_noise_patch synthetic_set=/path/to/set
+    python evaluate.py                     # the default job's detectors on the last train.py run (README)
+    python evaluate.py experiment=noise_patch_digits synthetic_sets.synthetic=/path/to/set
+    python evaluate.py detector=knn_pixels +detectors.k5={...}
 
-The detector is fitted on the support set (the normal training images). "Real" figures come from the test split;
-"synthetic" figures from the held-out normals (never the test split) against the synthetic anomalies. The run
-directory gets ``metrics.json`` (flat keys such as ``test/image_AUROC``, ``synthetic/image_AUROC``), ``report.md``
-and ``report.json``; its path is the last line printed.
+Every detector (``detector`` and the named ``detectors``) is fitted on the support set (the normal training
+images). "Real" figures come from the test split; the figures of each set in ``synthetic_sets`` (name -> folder) from
+the held-out normals (never the test split) against that set's anomalies. The run directory gets ``metrics.json``
+(flat keys ``<source>/<detector>/<metric>``, e.g. ``test/knn_pixels/image_AUROC``,
+``synthetic/knn_pixels/image_AUROC``), ``report.md``, ``report.json`` and ``run.json``; its path is the last line
+printed.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 import warnings
 from pathlib import Path
 
-os.environ.setdefault("ANOMGEN_ROOT", str(Path(__file__).resolve().parent))
+ROOT = Path(__file__).resolve().parent
+os.environ.setdefault("ANOMGEN_ROOT", str(ROOT))
+if str(ROOT) not in sys.path:  # models/, callbacks/, datamodules/ are folders of the repository, not installed
+    sys.path.insert(0, str(ROOT))
 
 import hydra  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from anomgen.runtime import (  # noqa: E402
-    finish_loggers,
-    instantiate_group,
-    register_resolvers,
-    write_json,
-    write_metrics,
-)
+from anomgen import pipeline  # noqa: E402
+from anomgen.runtime import finish_loggers, instantiate_group, used_config, write_json, write_metrics  # noqa: E402
 
-register_resolvers()
+pipeline.register_resolvers()
 
 
 def synthetic_validation(datamodule, synthetic_set: str):
@@ -49,14 +51,17 @@ def synthetic_validation(datamodule, synthetic_set: str):
     return ConcatDataset([datamodule.val_normals, anomalies]), anomalies
 
 
-def filter_by_quality(cfg: DictConfig, datamodule) -> Path:
-    """Score the synthetic set's anomalies (``cfg.quality``: EAP by default) and keep the best as a new set."""
-    from anomgen.quality.set_scoring import score_set, select_top
-
-    q = hydra.utils.instantiate(cfg.quality)
-    score_set(cfg.synthetic_set, q.scorer, q.extractor, datamodule.support, q.labelled_anomalies, key=q.key)
-    out = Path(cfg.paths.output_dir) / f"synthetic_set_{q.key}_top"
-    return select_top(cfg.synthetic_set, out, q.key, q.keep_fraction)
+def named_detectors(cfg: DictConfig) -> dict:
+    """``detector`` (under its ``name``) and every entry of ``detectors``, in that order."""
+    out = {}
+    if cfg.get("detector"):
+        out[cfg.detector.get("name") or "detector"] = cfg.detector
+    for name, detector in (cfg.get("detectors") or {}).items():
+        if detector is not None:
+            out[name] = detector
+    if not out:
+        raise ValueError("nothing to score: give a detector (detector=knn_pixels) or detectors.<name>={...}")
+    return out
 
 
 def evaluate(cfg: DictConfig) -> tuple[dict, Path]:
@@ -70,28 +75,22 @@ def evaluate(cfg: DictConfig) -> tuple[dict, Path]:
         return evaluate_selection(cfg, run_dir)
     datamodule = hydra.utils.instantiate(cfg.datamodule)
     datamodule.setup("test")
-    detector = hydra.utils.instantiate(cfg.detector)
-    detector.fit(datamodule.support_dataloader())
+    sets = {name: str(path) for name, path in (cfg.get("synthetic_sets") or {}).items() if path}
+    validation = {name: synthetic_validation(datamodule, path) for name, path in sets.items()}
+    batch_size = datamodule.eval_batch_size
 
-    report: dict = {"detector": cfg.detector.get("name", cfg.detector._target_), "task": datamodule.describe()}
+    report: dict = {"task": datamodule.describe(), "synthetic_sets": sets, "detectors": {}}
     metrics: dict = {}
-    real, per_class = image_metrics(*score_dataset(detector, datamodule.test_set, datamodule.eval_batch_size))
-    metrics["test"] = real
-    report["test_per_out_class"] = per_class
-    if cfg.get("synthetic_set"):
-        dataset, anomalies = synthetic_validation(datamodule, cfg.synthetic_set)
-        synth, synth_per_class = image_metrics(*score_dataset(detector, dataset, datamodule.eval_batch_size))
-        metrics["synthetic"] = {**synth, "num_anomalies": len(anomalies), "num_normals": len(datamodule.val_normals)}
-        report["synthetic_set"] = str(cfg.synthetic_set)
-        report["synthetic_per_out_class"] = synth_per_class
-        if cfg.get("quality"):
-            top_dir = filter_by_quality(cfg, datamodule)
-            dataset, top = synthetic_validation(datamodule, top_dir)
-            top_metrics, _ = image_metrics(*score_dataset(detector, dataset, datamodule.eval_batch_size))
-            metrics[f"synthetic_{cfg.quality.key}_top"] = {**top_metrics, "num_anomalies": len(top)}
-            report["selected_set"] = str(top_dir)
-    else:
-        report["synthetic_set"] = None
+    for name, detector_cfg in named_detectors(cfg).items():
+        detector = hydra.utils.instantiate(detector_cfg)
+        detector.fit(datamodule.support_dataloader())
+        real, per_class = image_metrics(*score_dataset(detector, datamodule.test_set, batch_size))
+        metrics.setdefault("test", {})[name] = real
+        report["detectors"][name] = {"target": detector_cfg.get("_target_"), "test_per_out_class": per_class}
+        for set_name, (dataset, anomalies) in validation.items():
+            synth, _ = image_metrics(*score_dataset(detector, dataset, batch_size))
+            metrics.setdefault(set_name, {})[name] = {**synth, "num_anomalies": len(anomalies),
+                                                      "num_normals": len(datamodule.val_normals)}
 
     flat = write_metrics(run_dir, metrics)
     report["metrics"] = metrics
@@ -101,26 +100,26 @@ def evaluate(cfg: DictConfig) -> tuple[dict, Path]:
     # what evaluation uses (train-only groups that shared experiment files bring along are left out)
     numbers = {k: v for k, v in json.loads(flat.read_text()).items() if isinstance(v, (int, float))}
     for logger in loggers:
-        logger.log_hyperparams(used_config(cfg, ("task_name", "tags", "seed", "datamodule", "detector", "quality",
-                                                 "synthetic_set", "paths")))
+        logger.log_hyperparams(used_config(cfg, ("task_name", "tags", "seed", "datamodule", "detector", "detectors",
+                                                 "synthetic_sets", "paths")))
         logger.log_metrics(numbers)
         if hasattr(logger, "log_table"):
-            rows = [[k, v] for k, v in sorted(per_class.items())]
-            logger.log_table(key="test/auroc_per_out_class", columns=["out_class", "AUROC"], data=rows)
+            rows = [[d, k, v] for d, r in report["detectors"].items() for k, v in sorted(r["test_per_out_class"].items())]
+            logger.log_table(key="test/auroc_per_out_class", columns=["detector", "out_class", "AUROC"], data=rows)
+            log_detector_table(logger, metrics)
     finish_loggers(loggers)
+    pipeline.write_run_record(run_dir, {"metrics": str(flat.resolve()), "report": str((run_dir / "report.json").resolve())},
+                              {"task": cfg.task_name})
     return metrics, run_dir
 
 
-def used_config(cfg: DictConfig, keys) -> dict:
-    """The top-level ``keys`` of ``cfg``, each resolved against the whole config (train-only groups that shared
-    experiment files bring along are left out and never resolved)."""
-    from omegaconf import Container
-
-    out = {}
-    for key in keys:
-        node = cfg.get(key)
-        out[key] = OmegaConf.to_container(node, resolve=True) if isinstance(node, Container) else node
-    return out
+def log_detector_table(logger, metrics: dict) -> None:
+    """The detectors side by side (one row each): image AUROC one-vs-rest, one-vs-one mean and closest, per source."""
+    keys = ("image_AUROC", "image_AUROC_one_vs_one_mean", "image_AUROC_one_vs_one_closest")
+    columns = ["detector", *(f"{source}/{k}" for source in metrics for k in keys)]
+    rows = [[name, *(metrics[source].get(name, {}).get(k) for source in metrics for k in keys)]
+            for name in metrics["test"]]
+    logger.log_table(key="summary/auroc", columns=columns, data=rows)
 
 
 def evaluate_selection(cfg: DictConfig, run_dir: Path) -> tuple[dict, Path]:
@@ -187,7 +186,9 @@ def model_selection(sel: DictConfig, tasks: list, cache, out_dir: Path, files: d
     from anomgen.selection.report import write_selection_report
 
     extractors = {name: hydra.utils.instantiate(e) for name, e in sel.extractors.items()}
-    candidates = candidates_from_config(OmegaConf.to_container(sel.candidates, resolve=True))
+    spec = OmegaConf.to_container(sel.candidates, resolve=True) if sel.get("candidates") else \
+        {name: {"k": sel.candidate_k} for name in sel.extractors}  # one candidate per extractor
+    candidates = candidates_from_config(spec)
     k_values = [None if k in (None, "all") else int(k) for k in sel.k_values]
     result = select_models(tasks, candidates, extractors, cache, k_values, batch_size=batch_size)
     files.update(write_selection_report(result, out_dir))
@@ -253,35 +254,36 @@ def save_set_grids(task, out_dir: Path, n: int = 32) -> dict:
 
 
 def render_report(report: dict) -> str:
-    lines = [f"# Evaluation of `{report['detector']}`", ""]
     task = report["task"]
-    lines += [f"Task: {task['dataset']} ({task['protocol']}), normal class `{task['normal_class']}`, "
-              f"support set {task['support_size']} images.", ""]
-    columns = list(report["metrics"])  # test, synthetic, synthetic_<key>_top ...
-    lines += ["| metric | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    lines = ["# Evaluation", "", f"Task: {task['dataset']} ({task['protocol']}), normal class "
+             f"`{task['normal_class']}`, support set {task['support_size']} images.", ""]
+    columns = [(source, name) for source, by_name in report["metrics"].items() for name in by_name]
+    lines += ["| metric | " + " | ".join(f"{s} / {n}" for s, n in columns) + " |", "|---" * (len(columns) + 1) + "|"]
 
     def fmt(values: dict, key: str) -> str:
         value = values.get(key, "–")
         return f"{value:.4f}" if isinstance(value, float) else str(value)
 
-    keys = dict.fromkeys(k for values in report["metrics"].values() for k in values if k != "closest_out_class")
+    keys = dict.fromkeys(k for by_name in report["metrics"].values() for values in by_name.values() for k in values
+                         if k != "closest_out_class")
     for key in keys:
-        lines.append(f"| {key} | " + " | ".join(fmt(report["metrics"][c], key) for c in columns) + " |")
-    lines += ["", f"Closest out-class (real): `{report['metrics']['test'].get('closest_out_class')}`", ""]
-    lines += ["## Real AUROC per out-class", "", "| out-class | AUROC |", "|---|---|"]
-    lines += [f"| {k} | {v:.4f} |" for k, v in sorted(report["test_per_out_class"].items())]
-    lines += ["", f"Synthetic set: `{report['synthetic_set']}`"]
-    if report.get("selected_set"):
-        lines += [f"Kept by quality score: `{report['selected_set']}`"]
+        lines.append(f"| {key} | " + " | ".join(fmt(report["metrics"][s][n], key) for s, n in columns) + " |")
+    for name, detector in report["detectors"].items():
+        lines += ["", f"## `{name}`: real AUROC per out-class", "",
+                  f"Closest out-class (real): `{report['metrics']['test'][name].get('closest_out_class')}`", "",
+                  "| out-class | AUROC |", "|---|---|"]
+        lines += [f"| {k} | {v:.4f} |" for k, v in sorted(detector["test_per_out_class"].items())]
+    lines += [""] + [f"Synthetic set `{name}`: `{path}`" for name, path in report["synthetic_sets"].items()]
     return "\n".join(lines) + "\n"
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
+    from anomgen.runtime import flatten
+
     metrics, run_dir = evaluate(cfg)
-    for split, values in metrics.items():
-        for key, value in values.items():
-            print(f"{split}/{key}: {value:.4f}" if isinstance(value, float) else f"{split}/{key}: {value}")
+    for key, value in flatten(metrics).items():
+        print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
     print(run_dir)
 
 

@@ -1,37 +1,58 @@
-"""Fit a model and, where the model generates, export its synthetic set.
+"""Run one stage, or an experiment's pipeline of stages.
 
-    python train.py                                  # the default job (see the README)
-    python train.py experiment=digits_noise_patch
-    python train.py model=noise_patch datamodule=mvtec trainer=ddp trainer.devices=4
+    python train.py                                  # the default job: the FITYMI pipeline on digits (README)
+    python train.py model=sde_nearnd trainer.devices=4
+    python train.py experiment=noise_patch_digits
+    python train.py experiment=fitymi_digits hydra.run.dir=logs/train/runs/<time>   # resume: finished stages skip
 
-The run directory (logs/train/runs/<time>) gets the config, checkpoints, the synthetic set, image grids and
-``metrics.json``; its path is the last line printed.
+A stage is one model, one datamodule, one Trainer: fit (when the model trains), then predict + export (when it
+generates). It records its outputs (checkpoint, synthetic set, backbone file ...) in ``<run>/run.json``. An
+experiment with a ``pipeline:`` runs its stages in order, each in ``<run>/<stage>`` (see :mod:`anomgen.pipeline`).
+The run folder is the last line printed.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
+import sys
 from pathlib import Path
 
-os.environ.setdefault("ANOMGEN_ROOT", str(Path(__file__).resolve().parent))
+ROOT = Path(__file__).resolve().parent
+os.environ.setdefault("ANOMGEN_ROOT", str(ROOT))
+if str(ROOT) not in sys.path:  # models/, callbacks/, datamodules/ are folders of the repository, not installed
+    sys.path.insert(0, str(ROOT))
 
 import hydra  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
+from anomgen import pipeline  # noqa: E402
 from anomgen.runtime import (  # noqa: E402
     code_version,
     finish_loggers,
     instantiate_group,
-    record_run,
-    register_resolvers,
+    used_config,
+    write_json,
     write_metrics,
-)  # noqa: E402
+)
 
-register_resolvers()
+pipeline.register_resolvers()
+log = logging.getLogger("anomgen")
+CONFIGS = ROOT / "configs"
+STAGE_KEYS = {"overrides", "entry", "bare", "dir"}
 
 
-def train(cfg: DictConfig) -> tuple[dict, Path, bool]:
-    """Fit, then generate and export. Returns (final metrics, run directory, whether this is rank 0)."""
+def train(cfg: DictConfig, overrides: list[str] | None = None) -> tuple[dict, Path, bool]:
+    """Run ``cfg``: its pipeline when it has one (``overrides``: the command line, passed on to every stage it
+    applies to), else one stage. Returns (final metrics, run directory, whether this is rank 0)."""
+    if cfg.get("pipeline"):
+        return run_pipeline(cfg, list(overrides or []))
+    return run_stage(cfg)
+
+
+def run_stage(cfg: DictConfig) -> tuple[dict, Path, bool]:
+    """Fit, then generate and export; record the outputs in ``run.json``."""
     import lightning as L
 
     from callbacks.export import SyntheticSetExport
@@ -42,112 +63,127 @@ def train(cfg: DictConfig) -> tuple[dict, Path, bool]:
     model = hydra.utils.instantiate(cfg.model)
     callbacks = instantiate_group(cfg.get("callbacks"))
     loggers = instantiate_group(cfg.get("logger"))
+    generates = bool(cfg.generate and getattr(model, "generates", False))
+    export = next((c for c in callbacks if isinstance(c, SyntheticSetExport)), None)
+    if generates and export is None:
+        raise ValueError(f"{type(model).__name__} generates, but no SyntheticSetExport callback is configured "
+                         "(callbacks.synthetic_set_export); add it or set generate=false")
+    if generates:
+        export.check_target()  # an existing set is refused before any training, not after it
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    config = OmegaConf.to_container(cfg, resolve=True)
+    config = used_config(cfg)
     version = code_version()
     for logger in loggers:
         logger.log_hyperparams(config)
 
     metrics: dict = {}
-    given_set = cfg.get("outlier_exposure_set")
-    # outlier exposure on a set made before: the generative model is neither fitted nor run
-    synthetic_set = _existing_set(given_set, cfg) if given_set else None
-    fitted = bool(cfg.fit and getattr(model, "trainable", True)) and not given_set
+    outputs: dict = {}
+    fitted = bool(cfg.fit and getattr(model, "trainable", True))
     if fitted:
         # a Lightning checkpoint holds the hyperparameters (optimizer partials, configs), not only tensors, so it is
         # unpickled in full: give ckpt_path only checkpoints you made yourself
         trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=False)
         metrics.update({k: v for k, v in trainer.callback_metrics.items()})
-    if cfg.generate and getattr(model, "generates", False) and not given_set:
-        export = next((c for c in callbacks if isinstance(c, SyntheticSetExport)), None)
-        if export is None:
-            raise ValueError(f"{type(model).__name__} generates, but no SyntheticSetExport callback is configured "
-                             "(callbacks.synthetic_set_export); add it or set generate=false")
+        checkpoint = getattr(trainer.checkpoint_callback, "last_model_path", None)
+        outputs["checkpoint"] = str(Path(checkpoint).resolve()) if checkpoint and Path(checkpoint).is_file() else None
+    if generates:
         export.set_info.update(config=config, task=datamodule.describe(), code_version=version)
         # without fitting, ckpt_path says which weights generate (e.g. export again from a finished run)
         trainer.predict(model, datamodule=datamodule, return_predictions=False,
                         ckpt_path=None if fitted else cfg.get("ckpt_path"), weights_only=False)
-        synthetic_set = str(export.dirpath)
         if trainer.is_global_zero:
             from anomgen.data.synthetic import SyntheticSet
 
             metrics["predict/num_exported"] = len(SyntheticSet(export.dirpath))
-    if cfg.get("outlier_exposure") and synthetic_set is not None:
-        metrics.update(outlier_exposure(cfg, synthetic_set, run_dir, loggers))
-    if cfg.get("compare_detectors") and trainer.is_global_zero:
-        summary = compare_detectors(cfg.compare_detectors, datamodule)
-        metrics.update(summary)
-        log_summary_table(loggers, summary)
+    for part in (model, *callbacks):  # what the model and callbacks wrote: a backbone, FID-band sets, a kept set
+        outputs.update(getattr(part, "stage_outputs", None) or {})
     if trainer.is_global_zero:
-        write_metrics(run_dir, metrics)
-        record_run(cfg.paths.log_dir, run_dir, {"synthetic_set": synthetic_set, "task": cfg.task_name,
-                                                "code_version": version})
+        outputs["metrics"] = str(write_metrics(run_dir, metrics).resolve())
+        pipeline.write_run_record(run_dir, outputs, {"task": cfg.task_name, "code_version": version,
+                                                     "model": cfg.model.get("_target_")})
+        if not cfg.get("pipeline_dir"):
+            pipeline.point_latest_run(cfg.paths.log_dir, run_dir)
     finish_loggers(loggers)
     return metrics, run_dir, trainer.is_global_zero
 
 
-def _existing_set(path: str, cfg: DictConfig) -> str:
-    """``outlier_exposure_set=<dir>``: check that it is a finished synthetic set and that there is a stage to run."""
-    from anomgen.data.synthetic import SyntheticSet
+def run_pipeline(cfg: DictConfig, overrides: list[str]) -> tuple[dict, Path, bool]:
+    """Run the stages of ``cfg.pipeline`` in order in subfolders of the run folder; skip the finished ones."""
+    from omegaconf import open_dict
 
-    if not cfg.get("outlier_exposure"):
-        raise ValueError(f"outlier_exposure_set={path} needs an outlier_exposure stage in the config (e.g. "
-                         "experiment=animals_nearnd); this config has outlier_exposure: null")
-    SyntheticSet(path)  # raises, naming the folder, when it is missing or unfinished
-    return str(Path(path).resolve())
-
-
-def outlier_exposure(cfg: DictConfig, synthetic_set: str, run_dir: Path, loggers: list) -> dict:
-    """Fine-tune a detector backbone on the support normals (0) vs the exported anomalies (1): FITYMI's second
-    stage. ``cfg.outlier_exposure`` holds ``model`` (e.g. model=vit_oe's config), ``trainer`` and, optionally,
-    ``backbone`` (a call that returns the pretrained backbone checkpoint, pretraining it first when it is missing)."""
-    oe = cfg.outlier_exposure
-    if oe.get("backbone"):
-        hydra.utils.instantiate(oe.backbone)
-    datamodule = hydra.utils.instantiate(cfg.datamodule, outlier_exposure_set=synthetic_set,
-                                         outlier_exposure_target=oe.get("target"), batch_size=oe.batch_size)
-    model = hydra.utils.instantiate(oe.model)
-    trainer = hydra.utils.instantiate(oe.trainer, default_root_dir=str(run_dir / "oe"), logger=loggers or False)
-    trainer.fit(model, datamodule=datamodule)
-    return {f"oe/{k}": v for k, v in trainer.callback_metrics.items()}
-
-
-def compare_detectors(detectors: DictConfig, datamodule) -> dict:
-    """Fit each detector's bank on every normal training image, score the real test split: ``summary/<name>/...``
-    (image AUROC one-vs-rest, one-vs-one mean and closest)."""
-    from torch.utils.data import DataLoader
-
-    from anomgen.selection import image_metrics, score_dataset
-
-    datamodule.setup("test")
-    out = {}
-    for name, detector_cfg in detectors.items():
-        detector = hydra.utils.instantiate(detector_cfg)
-        detector.fit(DataLoader(datamodule.train_normals, batch_size=datamodule.eval_batch_size))
-        real, _ = image_metrics(*score_dataset(detector, datamodule.test_set, datamodule.eval_batch_size))
-        for key in ("image_AUROC", "image_AUROC_one_vs_one_mean", "image_AUROC_one_vs_one_closest"):
-            out[f"summary/{name}/{key}"] = real[key]
-    return out
-
-
-def log_summary_table(loggers: list, summary: dict) -> None:
-    """The detector comparison as one table (W&B) or as scalars (other loggers)."""
-    rows: dict[str, dict] = {}
-    for key, value in summary.items():
-        _, name, metric = key.split("/", 2)
-        rows.setdefault(name, {})[metric] = float(value)
-    columns = ["detector", *dict.fromkeys(m for r in rows.values() for m in r)]
-    data = [[name, *(r.get(c) for c in columns[1:])] for name, r in rows.items()]
-    for logger in loggers:
-        if hasattr(logger, "log_table"):
-            logger.log_table(key="summary/auroc", columns=columns, data=data)
+    run_dir = Path(cfg.paths.output_dir).resolve()
+    with open_dict(cfg):
+        cfg.pipeline_dir = str(run_dir)  # ${output:STAGE.KEY} in the stages' overrides reads this pipeline
+    stages = OmegaConf.to_container(cfg.pipeline, resolve=False)  # resolved one stage at a time, when it starts
+    bad = [name for name, stage in stages.items() if not isinstance(stage, dict) or set(stage) - STAGE_KEYS
+           or stage.get("entry", "train") not in ("train", "evaluate")]
+    if bad:
+        raise ValueError(f"pipeline stages {bad}: each stage is {{overrides: [...], entry: train|evaluate, "
+                         "bare: true|false, dir: optional folder}}")
+    folders = {name: str(Path(cfg.pipeline[name].get("dir") or run_dir / name).resolve()) for name in stages}
+    write_json(run_dir / pipeline.PIPELINE_RECORD, {"stages": folders})
+    metrics: dict = {}
+    records: dict = {}
+    is_zero = True
+    for name, stage in stages.items():
+        folder = Path(folders[name])
+        if pipeline.stage_done(folder):
+            log.info("stage %s: finished before (%s), skipped", name, folder)
         else:
-            logger.log_metrics({k: float(v) for k, v in summary.items()})
+            log.info("stage %s: %s in %s", name, stage.get("entry", "train"), folder)
+            own = [pipeline.resolve_override(o, cfg) for o in stage.get("overrides") or []]
+            stage_cfg = compose_stage({**stage, "overrides": own}, overrides, run_dir, folder)
+            if stage.get("entry", "train") == "evaluate":
+                from evaluate import evaluate
+
+                evaluate(stage_cfg)
+            else:
+                _, _, is_zero = run_stage(stage_cfg)
+        records[name] = pipeline.read_run_record(folder) or {}
+        metrics_file = records[name].get("outputs", {}).get("metrics")
+        if metrics_file and Path(metrics_file).is_file():
+            metrics.update({f"{name}/{k}": v for k, v in json.loads(Path(metrics_file).read_text()).items()})
+    if is_zero:
+        write_metrics(run_dir, metrics)
+        pipeline.write_run_record(run_dir, pipeline.pipeline_outputs(records),
+                                  {"task": cfg.task_name, "code_version": code_version(), "stages": folders})
+        pipeline.point_latest_run(cfg.paths.log_dir, run_dir)
+    return metrics, run_dir, is_zero
+
+
+def compose_stage(stage: dict, overrides: list[str], run_dir: Path, folder: Path) -> DictConfig:
+    """A stage's config, as if its command line were: the user's overrides that apply to it, the stage's own, and its
+    place in the pipeline. A ``bare`` stage starts from the bare groups (``~experiment``, no ``debug``), not from the
+    experiment: for a stage that shares nothing with the task (pretraining on another dataset)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    entry = stage.get("entry", "train")
+    placed = [*stage["overrides"], "pipeline=null", f"pipeline_dir={pipeline.hydra_value(str(run_dir))}",
+              f"paths.output_dir={pipeline.hydra_value(str(folder))}"]
+    if stage.get("bare"):  # the pipeline's values (debug sizes included) reach it only through its own overrides
+        overrides = ["~experiment", *(o for o in overrides if not o.lstrip("+~").startswith(("experiment=", "debug=")))]
+    groups = {p.name for p in CONFIGS.iterdir() if p.is_dir()}
+
+    def _compose(extra: list[str]) -> DictConfig:
+        if GlobalHydra.instance().is_initialized():
+            return compose(config_name=entry, overrides=[*extra, *placed])
+        with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+            return compose(config_name=entry, overrides=[*extra, *placed])
+
+    groups_only = [o for o in overrides if o.split("=", 1)[0].split("@")[0].lstrip("+~/") in groups]
+    base = _compose(groups_only)
+    keep, skip = pipeline.applicable_overrides(overrides, base, groups)
+    if skip:
+        log.info("  (overrides not for this stage: %s)", " ".join(skip))
+    return _compose(keep) if keep != groups_only else base
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> None:
-    metrics, run_dir, is_rank_zero = train(cfg)
+    from hydra.core.hydra_config import HydraConfig
+
+    metrics, run_dir, is_rank_zero = train(cfg, list(HydraConfig.get().overrides.task))
     if is_rank_zero:
         for key, value in sorted(metrics.items()):
             print(f"{key}: {float(value):.4f}" if hasattr(value, "__float__") else f"{key}: {value}")

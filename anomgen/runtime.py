@@ -1,11 +1,10 @@
 """What the entry points share that is not Lightning: config resolvers, the run's metrics file, code version.
 
-Resolvers (registered by :func:`register_resolvers`, which the entry points and tests call):
+Resolvers (registered by :func:`anomgen.pipeline.register_resolvers`, which the entry points and tests call):
 
 - ``${tiny_layout:NAME,DIR}``: write (once) a tiny copy of dataset layout NAME under DIR and return its root; the
   ``debug=tiny`` profile points every dataset path at one.
-- ``${latest_set:LOG_DIR}``: the synthetic set exported by the last ``train.py`` run under LOG_DIR.
-- ``${latest_run:LOG_DIR}``: that run's folder (e.g. for the backbone an outlier-exposure stage wrote there).
+- ``${output:KEY}``: an output of an earlier stage or run (:mod:`anomgen.pipeline`).
 """
 
 from __future__ import annotations
@@ -17,11 +16,7 @@ import subprocess
 from collections.abc import Mapping
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
 import anomgen
-
-LATEST_TRAIN_RUN = "latest_train_run.txt"
 
 
 def tiny_layout(name: str, directory: str) -> str:
@@ -40,35 +35,6 @@ def tiny_layout(name: str, directory: str) -> str:
 
             shutil.rmtree(tmp, ignore_errors=True)
     return str(root)
-
-
-def latest_train_run(log_dir: str) -> Path | None:
-    pointer = Path(log_dir) / LATEST_TRAIN_RUN
-    return Path(pointer.read_text().strip()) if pointer.is_file() else None
-
-
-def latest_set(log_dir: str) -> str | None:
-    """The ``synthetic_set`` folder of the last train run, or None when there is none."""
-    run = latest_train_run(log_dir)
-    if run is None:
-        return None
-    info = run / "run.json"
-    if info.is_file():
-        path = json.loads(info.read_text()).get("synthetic_set")
-        return path if path and Path(path).is_dir() else None
-    return None
-
-
-def latest_run(log_dir: str) -> str | None:
-    """The folder of the last train run under ``log_dir`` (None when there is none)."""
-    run = latest_train_run(log_dir)
-    return None if run is None else str(run)
-
-
-def register_resolvers() -> None:
-    for name, fn in (("tiny_layout", tiny_layout), ("latest_set", latest_set), ("latest_run", latest_run)):
-        if not OmegaConf.has_resolver(name):
-            OmegaConf.register_new_resolver(name, fn)
 
 
 def flatten(metrics: Mapping, prefix: str = "", sep: str = "/") -> dict:
@@ -105,14 +71,6 @@ def write_metrics(run_dir: str | Path, metrics: Mapping) -> Path:
     return write_json(Path(run_dir) / "metrics.json", {k: to_jsonable(v) for k, v in flatten(metrics).items()})
 
 
-def record_run(log_dir: str | Path, run_dir: str | Path, info: Mapping) -> None:
-    """Write ``<run_dir>/run.json`` and point ``<log_dir>/latest_train_run.txt`` at the run."""
-    write_json(Path(run_dir) / "run.json", dict(info))
-    from anomgen.files import write_atomic
-
-    write_atomic(Path(log_dir) / LATEST_TRAIN_RUN, str(Path(run_dir).resolve()) + "\n")
-
-
 def code_version() -> str:
     """The package version, plus the git commit (and ``-dirty``) when run from a checkout."""
     here = Path(__file__).resolve().parent.parent
@@ -124,6 +82,21 @@ def code_version() -> str:
         return f"{anomgen.__version__}+g{sha}{'-dirty' if dirty else ''}"
     except (OSError, subprocess.SubprocessError):
         return anomgen.__version__
+
+
+def used_config(cfg, keys=None) -> dict:
+    """The top-level ``keys`` of ``cfg`` (default: all), each resolved against the whole config; what cannot be
+    resolved yet (e.g. ``${output:...}`` of a later pipeline stage) stays as written. For logging what a run used."""
+    from omegaconf import Container, OmegaConf
+
+    out = {}
+    for key in cfg.keys() if keys is None else keys:
+        try:
+            node = cfg.get(key)
+            out[key] = OmegaConf.to_container(node, resolve=True) if isinstance(node, Container) else node
+        except Exception:  # noqa: BLE001 - an interpolation that only a later stage can resolve: as written
+            out[key] = OmegaConf.to_container(cfg, resolve=False).get(key)
+    return out
 
 
 def instantiate_group(cfg) -> list:

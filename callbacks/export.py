@@ -35,12 +35,21 @@ class SyntheticSetExport(Callback):
         self._writer: SetWriter | None = None
         self.exported: Path | None = None
 
-    def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    @property
+    def stage_outputs(self) -> dict:
+        """What the run records (``run.json``): the exported set."""
+        return {} if self.exported is None else {"synthetic_set": str(self.exported.resolve())}
+
+    def check_target(self) -> None:
+        """Refuse an existing set (train.py calls this before fitting, so that no training is wasted)."""
         if self.dirpath.exists() and not self.overwrite:
             raise SyntheticSetError(
                 f"synthetic set {self.dirpath} already exists; refusing to overwrite it. Choose another path or "
                 "set overwrite=True (callbacks.synthetic_set_export.overwrite=true)."
             )
+
+    def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.check_target()
         if trainer.is_global_zero:  # shards of an interrupted run are never a set: safe to drop
             for stale in self.dirpath.parent.glob(f".{self.dirpath.name}.shard-*"):
                 shutil.rmtree(stale)

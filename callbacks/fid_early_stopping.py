@@ -163,6 +163,11 @@ class FIDEarlyStopping(Callback):
             self.stopped_at = (step, fid)
             trainer.should_stop = True
 
+    @property
+    def stage_outputs(self) -> dict:
+        """What the run records (``run.json``): the folder of the FID-band sets, when any was exported."""
+        return {"fid_bands": str(self.export_dir.resolve())} if self.exported else {}
+
     def _export(self, trainer, pl_module, name: str, fid: float) -> None:
         self.exported[name] = fid
         out = self.export_dir / name

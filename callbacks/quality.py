@@ -34,6 +34,11 @@ class QualityFilter(Callback):
         self.overwrite = overwrite
         self.selected: Path | None = None
 
+    @property
+    def stage_outputs(self) -> dict:
+        """What the run records (``run.json``): the kept set, as ``synthetic_set_<key>_top``."""
+        return {} if self.selected is None else {f"synthetic_set_{self.key}_top": str(self.selected.resolve())}
+
     def on_predict_end(self, trainer, pl_module) -> None:
         export = next((c for c in trainer.callbacks if isinstance(c, SyntheticSetExport)), None)
         if export is None or export.exported is None:

@@ -168,3 +168,4 @@ class ViTOE(LightningModule):
             "normal_class": getattr(datamodule, "normal_class", None),
         }
         self.saved_backbone_path = save_backbone(self.backbone, self.output_path(), info)
+        self.stage_outputs = {"backbone": str(Path(self.saved_backbone_path).resolve())}  # recorded in run.json

@@ -65,7 +65,7 @@ def compose_config(tmp_path, tiny_cache):
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
 
-    from anomgen.runtime import register_resolvers
+    from anomgen.pipeline import register_resolvers
 
     register_resolvers()
 

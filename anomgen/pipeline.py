@@ -1,0 +1,200 @@
+"""Stages and pipelines: runs that meet on disk.
+
+A **stage** is one run of ``train.py`` (fit and/or predict + export) or of ``evaluate.py`` (scoring). When it ends it
+writes ``<run>/run.json``: ``complete: true`` and its ``outputs`` (checkpoint, synthetic set, backbone file, metrics
+file ..., each a path). A **pipeline** is an experiment's ordered ``pipeline:`` mapping of stages::
+
+    pipeline:
+      sde: {overrides: [model=sde_nearnd, callbacks=fid]}
+      oe:  {overrides: [model=vit_oe, "datamodule.outlier_exposure_set=${output:sde.synthetic_set}"]}
+      evaluate: {entry: evaluate}
+
+Each stage is composed like a command line (the experiment, then the user's overrides that apply to it, then the
+stage's own) and runs in ``<run>/<stage>`` (or in its ``dir``, e.g. a cache shared by pipelines). A later stage names
+an earlier stage's output through the ``${output:STAGE.KEY}`` resolver, never through Python. A stage whose record is
+complete and whose outputs exist is skipped, so a pipeline rerun in the same folder (``hydra.run.dir=<run>``) resumes
+where it stopped.
+
+Outside a pipeline ``${output:KEY}`` reads the last ``train.py`` run under ``paths.log_dir`` (for a pipeline run, its
+stages' outputs are there as ``STAGE.KEY``; a plain key is the last stage's that has it).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from anomgen.files import write_atomic
+from anomgen.runtime import tiny_layout, write_json
+
+RUN_RECORD = "run.json"
+PIPELINE_RECORD = "pipeline.json"
+LATEST_TRAIN_RUN = "latest_train_run.txt"
+_NO_DEFAULT = object()
+
+
+# -- records -------------------------------------------------------------------------------------------------------
+def read_run_record(run_dir: str | Path) -> dict | None:
+    """``<run_dir>/run.json``, or None when the run never finished."""
+    path = Path(run_dir) / RUN_RECORD
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); delete it to run that stage again") from err
+    return record if isinstance(record, dict) else None
+
+
+def write_run_record(run_dir: str | Path, outputs: Mapping[str, Any], info: Mapping[str, Any]) -> Path:
+    """Mark ``run_dir`` complete with its ``outputs`` (written last, atomically: a run killed before has no record)."""
+    record = {**dict(info), "complete": True, "outputs": {k: v for k, v in outputs.items() if v is not None}}
+    return write_json(Path(run_dir) / RUN_RECORD, record)
+
+
+def point_latest_run(log_dir: str | Path, run_dir: str | Path) -> None:
+    """``<log_dir>/latest_train_run.txt`` names ``run_dir``: what ``${output:...}`` reads outside a pipeline."""
+    write_atomic(Path(log_dir) / LATEST_TRAIN_RUN, str(Path(run_dir).resolve()) + "\n")
+
+
+def latest_train_run(log_dir: str | Path) -> Path | None:
+    pointer = Path(log_dir) / LATEST_TRAIN_RUN
+    return Path(pointer.read_text().strip()) if pointer.is_file() else None
+
+
+def stage_done(run_dir: str | Path) -> bool:
+    """The stage in ``run_dir`` finished: its record is complete and every output path it names still exists."""
+    record = read_run_record(run_dir)
+    if not record or not record.get("complete"):
+        return False
+    paths = [v for v in record.get("outputs", {}).values() if isinstance(v, str) and v.startswith("/")]
+    return all(Path(p).exists() for p in paths)
+
+
+def stage_dirs(pipeline_dir: str | Path) -> dict[str, str]:
+    """Stage name -> folder, as the pipeline recorded them in ``pipeline.json``."""
+    path = Path(pipeline_dir) / PIPELINE_RECORD
+    return json.loads(path.read_text())["stages"] if path.is_file() else {}
+
+
+# -- the ${output:...} resolver --------------------------------------------------------------------------------------
+def stage_output(ref: str, pipeline_dir: str | Path) -> Any:
+    """``STAGE.KEY`` of the pipeline in ``pipeline_dir``: the output KEY that stage recorded."""
+    name, _, key = ref.partition(".")
+    if not key:
+        raise ValueError(f"${{output:{ref}}} inside a pipeline names a stage and an output: STAGE.KEY")
+    folders = stage_dirs(pipeline_dir)
+    if name not in folders:
+        raise ValueError(f"${{output:{ref}}}: pipeline {pipeline_dir} has no stage {name!r} before this one "
+                         f"(stages: {', '.join(folders) or 'none'})")
+    record = read_run_record(folders[name])
+    if record is None:
+        raise ValueError(f"${{output:{ref}}}: stage {name!r} ({folders[name]}) has not finished")
+    outputs = record.get("outputs", {})
+    if key not in outputs:
+        raise ValueError(f"${{output:{ref}}}: stage {name!r} recorded no output {key!r} "
+                         f"(it has: {', '.join(sorted(outputs)) or 'none'})")
+    return outputs[key]
+
+
+def run_output(ref: str, log_dir: str | Path) -> Any:
+    """Output ``ref`` of the last ``train.py`` run under ``log_dir``."""
+    run = latest_train_run(log_dir)
+    if run is None:
+        raise ValueError(f"${{output:{ref}}}: no train.py run has finished under {log_dir} (run train.py first, or "
+                         "give the value on the command line)")
+    record = read_run_record(run)
+    outputs = (record or {}).get("outputs", {})
+    if ref not in outputs:
+        raise ValueError(f"${{output:{ref}}}: the last train.py run ({run}) recorded no output {ref!r} "
+                         f"(it has: {', '.join(sorted(outputs)) or 'none'})")
+    return outputs[ref]
+
+
+def output_resolver(ref: str, default: Any = _NO_DEFAULT, *, _root_: DictConfig) -> Any:
+    """``${output:STAGE.KEY}`` inside a pipeline; ``${output:KEY}`` or ``${output:KEY,DEFAULT}`` outside one."""
+    pipeline_dir = OmegaConf.select(_root_, "pipeline_dir", default=None)
+    try:
+        if pipeline_dir:
+            return stage_output(ref, pipeline_dir)
+        return run_output(ref, OmegaConf.select(_root_, "paths.log_dir"))
+    except ValueError:
+        if default is _NO_DEFAULT:
+            raise
+        return default
+
+
+def pipeline_outputs(stage_records: Mapping[str, Mapping]) -> dict:
+    """A pipeline's outputs: ``STAGE.KEY`` for every stage output, and plain ``KEY`` for the last stage having it."""
+    out: dict = {}
+    for name, record in stage_records.items():
+        for key, value in (record.get("outputs") or {}).items():
+            out[f"{name}.{key}"] = value
+            out[key] = value
+    return out
+
+
+# -- composing a stage -----------------------------------------------------------------------------------------------
+def applicable_overrides(overrides: list[str], base: DictConfig, groups: set[str]) -> tuple[list[str], list[str]]:
+    """Split the user's command-line ``overrides`` into those that apply to a stage whose config (composed without
+    them) is ``base``, and those that do not. Group choices (``datamodule=mvtec``, ``debug=tiny``) apply to every stage;
+    a value (``model.sde.kind=ve``, ``+trainer.fast_dev_run=true``) applies where its key (for ``+``: its parent)
+    exists, so that ``model.*`` values reach the stages whose model has them. ``hydra.*`` is the pipeline's own."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    keep, skip = [], []
+    for text, override in zip(overrides, OverridesParser.create().parse_overrides(overrides)):
+        key = override.key_or_group
+        if key.startswith("hydra.") or key == "hydra":
+            skip.append(text)
+            continue
+        if key.split("@")[0].lstrip("/") in groups or override.package is not None:
+            keep.append(text)
+            continue
+        probe = key.rsplit(".", 1)[0] if override.is_add() or override.is_force_add() else key
+        found = probe == key and override.is_add() or OmegaConf.select(base, probe, default=_NO_DEFAULT,
+                                                                       throw_on_resolution_failure=False) is not _NO_DEFAULT
+        (keep if found else skip).append(text)
+    return keep, skip
+
+
+def hydra_value(value: Any) -> str:
+    """``value`` written as a command-line override value (null, true, numbers, quoted strings, lists, dicts)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    if isinstance(value, Mapping):
+        return "{" + ", ".join(f"{k}: {hydra_value(v)}" for k, v in value.items()) + "}"
+    return "[" + ", ".join(hydra_value(v) for v in value) + "]"
+
+
+def resolve_override(text: str, cfg: DictConfig) -> str:
+    """A stage's override with the ``${...}`` of its value resolved in the pipeline's config ``cfg`` (so that a stage
+    composed from the bare groups can use the experiment's keys, and ``${output:...}`` of the stages before it)."""
+    key, sep, value = text.partition("=")
+    if not sep or "${" not in value:
+        return text
+    probe = OmegaConf.create({"value": value})
+    probe._set_parent(cfg)  # interpolations resolve against the pipeline's root
+    try:
+        resolved = probe.value
+    except Exception as err:  # omegaconf wraps resolver errors: name the stage override
+        raise ValueError(f"pipeline override {text!r}: {err}") from err
+    resolved = OmegaConf.to_container(resolved, resolve=True) if OmegaConf.is_config(resolved) else resolved
+    return f"{key}={hydra_value(resolved)}"
+
+
+def register_resolvers() -> None:
+    """``${output:...}`` (above) and ``${tiny_layout:...}`` (:func:`anomgen.runtime.tiny_layout`)."""
+    for name, fn in (("output", output_resolver), ("tiny_layout", tiny_layout)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
