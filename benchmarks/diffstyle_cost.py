@@ -1,5 +1,5 @@
 """DiffStyle: UNet evaluations and wall time of an S × C set, against the naive way that inverts the style and the
-content image again for every pair. Feeds the README table "DiffStyle and selection costs".
+content image again for every pair. Feeds the table "DiffStyle cost" of docs/results/performance.md.
 
     python benchmarks/diffstyle_cost.py --styles 10 --contents 10 --steps 50 --size 64
 
@@ -7,6 +7,10 @@ Both make the same S·C anomalies with the same UNet (random weights: only the c
 images. The minimum is (S + C) inversions + S·C generations, i.e. (S + C)·N + S·C·(N + N_edit) image passes for N
 DDIM steps of which N_edit are at t ≥ t_edit (each edited step is one batched pass over ε and ε̃). Prints one JSON
 object per way and one with the ratios (naive / ours).
+
+``--doc PAGE`` (e.g. ``--doc docs/results/performance.md``) also rewrites the page's block
+``<!-- begin: diffstyle_cost -->`` ... ``<!-- end: ... -->`` with the command and the table of this run; the rest of
+the page is left as it is.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--channels", type=int, nargs="+", default=[32, 64, 64])
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--t-edit", type=int, default=400)
+    parser.add_argument("--doc", default=None, help="a page of docs/results/ whose block this run's table rewrites")
     args = parser.parse_args(argv)
 
     torch.manual_seed(0)
@@ -82,6 +87,22 @@ def main(argv=None) -> list[dict]:
                "device": device}
     print(json.dumps(summary), flush=True)
     rows.append(summary)
+    if args.doc:
+        import sys
+
+        from docpage import table, write_doc
+
+        minimum_note = " (= the minimum (S+C)·N + S·C·(N+N_edit))" if summary["ours_equals_minimum"] else ""
+        where = "CPU" if device == "cpu" else torch.cuda.get_device_name(0)
+        body = table(["what", "ours", "baseline", "ratio"], [
+            [f"{args.styles} × {args.contents} DiffStyle set, {args.steps} steps, {args.size} px random UNet "
+             f"({where}): UNet image passes", f"{a['unet_evaluations']:,}{minimum_note}",
+             f"{b['unet_evaluations']:,} (style and content inverted again for every pair)",
+             f"{summary['evaluations_naive_over_ours']:.1f}× fewer"],
+            ["same: wall time", f"{a['seconds']:.1f} s", f"{b['seconds']:.1f} s",
+             f"{summary['seconds_naive_over_ours']:.2f}× faster"]])
+        note = f"Both ways give the same images up to {max_diff:.1e} (batched float sums)."
+        write_doc(args.doc, "diffstyle_cost", "diffstyle_cost.py", sys.argv[1:] if argv is None else argv, body, note)
     return rows
 
 

@@ -1,6 +1,6 @@
 """EAP's protocol on real data that ships here: how well each quality score ranks good auxiliary anomalies above
-poor ones, and what keeping the top third does to a detector. Feeds the README table "EAP: quality of auxiliary
-anomalies".
+poor ones, and what keeping the top third does to a detector. Feeds the two tables "EAP: quality of auxiliary
+anomalies" of docs/results/eap.md (``--unrealistic-scale 3``, the default, and ``--unrealistic-scale 1``).
 
 For each data set and seed, normals and real anomalies are split into
 - a training set: 60% of the normals (y = 0) and m labelled real anomalies (y = 1);
@@ -19,6 +19,11 @@ the training normals (Animal-MNIST).
     python benchmarks/eap_quality.py --seeds 2 --datasets breast_cancer digits_3_vs_8
 
 Prints one JSON object per (data set, scorer) and a final one with the mean AUC_QLT, ACC_G and average rank.
+
+``--doc PAGE`` (e.g. ``--doc docs/results/eap.md``) also rewrites the page's block
+``<!-- begin: eap_quality scale-<unrealistic scale> -->`` ... ``<!-- end: ... -->`` (``scale-3``, ``scale-1``) with
+the command and the table of this run: one line per scorer, AUC_QLT per data set, the means and the average rank;
+the rest of the page is left as it is.
 """
 
 from __future__ import annotations
@@ -151,6 +156,7 @@ def main(argv=None) -> None:
     parser.add_argument("--datasets", nargs="+", default=[*TABULAR, *IMAGE_PAIRS])
     parser.add_argument("--unrealistic-scale", type=float, default=3.0,
                         help="mean norm of the unrealistic third / that of the training normals (standardised)")
+    parser.add_argument("--doc", default=None, help="a page of docs/results/ whose block this run's table rewrites")
     args = parser.parse_args(argv)
 
     others = {}
@@ -211,6 +217,30 @@ def main(argv=None) -> None:
     print(json.dumps({"name": "eap_quality_summary", "datasets": list(per_dataset), "seeds": args.seeds,
                       "subsets": args.subsets, "unrealistic_scale": args.unrealistic_scale, "summary": summary,
                       "device": "cpu"}))
+    if args.doc:
+        write_table(args, per_dataset, summary, argv)
+
+
+def dataset_label(name: str) -> str:
+    """``breast_cancer`` -> ``breast cancer``, ``digits_3_vs_8`` -> ``digits 3/8``, ``animals_Dog_vs_Cat`` ->
+    ``Dog/Cat``: the page's column names."""
+    if name in IMAGE_PAIRS:
+        source, normal, anomaly = IMAGE_PAIRS[name]
+        return f"{'digits ' if source == 'digits' else ''}{normal}/{anomaly}"
+    return name.replace("_", " ")
+
+
+def write_table(args, per_dataset: dict, summary: dict, argv) -> None:
+    from docpage import table, write_doc
+
+    datasets = list(per_dataset)
+    body = table(["scorer", *map(dataset_label, datasets), "mean AUC_QLT", "mean ACC_G", "avg rank"],
+                 [[s, *(f"{per_dataset[d][s]['auc_qlt']:.3f}" for d in datasets), f"**{v['auc_qlt']:.3f}**",
+                   f"{v['acc_g']:+.3f}", f"{v['avg_rank']:.2f}"] for s, v in summary.items()])
+    note = (f"{args.seeds} seeds, EAP with {args.subsets} bootstrap subsets, unrealistic third at "
+            f"{args.unrealistic_scale:g}× the training normals' mean norm; CPU.")
+    write_doc(args.doc, f"eap_quality scale-{args.unrealistic_scale:g}", "eap_quality.py",
+              sys.argv[1:] if argv is None else argv, body, note)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,12 @@
 """FITYMI over every class of a shipped dataset as the normal class: kNN on raw pixels, the backbone pretrained on
 the other dataset without OE, with OE on a simple source (noise patches), and with OE on score-SDE fakes taken at
-several FID bands (the paper's Table 4 in kind) and at the FID stop. Feeds the README section "FITYMI per class"
-(Animal-MNIST, the near-distribution task, and digits, the easy one).
+several FID bands (the paper's Table 4 in kind) and at the FID stop. Feeds the tables "FITYMI per class" of
+``docs/results/fitymi.md`` (Animal-MNIST, the near-distribution task, and digits, the easy one) and "At the target".
 
-    python benchmarks/fitymi_classes.py --experiment animals_nearnd \\
+    python benchmarks/fitymi_classes.py --experiment fitymi_animals \\
         --results benchmarks/results/fitymi_animals.jsonl \\
         --sde-extra callbacks.fid_early_stopping.num_samples=128 model.num_steps=50 trainer.max_epochs=30
-    python benchmarks/fitymi_classes.py --experiment digits_nearnd --results benchmarks/results/fitymi_digits.jsonl
+    python benchmarks/fitymi_classes.py --experiment fitymi_digits --results benchmarks/results/fitymi_digits.jsonl
 
 For each class:
 
@@ -26,6 +26,15 @@ continues where it stopped. The summary of every row in the results file (mean o
 have it, with their number; each set's FID also as a multiple of the class's held-out FID) is printed and written
 next to the results (``<results>.summary.json``), with a markdown table. On a 2-core CPU a class takes 22–33 min on
 Animal-MNIST and 5 min on digits.
+
+``--doc PAGE`` (e.g. ``--doc docs/results/fitymi.md``, or just ``fitymi.md``) also rewrites the page's block
+``<!-- begin: fitymi_classes <results stem> -->`` ... ``<!-- end: ... -->`` (``--doc-block`` names another) with
+this command and the table of every row in the results file; the rest of the page is left as it is. Run it with the
+arguments that made the rows: classes already in the results file are not run again, so when every class is there
+it only rewrites the block (in seconds).
+
+Rows written before the experiments were renamed ``<method>_<dataset>`` carry the old names (``animals_nearnd``,
+``digits_nearnd``); they are read as the new ones (``RENAMED``).
 """
 
 from __future__ import annotations
@@ -43,12 +52,14 @@ KEYS = ("image_AUROC", "image_AUROC_one_vs_one_mean", "image_AUROC_one_vs_one_cl
 # per experiment: the classes (Animal-MNIST's closest pairs first) and pixel-FID bands that its checks every 50 steps
 # fall into before the stop (Animal-MNIST: ~300, ~170, then ~55 at the stop; digits: ~21, ~12, then ~2)
 EXPERIMENTS = {
-    "animals_nearnd": {"classes": ("Dog", "Cat", "Sheep", "Cow", "Horse", "Giraffe", "Bear", "Bird", "Elephant",
+    "fitymi_animals": {"classes": ("Dog", "Cat", "Sheep", "Cow", "Horse", "Giraffe", "Bear", "Bird", "Elephant",
                                    "Zebra"), "bands": ("200:", "100:200"),
                        "noise": ("model=noise_patch", "~model.unet", "callbacks=default")},  # drop its UNet sizing
-    "digits_nearnd": {"classes": tuple(str(d) for d in range(10)), "bands": ("15:", "5:15"),
+    "fitymi_digits": {"classes": tuple(str(d) for d in range(10)), "bands": ("15:", "5:15"),
                       "noise": ("model=noise_patch", "callbacks=default")},
 }
+# the experiments' names before they were renamed <method>_<dataset>: rows in older results files carry them
+RENAMED = {"animals_nearnd": "fitymi_animals", "digits_nearnd": "fitymi_digits"}
 
 
 def parse_band(text: str) -> list:
@@ -148,7 +159,7 @@ def summarize(rows: list[dict]) -> dict:
 
 def markdown_table(rows: list[dict], summary: dict) -> str:
     """One row per class (rows with their FID ratios, :func:`with_fid_ratios`): AUROC one-vs-rest / one-vs-one
-    closest of each detector (the README table)."""
+    closest of each detector (the tables of docs/results/fitymi.md)."""
     columns = [("raw pixels", "raw_pixels"), ("ViT, no OE", "no_oe")]
     if any("oe_noise_patch/image_AUROC" in r for r in rows):  # absent from --stop-only results
         columns.append(("OE noise patches", "oe_noise_patch"))
@@ -170,16 +181,16 @@ def markdown_table(rows: list[dict], summary: dict) -> str:
         fid, ratio = r.get("fid_at_stop"), r.get("fid_ratio/stop")
         return "–" if fid is None else f"{fid:.1f}" + ("" if ratio is None else f" ({ratio:.1f}×)")
 
-    lines = ["| normal class | FID at stop (× held-out) | " + " | ".join(c for c, _ in columns) + " |",
-             "|---" * (len(columns) + 2) + "|"]
-    for r in [*rows, {**summary, "normal_class": f"mean ({len(rows)} classes)"}]:
-        lines.append(f"| {r['normal_class']} | {fid_cell(r)} | " + " | ".join(cell(r, p) for _, p in columns) + " |")
-    return "\n".join(lines)
+    from docpage import table
+
+    return table(["normal class", "FID at stop (× held-out)", *(c for c, _ in columns)],
+                 [[r["normal_class"], fid_cell(r), *(cell(r, p) for _, p in columns)]
+                  for r in [*rows, {**summary, "normal_class": f"mean ({len(rows)} classes)"}]])
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--experiment", choices=sorted(EXPERIMENTS), default="animals_nearnd")
+    parser.add_argument("--experiment", choices=sorted(EXPERIMENTS), default="fitymi_animals")
     parser.add_argument("--classes", nargs="+", default=None, help="default: every class of the experiment's dataset")
     parser.add_argument("--results", default=None,
                         help="JSON-lines file of per-class rows: appended to, and classes already in it are skipped")
@@ -194,13 +205,20 @@ def main(argv=None) -> dict:
     parser.add_argument("--extra", nargs="*", default=[], help="more overrides for every run (e.g. debug=tiny)")
     parser.add_argument("--sde-extra", nargs="*", default=[],
                         help="more overrides for the SDE runs only (e.g. callbacks.fid_early_stopping.num_samples=128)")
+    parser.add_argument("--doc", default=None,
+                        help="a page of docs/results/ whose block of this results file is rewritten with the table")
+    parser.add_argument("--doc-block", default=None,
+                        help="the block's name (default: 'fitymi_classes <stem of --results>')")
     args = parser.parse_args(argv)
+    if args.doc and not args.results:
+        parser.error("--doc needs --results: the table is made from the rows of a results file")
     defaults = EXPERIMENTS[args.experiment]
     classes = args.classes or list(defaults["classes"])
     bands = args.bands if args.bands is not None else [parse_band(b) for b in defaults["bands"]]
     results = Path(args.results) if args.results else None
     rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()] \
         if results and results.is_file() else []
+    rows = [{**r, "experiment": RENAMED.get(r.get("experiment"), r.get("experiment"))} for r in rows]
     other = {r.get("experiment") for r in rows} - {args.experiment}
     if other:
         raise SystemExit(f"{results} holds rows of {sorted(map(str, other))}, not {args.experiment}: use another file")
@@ -225,6 +243,17 @@ def main(argv=None) -> dict:
     if results:
         results.with_suffix(".summary.json").write_text(json.dumps({"summary": summary, "table": table}, indent=2)
                                                         + "\n")
+    if args.doc:
+        from docpage import write_doc
+
+        devices = ", ".join(summary["devices"])
+        absolute = results.resolve()
+        shown = absolute.relative_to(ROOT) if absolute.is_relative_to(ROOT) else results
+        page = write_doc(args.doc, args.doc_block or f"fitymi_classes {results.stem}", "fitymi_classes.py",
+                         sys.argv[1:] if argv is None else argv, table,
+                         f"Rows: `{shown}` ({len(rows)} classes; device: {devices}).\nCells: AUROC one-vs-rest / "
+                         "one-vs-one closest.")
+        print(f"wrote {page}", file=sys.stderr)
     return summary
 
 

@@ -1,4 +1,5 @@
-"""Peak memory and time of pixel AUROC and pixel AUPRO, exact vs binned (feeds the README table "Pixel metrics memory").
+"""Peak memory and time of pixel AUROC and pixel AUPRO, exact vs binned (feeds the table "Pixel metrics memory" of
+docs/results/performance.md).
 
 Data: ``--images`` (default 100) synthetic images of ``--size``x``--size`` (default 1024x1024) from
 :func:`anomgen.metrics._synthetic.smooth_maps_and_blob_masks` (smooth random maps in (0, 1), random blob masks,
@@ -19,6 +20,11 @@ Output: one JSON object per line on stdout -- one per (metric, mode), then one p
 
     python benchmarks/pixel_metrics_memory.py                      # 100 x 1024x1024, ~ a few minutes
     python benchmarks/pixel_metrics_memory.py --images 10 --size 256   # quick check
+    python benchmarks/pixel_metrics_memory.py --doc docs/results/performance.md   # also rewrite the page's table
+
+``--doc PAGE`` rewrites the page's block ``<!-- begin: pixel_metrics_memory -->`` ... ``<!-- end: ... -->`` with the
+command and the table of this run (peak memory above the baseline, metric time = update + compute); the rest of the
+page is left as it is.
 """
 
 from __future__ import annotations
@@ -130,6 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-thresholds", type=int, default=DEFAULT_NUM_THRESHOLDS)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--metrics", nargs="+", default=list(METRICS), choices=METRICS)
+    parser.add_argument("--doc", default=None, help="a page of docs/results/ whose block this run's table rewrites")
     parser.add_argument("--child", nargs=2, metavar=("METRIC", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -141,6 +148,7 @@ def main(argv: list[str] | None = None) -> None:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [repo_root, os.environ.get("PYTHONPATH")])))
     base_cmd = [sys.executable, os.path.abspath(__file__), "--images", str(args.images), "--size", str(args.size),
                 "--batch", str(args.batch), "--num-thresholds", str(args.num_thresholds), "--seed", str(args.seed)]
+    rows = []
     for metric_name in args.metrics:
         results = {}
         for mode in MODES:
@@ -168,6 +176,33 @@ def main(argv: list[str] | None = None) -> None:
                 "metric_time_ratio": binned["metric_s"] / exact["metric_s"],
                 "device": "cpu",
             }), flush=True)
+            rows.append((metric_name, exact, binned))
+    if args.doc:
+        write_table(args, rows, argv)
+
+
+def write_table(args: argparse.Namespace, rows: list[tuple[str, dict, dict]], argv: list[str] | None) -> None:
+    """The page's table: one line per (metric, mode), the binned line with its ratio and gap to the exact value."""
+    from docpage import size, table, write_doc
+
+    def sci(x: float) -> str:
+        return f"{x:.1e}".replace("e-0", "e-").replace("e+0", "e+")
+
+    lines = []
+    for metric_name, exact, binned in rows:
+        label = metric_name.replace("_", " ")
+        ratio = binned["peak_rss_above_baseline_bytes"] / exact["peak_rss_above_baseline_bytes"]
+        for r in (exact, binned):
+            extra = [f"{ratio:.2f}", sci(abs(exact["value"] - binned["value"]))] if r is binned else [None, None]
+            lines.append([label, r["mode"], size(r["state_bytes"]), size(r["peak_rss_above_baseline_bytes"]),
+                          f"{r['metric_s']:.1f} s", *extra])
+    body = table(["metric", "mode", "metric states", "peak memory", "time", "binned / exact memory",
+                  "|exact − binned|"], lines)
+    note = (f"{args.images} anomaly maps of {args.size}×{args.size} ({args.batch} per update), CPU, binned mode with "
+            f"K = {args.num_thresholds:,} thresholds over (0, 1); peak memory above the baseline, each case in a "
+            "fresh process.")
+    write_doc(args.doc, "pixel_metrics_memory", "pixel_metrics_memory.py", sys.argv[1:] if argv is None else argv,
+              body, note)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -114,8 +115,8 @@ def test_fitymi_classes_resumes_and_summarizes(tmp_path, monkeypatch):
     assert fitymi_classes.main(["--classes", "Cat", "--results", str(results)])["classes"] == ["Dog", "Cat"]
     assert made == ["Dog", "Cat"]
     assert fitymi_classes.parse_band("100:200") == [100.0, 200.0] and fitymi_classes.parse_band(":20") == [None, 20.0]
-    with pytest.raises(SystemExit, match="digits_nearnd"):
-        fitymi_classes.main(["--experiment", "digits_nearnd", "--classes", "3", "--results", str(results)])
+    with pytest.raises(SystemExit, match="fitymi_digits"):
+        fitymi_classes.main(["--experiment", "fitymi_digits", "--classes", "3", "--results", str(results)])
 
 
 @pytest.mark.parametrize("stop_only", [False, True])
@@ -134,7 +135,7 @@ def test_fitymi_class_runs(tmp_path, monkeypatch, stop_only):
         return {**metrics, "train/fid": 40.0}, tmp_path  # no fid_bands folder: no band set was exported
 
     monkeypatch.setattr(fitymi_classes, "run_train", fake_run_train)
-    row = fitymi_classes.run_class("animals_nearnd", "Cat", tmp_path, [[100.0, 200.0]], [], ["model.num_steps=5"],
+    row = fitymi_classes.run_class("fitymi_animals", "Cat", tmp_path, [[100.0, 200.0]], [], ["model.num_steps=5"],
                                    stop_only=stop_only)
     assert "model.num_steps=5" in calls[0] and "datamodule.normal_class=Cat" in calls[0]
     bands = "[]" if stop_only else "[[100.0, 200.0]]"
@@ -144,3 +145,86 @@ def test_fitymi_class_runs(tmp_path, monkeypatch, stop_only):
     assert row["oe_sde_stop/image_AUROC"] == 0.5 and row["fid_at_stop"] == 40.0
     header = fitymi_classes.markdown_table([row], fitymi_classes.summarize([row])).splitlines()[0]
     assert ("OE noise patches" in header) is not stop_only and header.endswith("| OE SDE, FID stop |")
+
+
+PAGE = """# A page
+
+Text above, written by hand.
+
+<!-- begin: selection_cost -->
+old command and table
+<!-- end: selection_cost -->
+
+Text between the blocks.
+
+<!-- begin: fitymi_classes rows -->
+| the old table |
+<!-- end: fitymi_classes rows -->
+
+Text below.
+"""
+
+
+def _outside_blocks(page: str) -> str:
+    return re.sub(r"<!-- begin: (.*?) -->\n.*?<!-- end: \1 -->", r"<\1>", page, flags=re.S)
+
+
+def test_replace_block_rewrites_one_block_and_nothing_else(tmp_path):
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from docpage import replace_block, table
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    page = tmp_path / "page.md"
+    page.write_text(PAGE)
+    replace_block(page, "selection_cost", "\nnew text\n" + table(["a", "b|c"], [[1, None]]) + "\n")
+    text = page.read_text()
+    assert "<!-- begin: selection_cost -->\nnew text\n| a | b\\|c |\n|---|---|\n| 1 | |\n<!-- end: selection_cost -->" \
+        in text
+    assert _outside_blocks(text) == _outside_blocks(PAGE) and "| the old table |" in text
+    replace_block(page, "selection_cost", "")  # an empty block keeps its markers
+    assert "<!-- begin: selection_cost -->\n<!-- end: selection_cost -->" in page.read_text()
+    with pytest.raises(ValueError, match="found 0"):  # never appended where nobody looks
+        replace_block(page, "eap_speed", "x")
+    page.write_text(PAGE + PAGE)
+    with pytest.raises(ValueError, match="found 2"):
+        replace_block(page, "selection_cost", "x")
+
+
+def test_selection_cost_refreshes_its_block_of_a_page(tmp_path):
+    """A benchmark run with --doc rewrites its block of a copy of its page: the command it ran and its table; the
+    rest of the page stays byte for byte."""
+    page = tmp_path / "performance.md"
+    page.write_text(PAGE)
+    rows = _run("selection_cost.py", "--tasks", "2", "--doc", str(page))
+    text = page.read_text()
+    assert _outside_blocks(text) == _outside_blocks(PAGE)
+    block = text.split("<!-- begin: selection_cost -->\n", 1)[1].split("<!-- end: selection_cost -->", 1)[0]
+    assert block.startswith("```bash\npython benchmarks/selection_cost.py --tasks 2\n```\n")
+    assert "| what | ours | baseline | ratio |" in block and "old command" not in block
+    shared = rows[0]["images_through_extractors"]
+    assert f"| {shared:,} (feature cache) |" in block and "× 2 digit tasks" in block
+
+
+def test_fitymi_classes_refreshes_its_block_from_the_results_file(tmp_path, monkeypatch):
+    """fitymi_classes.py --doc: the block named after the results file gets the table of every row in it (here with
+    no run: the class is already there), rows of the experiment's old name are read as the new one, and the rest of
+    the page is untouched."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import fitymi_classes
+
+    monkeypatch.setattr(fitymi_classes, "run_class", lambda *a, **k: pytest.fail("a class in the results file ran"))
+    results = tmp_path / "rows.jsonl"
+    row = {"name": "fitymi_class", "experiment": "animals_nearnd", "normal_class": "Dog", "device": "cpu",
+           "fid_at_stop": 50.0, "fid_reference": 25.0,
+           **{f"{p}/{k}": 0.5 for p in ("raw_pixels", "no_oe", "oe_sde_stop") for k in fitymi_classes.KEYS}}
+    results.write_text(json.dumps(row) + "\n")
+    page = tmp_path / "fitymi.md"
+    page.write_text(PAGE)
+    summary = fitymi_classes.main(["--experiment", "fitymi_animals", "--classes", "Dog", "--results", str(results),
+                                   "--doc", str(page)])
+    assert summary["experiment"] == "fitymi_animals"
+    text = page.read_text()
+    assert _outside_blocks(text) == _outside_blocks(PAGE) and "| the old table |" not in text
+    assert f"--results {results}" in text.replace(" \\\n    ", " ") and "--doc" not in text
+    assert "| Dog | 50.0 (2.0×) | 0.500 / 0.500 | 0.500 / 0.500 | 0.500 / 0.500 |" in text
