@@ -121,7 +121,7 @@ def run_pipeline(cfg: DictConfig, overrides: list[str]) -> tuple[dict, Path, boo
         raise ValueError(f"pipeline stages {bad}: each stage is {{overrides: [...], entry: train|evaluate, "
                          "bare: true|false, dir: optional folder}}")
     folders = {name: str(Path(cfg.pipeline[name].get("dir") or run_dir / name).resolve()) for name in stages}
-    write_json(run_dir / pipeline.PIPELINE_RECORD, {"stages": folders})
+    write_json(run_dir / pipeline.PIPELINE_RECORD, {"stages": folders, "order": list(folders)})
     metrics: dict = {}
     records: dict = {}
     is_zero = True

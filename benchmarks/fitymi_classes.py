@@ -10,11 +10,11 @@ several FID bands (the paper's Table 4 in kind) and at the FID stop. Feeds the t
 
 For each class:
 
-1. ``train.py experiment=<experiment>`` with ``callbacks.fid_early_stopping.bands`` (``--bands``): the score-SDE,
-   a set exported the first time its FID check falls in each band, the set at the FID stop, OE on that last set and
-   the kNN comparison (raw pixels, backbone without OE, backbone with OE);
-2. the same experiment with ``model=noise_patch``: OE on noise-patched support images;
-3. ``train.py experiment=<experiment> outlier_exposure_set=<band set>`` for each band set: OE on it, kNN.
+1. ``train.py experiment=<experiment>`` (the FITYMI pipeline) with ``callbacks.fid_early_stopping.bands``
+   (``--bands``): the score-SDE, a set exported the first time its FID check falls in each band, the set at the FID
+   stop, OE on that last set and the kNN comparison (raw pixels, backbone without OE, backbone with OE);
+2. the same pipeline with ``model=noise_patch`` (its sde stage makes noise patches): OE on them;
+3. ``train.py experiment=<experiment> oe.set=<band set> '~pipeline.sde'`` for each band set: OE on it, kNN.
 
 ``--stop-only`` keeps step 1 alone, without bands: with ``--sde-extra
 callbacks.fid_early_stopping.refine_every_n_steps=10`` the stop set lands near the target (5× the held-out FID)
@@ -54,7 +54,7 @@ KEYS = ("image_AUROC", "image_AUROC_one_vs_one_mean", "image_AUROC_one_vs_one_cl
 EXPERIMENTS = {
     "fitymi_animals": {"classes": ("Dog", "Cat", "Sheep", "Cow", "Horse", "Giraffe", "Bear", "Bird", "Elephant",
                                    "Zebra"), "bands": ("200:", "100:200"),
-                       "noise": ("model=noise_patch", "~model.unet", "callbacks=default")},  # drop its UNet sizing
+                       "noise": ("model=noise_patch", "callbacks=default")},
     "fitymi_digits": {"classes": tuple(str(d) for d in range(10)), "bands": ("15:", "5:15"),
                       "noise": ("model=noise_patch", "callbacks=default")},
 }
@@ -90,7 +90,7 @@ def run_device(extra: list[str]) -> str:
 
 
 def detector_figures(metrics: dict, detector: str, prefix: str) -> dict:
-    return {f"{prefix}/{key}": metrics[f"summary/{detector}/{key}"] for key in KEYS}
+    return {f"{prefix}/{key}": metrics[f"evaluate/test/{detector}/{key}"] for key in KEYS}
 
 
 def run_class(experiment: str, normal: str, work: Path, bands: list, extra: list[str], sde_extra: list[str],
@@ -102,16 +102,17 @@ def run_class(experiment: str, normal: str, work: Path, bands: list, extra: list
     sde, sde_dir = run_train(work, *common, *sde_extra, band_override)
     noise = None if stop_only else run_train(work, *common, *EXPERIMENTS[experiment]["noise"])[0]
     row = {"name": "fitymi_class", "experiment": experiment, "normal_class": normal, "device": run_device(extra),
-           "sde_run": str(sde_dir),
-           "fid_at_stop": sde.get("train/fid"), "fid_target": sde.get("train/fid_target"),
-           "fid_reference": sde.get("train/fid_reference"),
-           "num_exported": sde.get("predict/num_exported"),
+           "sde_run": str(sde_dir / "sde"),
+           "fid_at_stop": sde.get("sde/train/fid"), "fid_target": sde.get("sde/train/fid_target"),
+           "fid_reference": sde.get("sde/train/fid_reference"),
+           "num_exported": sde.get("sde/predict/num_exported"),
            **detector_figures(sde, "knn_pixels", "raw_pixels"),
            **detector_figures(sde, "backbone_without_oe", "no_oe"),
            **(detector_figures(noise, "backbone_with_oe", "oe_noise_patch") if noise else {}),
            **detector_figures(sde, "backbone_with_oe", "oe_sde_stop")}
-    for band_set in sorted((sde_dir / "fid_bands").glob("fid_*")):
-        band, _ = run_train(work, *common, f"outlier_exposure_set={band_set}")
+    for band_set in sorted((sde_dir / "sde" / "fid_bands").glob("fid_*")):
+        band, _ = run_train(work, *common, f"oe.set={band_set}", f"synthetic_sets.synthetic={band_set}",
+                            "~pipeline.sde")
         row[f"fid/{band_set.name}"] = read_set_info(band_set).get("fid")
         row.update(detector_figures(band, "backbone_with_oe", f"oe_sde_{band_set.name}"))
     return row
@@ -123,7 +124,9 @@ def held_out_fid(row: dict) -> float | None:
     that run folder still exists."""
     if row.get("fid_reference") is not None:
         return row["fid_reference"]
-    config = Path(str(row.get("sde_run", ""))) / ".hydra" / "config.yaml"
+    run = Path(str(row.get("sde_run", "")))
+    config = next((c for c in (run / ".hydra" / "config.yaml", run.parent / ".hydra" / "config.yaml") if c.is_file()),
+                  run / ".hydra" / "config.yaml")
     if row.get("fid_target") is None or not config.is_file():
         return None
     from omegaconf import OmegaConf

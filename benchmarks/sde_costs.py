@@ -20,17 +20,21 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import sys
 import time
+from pathlib import Path
 
 import torch
 from lightning.pytorch import Callback, Trainer
 
-from anomgen.data import Digits
-from anomgen.detectors import RawPixels
-from anomgen.diffusion import score_unet
-from callbacks import FIDEarlyStopping
-from datamodules import AnomalyDataModule
-from models.sde_nearnd import SDENearND
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # models/, callbacks/, datamodules/: repository folders
+
+from anomgen.data import Digits  # noqa: E402
+from anomgen.detectors import RawPixels  # noqa: E402
+from anomgen.diffusion import score_unet  # noqa: E402
+from callbacks import FIDEarlyStopping  # noqa: E402
+from datamodules import AnomalyDataModule  # noqa: E402
+from models.sde_nearnd import SDENearND  # noqa: E402
 
 
 class StepTimer(Callback):

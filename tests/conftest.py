@@ -59,7 +59,8 @@ def tiny_cache(tmp_path_factory) -> Path:
 def compose_config(tmp_path, tiny_cache):
     """``compose_config("train", [overrides])`` -> a config as ``@hydra.main`` would pass it, run folder in tmp.
 
-    Without an ``experiment=`` override the config starts from the bare groups (``~experiment``)."""
+    Without an ``experiment=`` override the config starts from the bare groups (``~experiment``). The last command
+    line is ``compose_config.overrides`` (a pipeline passes it on to its stages: ``train(cfg, overrides)``)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.hydra_config import HydraConfig
@@ -74,13 +75,11 @@ def compose_config(tmp_path, tiny_cache):
         overrides = list(overrides or [])
         if not any(o.startswith("experiment=") for o in overrides):
             overrides.insert(0, "~experiment")  # the bare groups, not the default job (tested on its own)
+        overrides = [f"paths.log_dir={tmp_path / 'logs'}", f"paths.cache_dir={tiny_cache}", *overrides]
+        _compose.overrides = overrides  # the command line, for train(cfg, overrides) of a pipeline
         GlobalHydra.instance().clear()
         with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-            cfg = compose(
-                config_name=name,
-                overrides=[f"paths.log_dir={tmp_path / 'logs'}", f"paths.cache_dir={tiny_cache}", *overrides],
-                return_hydra_config=True,
-            )
+            cfg = compose(config_name=name, overrides=overrides, return_hydra_config=True)
         with open_dict(cfg):
             cfg.hydra.runtime.output_dir = str(run_dir)
             cfg.hydra.job.num = 0
@@ -93,3 +92,16 @@ def compose_config(tmp_path, tiny_cache):
 
     yield _compose
     GlobalHydra.instance().clear()
+
+
+@pytest.fixture
+def run_train(compose_config):
+    """``run_train([overrides], run_dir)`` -> ``train.train`` of that command line (its pipeline, if it has one)."""
+
+    def _run(overrides: list[str], run_dir: Path | None = None):
+        from train import train
+
+        cfg = compose_config("train", overrides, run_dir=run_dir)
+        return train(cfg, compose_config.overrides)
+
+    return _run

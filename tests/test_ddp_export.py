@@ -13,7 +13,7 @@ from anomgen.data.synthetic import read_manifest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _export(tmp_path: Path, name: str, *overrides: str, experiment: str = "digits_noise_patch") -> Path:
+def _export(tmp_path: Path, name: str, *overrides: str, experiment: str = "noise_patch_digits") -> Path:
     set_dir = tmp_path / name
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
     out = subprocess.run(
@@ -72,12 +72,12 @@ def test_sde_export_from_one_checkpoint_is_the_same_on_two_processes(tmp_path):
     on 1 and on 2 processes; every sample is seeded by its global index, so the sets agree (and with the export
     made right after fitting)."""
     common = ("debug=limit", "datamodule.num_generated=12", "model.num_steps=10", "callbacks=default")
-    trained = _export(tmp_path, "trained", *common, "trainer.devices=1", experiment="digits_sde")
+    trained = _export(tmp_path, "trained", *common, "trainer.devices=1", experiment="sde_digits")
     (ckpt,) = (tmp_path / "logs" / "train" / "runs").glob("*/checkpoints/last.ckpt")
     again = (*common, "fit=false", f"ckpt_path={ckpt}")
-    single = _export(tmp_path, "single", *again, "trainer.devices=1", experiment="digits_sde")
+    single = _export(tmp_path, "single", *again, "trainer.devices=1", experiment="sde_digits")
     ddp = _export(tmp_path, "ddp", *again, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
-                  experiment="digits_sde")
+                  experiment="sde_digits")
     rows = read_manifest(single)
     assert [r["id"] for r in rows] == [f"{i:06d}" for i in range(12)]
     assert read_manifest(ddp) == rows

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,13 +17,21 @@ from anomgen.errors import SyntheticSetError
 
 ROOT = Path(__file__).resolve().parent.parent
 ALL_EXPERIMENTS = sorted(p.stem for p in (ROOT / "configs" / "experiment").glob("*.yaml"))
-# synthetic-validation experiments are evaluate.py-only (they build their validation sets themselves)
-SELECTION_EXPERIMENTS = [e for e in ALL_EXPERIMENTS if "selection" in e]
-EXPERIMENTS = [e for e in ALL_EXPERIMENTS if e not in SELECTION_EXPERIMENTS]
+
+
+def _is_pipeline(name: str) -> bool:
+    text = (ROOT / "configs" / "experiment" / f"{name}.yaml").read_text()
+    return "\npipeline:" in text or "- /fitymi:" in text
+
+
+# the paper's synthetic-validation experiments score only (their validation sets are built inside evaluate.py)
+EVALUATE_ONLY = [e for e in ALL_EXPERIMENTS if e.startswith("selection_") and not _is_pipeline(e)]
+PIPELINES = [e for e in ALL_EXPERIMENTS if _is_pipeline(e)]
+EXPERIMENTS = [e for e in ALL_EXPERIMENTS if e not in EVALUATE_ONLY and e not in PIPELINES]
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
-def test_every_experiment_runs_fast_dev_run(compose_config, tmp_path, experiment):
+def test_every_stage_experiment_runs_fast_dev_run(compose_config, tmp_path, experiment):
     from evaluate import evaluate
     from train import train
 
@@ -33,39 +42,69 @@ def test_every_experiment_runs_fast_dev_run(compose_config, tmp_path, experiment
     set_dir = Path(cfg.synthetic_set_dir)
     exported = SyntheticSet(set_dir)
     assert len(exported) == metrics["predict/num_exported"] > 0
-    ecfg = compose_config("evaluate", [*overrides, f"synthetic_set={set_dir}"], run_dir=tmp_path / "evaluate")
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["complete"] and record["outputs"]["synthetic_set"] == str(set_dir.resolve())
+    ecfg = compose_config("evaluate", overrides, run_dir=tmp_path / "evaluate")  # the set: the last run's output
     emetrics, erun = evaluate(ecfg)
     saved = json.loads((erun / "metrics.json").read_text())
-    assert 0.0 <= saved["test/image_AUROC"] <= 1.0
-    assert 0.0 <= saved["synthetic/image_AUROC"] <= 1.0
+    name = ecfg.detector.name
+    assert 0.0 <= saved[f"test/{name}/image_AUROC"] <= 1.0
+    assert 0.0 <= saved[f"synthetic/{name}/image_AUROC"] <= 1.0
     assert (erun / "report.md").read_text().startswith("# Evaluation")
-    if ecfg.get("quality"):  # the set's anomalies were scored and the best kept
-        key = ecfg.quality.key
+    if cfg.get("quality"):  # the train callback scored the set's anomalies and kept the best as another output
+        key = cfg.quality.key
         assert all(key in r["scores"] for r in read_manifest(set_dir) if r["label"] == 1)
-        assert 0.0 <= saved[f"synthetic_{key}_top/image_AUROC"] <= 1.0
-        selected = Path(cfg.synthetic_set_dir).with_name(f"{set_dir.name}_{key}_top")  # made by the train callback
-        assert len(read_manifest(selected)) == math.ceil(len(exported) * ecfg.quality.keep_fraction)
+        selected = Path(record["outputs"][f"synthetic_set_{key}_top"])
+        assert selected == set_dir.with_name(f"{set_dir.name}_{key}_top").resolve()
+        assert len(read_manifest(selected)) == math.ceil(len(exported) * cfg.quality.keep_fraction)
+        assert 0.0 <= saved[f"synthetic_{key}_top/{name}/image_AUROC"] <= 1.0
 
 
-@pytest.mark.parametrize("experiment", SELECTION_EXPERIMENTS)
-def test_every_selection_experiment_runs_tiny(compose_config, tmp_path, experiment):
+@pytest.mark.parametrize("experiment", PIPELINES)
+def test_every_pipeline_runs_fast_dev_run(compose_config, tmp_path, experiment):
+    """Every stage runs, in its own folder, and records its outputs; the last stage (evaluate) scores."""
+    logger = "wandb" if experiment == "selection_animals" else "csv"  # W&B (offline): plots, grids and a table
+    overrides = [f"experiment={experiment}", "debug=tiny", "+trainer.fast_dev_run=true", f"logger={logger}"]
+    from train import train
+
+    cfg = compose_config("train", overrides, run_dir=tmp_path / "run")
+    metrics, run_dir, _ = train(cfg, compose_config.overrides)
+    recorded = json.loads((run_dir / "pipeline.json").read_text())
+    stages = recorded["stages"]
+    for name, folder in stages.items():
+        assert json.loads((Path(folder) / "run.json").read_text())["complete"], name
+    assert recorded["order"] == list(cfg.pipeline) and recorded["order"][-1] == "evaluate"
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["complete"] and set(stages) <= {k.split(".")[0] for k in record["outputs"]}
+    if experiment.startswith("fitymi_"):
+        assert metrics["sde/predict/num_exported"] > 0
+        assert Path(record["outputs"]["oe.backbone"]) == run_dir / "oe" / "backbone.pt"
+        for name in ("knn_pixels", "backbone_without_oe", "backbone_with_oe"):
+            assert 0.0 <= metrics[f"evaluate/test/{name}/image_AUROC"] <= 1.0
+            assert 0.0 <= metrics[f"evaluate/synthetic/{name}/image_AUROC"] <= 1.0
+    else:
+        _check_selection_run(run_dir / "evaluate", metrics, list(cfg.selection.validation_sets), prefix="evaluate/")
+
+
+@pytest.mark.parametrize("experiment", EVALUATE_ONLY)
+def test_every_evaluate_only_experiment_runs_tiny(compose_config, tmp_path, experiment):
     from evaluate import evaluate
 
-    logger = "wandb" if experiment == "animals_selection" else "csv"  # W&B (offline): plots, grids and a table
-    cfg = compose_config("evaluate", [f"experiment={experiment}", "debug=tiny", f"logger={logger}"],
-                         run_dir=tmp_path / "e")
+    cfg = compose_config("evaluate", [f"experiment={experiment}", "debug=tiny", "logger=csv"], run_dir=tmp_path / "e")
     _, run_dir = evaluate(cfg)
-    saved = json.loads((run_dir / "metrics.json").read_text())
-    sets = list(cfg.selection.validation_sets)
-    assert saved["selection/num_tasks"] >= 1
+    _check_selection_run(run_dir, json.loads((run_dir / "metrics.json").read_text()), list(cfg.selection.validation_sets))
+
+
+def _check_selection_run(run_dir: Path, saved: dict, sets: list[str], prefix: str = "") -> None:
     out = run_dir / "selection"
+    assert saved[f"{prefix}selection/num_tasks"] >= 1
     assert (out / "selection.md").is_file() and json.loads((out / "selection.json").read_text())["tasks"]
     for name in sets:  # every set of every task: held-out normals + anomalies, and a grid of them
-        assert 0.0 <= saved[f"selection/{name}/Kall/image_AUROC/top1_rate"] <= 1.0
+        assert 0.0 <= saved[f"{prefix}selection/{name}/Kall/image_AUROC/top1_rate"] <= 1.0
         assert (out / f"scatter_{name}_image_AUROC.png").is_file()
-    if cfg.selection.get("prompts"):
+    if (out / "prompts.md").is_file():
         assert (out / "prompts.md").read_text().count("|") > 20
-        assert 0.0 <= saved["selection/prompts/image_AUROC/synthetic/auroc"] <= 1.0
+        assert 0.0 <= saved[f"{prefix}selection/prompts/image_AUROC/synthetic/auroc"] <= 1.0
     assert len(list(out.glob("grid_*.png"))) == len(sets)
 
 
@@ -80,26 +119,28 @@ def test_example_generator_on_real_digits(compose_config, tmp_path):
     # one anomaly per support image: the training images of class "3" less the 10% held out
     assert len(exported) == metrics["predict/num_exported"] == exported.info["task"]["support_size"]
     assert {r["category"] for r in exported.rows} == {"3"}
-    ecfg = compose_config("evaluate", ["logger=csv"], run_dir=tmp_path / "evaluate")  # synthetic_set: the latest
-    assert Path(ecfg.synthetic_set) == Path(cfg.synthetic_set_dir)
+    ecfg = compose_config("evaluate", ["logger=csv"], run_dir=tmp_path / "evaluate")  # synthetic set: the latest
+    assert Path(ecfg.synthetic_sets.synthetic) == Path(cfg.synthetic_set_dir).resolve()
     emetrics, _ = evaluate(ecfg)
+    test, synthetic = emetrics["test"]["knn_pixels"], emetrics["synthetic"]["knn_pixels"]
     # kNN on raw pixels is near the ceiling on digits (0.99 one-vs-rest); the noise patches are easier still
-    assert emetrics["test"]["image_AUROC"] > 0.97
-    assert emetrics["test"]["image_AUROC_one_vs_one_closest"] <= emetrics["test"]["image_AUROC_one_vs_one_mean"]
-    assert emetrics["synthetic"]["num_anomalies"] == len(exported)
-    assert emetrics["synthetic"]["num_normals"] > 0
+    assert test["image_AUROC"] > 0.97
+    assert test["image_AUROC_one_vs_one_closest"] <= test["image_AUROC_one_vs_one_mean"]
+    assert synthetic["num_anomalies"] == len(exported)
+    assert synthetic["num_normals"] > 0
 
 
-def test_export_refuses_to_overwrite_a_set(compose_config, tmp_path):
+def test_export_refuses_to_overwrite_a_set_before_fitting(compose_config, tmp_path):
     from train import train
 
     set_dir = tmp_path / "the_set"
-    overrides = ["logger=none", "debug=limit", f"synthetic_set_dir={set_dir}"]
+    overrides = ["logger=none", "debug=limit", f"synthetic_set_dir={set_dir}", "model=sde_nearnd"]
     train(compose_config("train", overrides, run_dir=tmp_path / "a"))
     before = read_manifest(set_dir)
     with pytest.raises(SyntheticSetError, match="already exists"):
         train(compose_config("train", overrides, run_dir=tmp_path / "b"))
     assert read_manifest(set_dir) == before
+    assert not (tmp_path / "b" / "checkpoints").exists()  # refused before any training
     train(compose_config("train", [*overrides, "callbacks.synthetic_set_export.overwrite=true", "seed=1"],
                          run_dir=tmp_path / "c"))
     assert read_manifest(set_dir) != before  # another seed: other draws
@@ -114,18 +155,19 @@ def test_evaluate_rejects_an_incomplete_set(compose_config, tmp_path):
                          run_dir=tmp_path / "t"))
     (set_dir / "images" / "000000.png").unlink()
     with pytest.raises(SyntheticSetError, match="000000.png"):
-        evaluate(compose_config("evaluate", ["logger=none", f"synthetic_set={set_dir}"], run_dir=tmp_path / "e"))
+        evaluate(compose_config("evaluate", ["logger=none", f"synthetic_sets.synthetic={set_dir}"],
+                                run_dir=tmp_path / "e"))
 
 
 def _run(script: str, *overrides: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
     return subprocess.run([sys.executable, str(ROOT / script), *overrides], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=600)
 
 
 def test_cli_default_job_prints_the_run_directory_last(tmp_path):
-    """`python train.py` (the FITYMI default job, here tiny and one batch per stage), then `python evaluate.py`
-    re-scoring that run's detector; each prints its run folder last."""
+    """`python train.py` (the FITYMI pipeline, here tiny and one batch per stage), then `python evaluate.py`
+    scoring the same detectors on that run's outputs: the same figures, each prints its run folder last."""
     paths = [f"paths.log_dir={tmp_path / 'logs'}", f"paths.cache_dir={tmp_path / 'cache'}", "debug=tiny"]
     train = _run("train.py", *paths, "+trainer.fast_dev_run=true", "logger=wandb", cwd=tmp_path)
     assert train.returncode == 0, train.stderr[-3000:]
@@ -133,10 +175,10 @@ def test_cli_default_job_prints_the_run_directory_last(tmp_path):
     assert run_dir.is_dir() and run_dir.parent.parent == tmp_path / "logs" / "train"
     saved = json.loads((run_dir / "metrics.json").read_text())
     for name in ("knn_pixels", "backbone_without_oe", "backbone_with_oe"):
-        assert 0.0 <= saved[f"summary/{name}/image_AUROC"] <= 1.0
+        assert 0.0 <= saved[f"evaluate/test/{name}/image_AUROC"] <= 1.0
     assert (run_dir / "oe" / "backbone.pt").is_file()
-    assert "summary/knn_pixels/image_AUROC" in train.stdout
-    tables = list(run_dir.glob("wandb/offline-run-*/files/media/table/summary/*.table.json"))
+    assert "evaluate/test/knn_pixels/image_AUROC" in train.stdout
+    tables = list(run_dir.glob("evaluate/wandb/offline-run-*/files/media/table/summary/*.table.json"))
     assert tables, "the detector comparison must reach W&B as a table"
     table = json.loads(tables[0].read_text())
     assert table["columns"][0] == "detector" and len(table["data"]) == 3
@@ -144,8 +186,11 @@ def test_cli_default_job_prints_the_run_directory_last(tmp_path):
     assert evaluate.returncode == 0, evaluate.stderr[-3000:]
     eval_dir = Path(evaluate.stdout.strip().splitlines()[-1])
     report = json.loads((eval_dir / "report.json").read_text())
-    assert report["detector"] == "knn_backbone"
-    assert report["synthetic_set"] == str(run_dir / "synthetic_set")
+    assert list(report["detectors"]) == ["knn_pixels", "backbone_without_oe", "backbone_with_oe"]
+    assert report["synthetic_sets"]["synthetic"] == str(run_dir / "sde" / "synthetic_set")
+    again = json.loads((eval_dir / "metrics.json").read_text())
+    assert {k: v for k, v in again.items()} == {k.removeprefix("evaluate/"): v for k, v in saved.items()
+                                                if k.startswith("evaluate/")}
     assert list((eval_dir / "wandb").glob("offline-run-*")), "W&B must log offline into the run directory"
 
 
@@ -161,7 +206,7 @@ def test_resume_from_a_checkpoint_continues_training(compose_config, tmp_path):
 
     from train import train
 
-    common = ["experiment=digits_sde", "debug=limit", "logger=none", "callbacks=default", "generate=false"]
+    common = ["experiment=sde_digits", "debug=limit", "logger=none", "callbacks=default", "generate=false"]
     train(compose_config("train", common, run_dir=tmp_path / "a"))
     first = torch.load(tmp_path / "a" / "checkpoints" / "last.ckpt", weights_only=False)
     train(compose_config("train", [*common, f"ckpt_path={tmp_path / 'a' / 'checkpoints' / 'last.ckpt'}",
@@ -171,28 +216,58 @@ def test_resume_from_a_checkpoint_continues_training(compose_config, tmp_path):
     assert second["global_step"] == first["global_step"] * 3 // 2  # one more epoch of the same length
 
 
-def test_outlier_exposure_on_a_set_made_before(compose_config, tmp_path):
-    """``outlier_exposure_set=<dir>`` runs only the OE stage and the detector comparison on that set: the generative
-    model is neither fitted nor run, and the OE backbone records which set it saw. Bad sets fail naming the folder."""
+FITYMI_TINY = ["experiment=fitymi_digits", "debug=tiny", "+trainer.fast_dev_run=true", "logger=csv"]
+
+
+def test_pipeline_resumes_after_being_killed_between_stages(run_train, tmp_path):
+    """A rerun in the same folder skips the finished stages (their files untouched) and runs the rest; the figures
+    equal those of the uninterrupted run (each stage seeds itself)."""
+    run = tmp_path / "run"
+    first, _, _ = run_train(FITYMI_TINY, run)
+    kept = {p: p.stat().st_mtime_ns for stage in ("sde",) for p in (run / stage).rglob("*") if p.is_file()}
+    backbone = json.loads((run / "pipeline.json").read_text())["stages"]["backbone"]
+    backbone_mtime = (Path(backbone) / "backbone.pt").stat().st_mtime_ns
+    # killed during the OE stage: its record never written, a half-written file left, nothing after it
+    shutil.rmtree(run / "evaluate")
+    (run / "oe" / "run.json").unlink()
+    (run / "run.json").unlink()
+    (run / "oe" / "backbone.pt").write_bytes(b"half")
+    again, _, _ = run_train(FITYMI_TINY, run)
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept  # the SDE stage did not run again
+    assert (Path(backbone) / "backbone.pt").stat().st_mtime_ns == backbone_mtime
+    assert json.loads((run / "oe" / "run.json").read_text())["complete"]
+    figures = {k: v for k, v in first.items() if k.startswith("evaluate/")}
+    assert {k: again[k] for k in figures} == figures
+
+
+def test_a_stage_names_an_earlier_output_and_runs_alone(run_train, tmp_path):
+    """OE on a set made before (``oe.set=<folder> '~pipeline.sde'``): no SDE stage runs, the OE backbone records
+    which set it saw; a missing set fails naming the folder."""
     import torch
 
-    from train import train
-
-    common = ["experiment=digits_nearnd", "debug=tiny", "+trainer.fast_dev_run=true", "logger=csv",
-              f"paths.cache_dir={tmp_path / 'cache'}"]
-    train(compose_config("train", common, run_dir=tmp_path / "first"))
-    made = tmp_path / "first" / "synthetic_set"
-    metrics, run_dir, _ = train(compose_config("train", [*common, f"outlier_exposure_set={made}"],
-                                               run_dir=tmp_path / "again"))
-    assert "predict/num_exported" not in metrics and "train/loss" not in metrics  # no SDE fit, no export
-    assert not (run_dir / "synthetic_set").exists() and not (run_dir / "checkpoints").exists()
-    info = torch.load(run_dir / "oe" / "backbone.pt", weights_only=False)["info"]
+    first, made_run, _ = run_train(FITYMI_TINY, tmp_path / "first")
+    made = made_run / "sde" / "synthetic_set"
+    metrics, run_dir, _ = run_train([*FITYMI_TINY, f"oe.set={made}", "~pipeline.sde",
+                                     "synthetic_sets.synthetic=" + str(made)], tmp_path / "again")
+    assert not (run_dir / "sde").exists() and "sde/predict/num_exported" not in metrics
+    info = torch.load(run_dir / "oe" / "backbone.pt", weights_only=True)["info"]
     assert info["outlier_exposure_set"] == str(made)
-    assert 0.0 <= metrics["summary/backbone_with_oe/image_AUROC"] <= 1.0
-
+    assert 0.0 <= metrics["evaluate/test/backbone_with_oe/image_AUROC"] <= 1.0
     with pytest.raises(SyntheticSetError, match="no_such_set"):
-        train(compose_config("train", [*common, f"outlier_exposure_set={tmp_path / 'no_such_set'}"],
-                             run_dir=tmp_path / "missing"))
-    with pytest.raises(ValueError, match="outlier_exposure: null"):
-        train(compose_config("train", [*common, f"outlier_exposure_set={made}", "outlier_exposure=null"],
-                             run_dir=tmp_path / "no_stage"))
+        run_train([*FITYMI_TINY, f"oe.set={tmp_path / 'no_such_set'}", "~pipeline.sde"], tmp_path / "missing")
+
+
+def test_a_pipeline_override_reaches_only_the_stages_that_have_its_key(compose_config, tmp_path):
+    """``model.sde.kind=...`` is the SDE stage's; the pretraining and OE stages (other models) do not get it, while
+    group choices (``debug=tiny``) and keys every stage has reach them all."""
+    from omegaconf import OmegaConf
+
+    from anomgen.pipeline import applicable_overrides
+
+    groups = {p.name for p in (ROOT / "configs").iterdir() if p.is_dir()}
+    oe = compose_config("train", ["experiment=fitymi_digits", "model=vit_oe"])
+    keep, skip = applicable_overrides(["debug=tiny", "model.sde.kind=vp", "datamodule.normal_class=5",
+                                       "+trainer.fast_dev_run=true", "hydra.run.dir=x"], oe, groups)
+    assert keep == ["debug=tiny", "datamodule.normal_class=5", "+trainer.fast_dev_run=true"]
+    assert skip == ["model.sde.kind=vp", "hydra.run.dir=x"]
+    assert OmegaConf.select(oe, "model.sde", default=None) is None

@@ -1,0 +1,64 @@
+"""model=backbone_pretrain with datamodule=classification: the Lightning stage equals a hand-written training loop
+(same permutations, augmentations, warm-up/cosine schedule, head initialisation), and writes its backbone output."""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from anomgen.detectors.backbones import augment_batch, build_vit, load_backbone
+from anomgen.detectors.pretrain import load_images, make_dataset
+from datamodules.classification import ClassificationDataModule
+from models.backbone_pretrain import BackbonePretraining
+
+SIZES = {"patch_size": 8, "num_layers": 2, "num_heads": 2, "hidden_dim": 16, "mlp_dim": 32}
+
+
+def reference_pretraining(epochs: int, batch_size: int, max_images: int, seed: int = 0) -> dict:
+    """The recipe written out: AdamW, linear warm-up over one epoch then cosine per step, label smoothing 0.1,
+    one seeded generator for the epoch permutations and the pad-crop-flip augmentation."""
+    x, y, classes = load_images(make_dataset("digits"), (), max_images, seed)
+    torch.manual_seed(seed)
+    backbone = build_vit("vit_small", 32, None, **SIZES)
+    torch.manual_seed(seed)
+    head = torch.nn.Linear(backbone.feature_dim, len(classes))
+    generator = torch.Generator().manual_seed(seed)
+    params = [p for p in backbone.parameters() if p.requires_grad] + list(head.parameters())
+    optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.05)
+    steps = math.ceil(len(x) / batch_size)
+    total, warmup = epochs * steps, steps
+    step = 0
+    backbone.train()
+    for _ in range(epochs):
+        perm = torch.randperm(len(x), generator=generator)
+        for i in range(0, len(x), batch_size):
+            idx = perm[i : i + batch_size]
+            images = augment_batch(x[idx], 32, generator=generator, kind="pad_crop", padding=4, flip=True)
+            loss = F.cross_entropy(head(backbone(images)), y[idx], label_smoothing=0.1)
+            factor = (step + 1) / warmup if step < warmup else \
+                0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+            for group in optimizer.param_groups:
+                group["lr"] = 1e-3 * factor
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            step += 1
+    return backbone.state_dict()
+
+
+def test_stage_equals_the_written_out_recipe(tmp_path, one_thread):
+    datamodule = ClassificationDataModule("digits", max_images=40, batch_size=16, image_size=32)
+    model = BackbonePretraining("vit_small", 32, **SIZES)
+    trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path))
+    trainer.fit(model, datamodule=datamodule)
+    expected = reference_pretraining(epochs=2, batch_size=16, max_images=40)
+    saved = load_backbone(model.stage_outputs["backbone"])
+    for key, value in expected.items():
+        torch.testing.assert_close(saved.state_dict()[key], value, rtol=1e-5, atol=1e-6, msg=key)
+    info = saved.info
+    assert info["dataset"] == "digits" and info["epochs"] == 2 and info["classes"] == [str(d) for d in range(10)]
+    assert model.stage_outputs["backbone"] == str((tmp_path / "backbone.pt").resolve())
