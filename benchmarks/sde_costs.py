@@ -21,8 +21,8 @@ import torch
 from lightning.pytorch import Callback, Trainer
 
 from anomgen.data import Digits
-from anomgen.detectors import RawPixels
 from anomgen.diffusion import score_unet
+from anomgen.encoders import RawPixels
 from callbacks import FIDEarlyStopping
 from datamodules import AnomalyDataModule
 from models.sde_nearnd import SDENearND

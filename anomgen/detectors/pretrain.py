@@ -34,64 +34,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from anomgen.detectors.backbones import (
-    ViTBackbone,
-    augment_batch,
-    build_vit,
-    load_backbone,
-    save_backbone,
-)
+from anomgen.data.shipped import DATASETS, load_images, make_dataset
+from anomgen.encoders.vit import ViTBackbone, build_vit, save_backbone
+from anomgen.pixels import augment_batch
 
-DATASETS = ("digits", "animal_mnist")
-
-__all__ = ["DATASETS", "load_backbone", "load_images", "main", "pretrain_backbone", "save_backbone"]
-
-
-def make_dataset(name: str, split: str = "train") -> Dataset:
-    """One of the shipped multi-class sets (:data:`DATASETS`) by name."""
-    from anomgen.data import AnimalMNIST, Digits
-
-    if name == "digits":
-        return Digits(split=split)
-    if name == "animal_mnist":
-        return AnimalMNIST(split=split)
-    raise ValueError(f"unknown pretraining dataset {name!r}; known: {', '.join(DATASETS)}")
-
-
-def load_images(
-    dataset: Dataset,
-    exclude_classes: Sequence[str] = (),
-    max_images: int | None = None,
-    seed: int = 0,
-) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """All images of ``dataset`` (N × 3 × H × W in [0, 1]), their class indices and the class names.
-
-    Records whose ``category`` is in ``exclude_classes`` are left out (an excluded name the dataset does not have is
-    an error, so that a typo cannot silently leave an out-class in). ``max_images`` keeps a seeded random subset.
-    """
-    exclude = {str(c) for c in exclude_classes}
-    known = getattr(dataset, "available_categories", None)
-    if known is not None and exclude - set(known):
-        raise ValueError(f"--exclude-classes: {sorted(exclude - set(known))} are not classes of "
-                         f"{getattr(dataset, 'name', type(dataset).__name__)} (its classes: {', '.join(known)})")
-    images, categories = [], []
-    for i in range(len(dataset)):
-        record = dataset[i]
-        if record["category"] in exclude:
-            continue
-        images.append(record["image"])
-        categories.append(record["category"])
-    if not images:
-        raise ValueError("no images left to pretrain on (every class excluded?)")
-    order = list(known) if known is not None else sorted(set(categories))
-    classes = [c for c in order if c in set(categories)]
-    index = {c: i for i, c in enumerate(classes)}
-    x = torch.stack(images)
-    y = torch.tensor([index[c] for c in categories], dtype=torch.long)
-    if max_images is not None and max_images < len(x):
-        keep = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:max_images]
-        x, y = x[keep], y[keep]
-    return x, y, classes
+__all__ = ["ensure_backbone", "main", "pretrain_backbone"]
 
 
 def pretrain_backbone(
@@ -114,7 +61,7 @@ def pretrain_backbone(
     """Train ``backbone`` to classify ``dataset``'s classes through a temporary linear head; return it (trained).
 
     AdamW with linear warm-up then cosine decay, cross-entropy with label smoothing, train-time augmentation
-    ``augment`` (keyword arguments of :func:`~anomgen.detectors.backbones.augment_batch`; default pad-crop + flip).
+    ``augment`` (keyword arguments of :func:`~anomgen.pixels.augment_batch`; default pad-crop + flip).
     With ``history`` (a list), one dict per epoch is appended: ``epoch``, ``loss``, ``acc`` (running train accuracy
     under augmentation), ``seconds``. The head is discarded; the backbone comes back in eval mode, on ``device``.
     """

@@ -12,8 +12,8 @@ from lightning.pytorch import Callback, Trainer
 
 from anomgen.data import Digits
 from anomgen.data.synthetic import write_set
-from anomgen.detectors import BackboneFeatures, build_vit
-from anomgen.detectors.backbones import save_backbone
+from anomgen.encoders import BackboneFeatures, build_vit
+from anomgen.encoders.vit import save_backbone
 from anomgen.errors import PretrainedNotFoundError
 from datamodules import AnomalyDataModule
 from models.vit_oe import ViTOE

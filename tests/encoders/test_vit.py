@@ -1,4 +1,4 @@
-"""ViT backbones (anomgen.detectors.backbones) and their pretraining (anomgen.detectors.pretrain): features equal
+"""ViT backbones (anomgen.encoders.vit) and their pretraining (anomgen.detectors.pretrain): features equal
 torchvision's own computation, freezing is exact, backbone files reload strictly, missing weights fail clearly."""
 
 from __future__ import annotations
@@ -12,15 +12,13 @@ import pytest
 import torch
 
 from anomgen.data import Digits
-from anomgen.detectors import BackboneFeatures, KNNDetector, ViTBackbone, build_vit
-from anomgen.detectors.backbones import (
-    augment_batch,
-    load_pretrained,
-    torchvision_weights_path,
-)
-from anomgen.detectors.pretrain import load_backbone, pretrain_backbone, save_backbone
+from anomgen.detectors import KNNDetector
+from anomgen.detectors.pretrain import pretrain_backbone
+from anomgen.encoders import BackboneFeatures, ViTBackbone, build_vit
+from anomgen.encoders.vit import load_backbone, load_pretrained, save_backbone
 from anomgen.errors import PretrainedNotFoundError
-from anomgen.pixels import imagenet_normalize
+from anomgen.pixels import augment_batch, imagenet_normalize
+from anomgen.pretrained import torchvision_weights
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = {"patch_size": 4, "num_layers": 3, "num_heads": 2, "hidden_dim": 32, "mlp_dim": 64}
@@ -62,7 +60,7 @@ def test_features_equal_torchvision():
 def test_resize_then_centre_crop_at_test_time():
     backbone = _tiny(image_size=16, resize_to=20).eval()
     images = torch.rand(2, 3, 40, 40)
-    from anomgen.detectors.backbones import center_crop, resize
+    from anomgen.pixels import center_crop, resize
 
     expected = imagenet_normalize(center_crop(resize(images, (20, 20)), 16))
     torch.testing.assert_close(backbone.prepare(images), expected)
@@ -145,11 +143,11 @@ def test_missing_vit_b_16_weights_offline_name_the_weights(tmp_path, monkeypatch
     cached = tmp_path / "torch" / "hub" / "checkpoints" / "vit_b_16-c867db91.pth"
     cached.parent.mkdir(parents=True)
     cached.write_bytes(b"")
-    assert torchvision_weights_path("vit_b_16", "IMAGENET1K_V1") == cached
+    assert torchvision_weights("vit_b_16", "IMAGENET1K_V1") == cached
     monkeypatch.setenv("ANOMGEN_PRETRAINED_DIR", str(tmp_path / "dir"))
     (tmp_path / "dir").mkdir()
     (tmp_path / "dir" / "vit_b_16-c867db91.pth").write_bytes(b"")
-    assert torchvision_weights_path("vit_b_16", "IMAGENET1K_V1") == tmp_path / "dir" / "vit_b_16-c867db91.pth"
+    assert torchvision_weights("vit_b_16", "IMAGENET1K_V1") == tmp_path / "dir" / "vit_b_16-c867db91.pth"
     # a small-ViT checkpoint path that does not exist says how to make it
     with pytest.raises(PretrainedNotFoundError, match="anomgen.detectors.pretrain"):
         build_vit("vit_small", 16, str(tmp_path / "backbones" / "vit_small_digits.pt"), **TINY)
@@ -203,7 +201,7 @@ def test_position_embedding_of_another_resolution_is_interpolated():
     """Named torchvision weights trained at another size (SWAG E2E: 384 px) are fitted to image_size."""
     from torchvision.models import VisionTransformer
 
-    from anomgen.detectors.backbones import _interpolate_pos_embedding
+    from anomgen.encoders.vit import _interpolate_pos_embedding
     from anomgen.pretrained import load_state_dict_strict
 
     state = VisionTransformer(image_size=24, **TINY).state_dict()
