@@ -9,7 +9,7 @@ import torch
 from anomgen.encoders import InceptionFeatures
 from anomgen.errors import PretrainedNotFoundError
 from anomgen.metrics import FID
-from anomgen.pretrained import INCEPTION_WEIGHTS_FILE, inception_weights
+from anomgen.pretrained import INCEPTION_WEIGHTS_FILE
 
 
 @pytest.fixture
@@ -28,19 +28,6 @@ def test_without_local_weights_says_how_to_supply_them_or_pass_another_extractor
     assert INCEPTION_WEIGHTS_FILE in message and "InceptionFeatures(weights=...)" in message
     with pytest.raises(PretrainedNotFoundError, match="unavailable offline"):
         InceptionFeatures(no_local_weights / "missing.pth")
-
-
-def test_inception_weights_looks_in_the_pretrained_dir_and_the_torch_hub_cache(no_local_weights, monkeypatch):
-    hub = no_local_weights / "torch-home" / "hub" / "checkpoints"
-    hub.mkdir(parents=True)
-    (hub / INCEPTION_WEIGHTS_FILE).write_bytes(b"")
-    assert inception_weights() == hub / INCEPTION_WEIGHTS_FILE
-    own = no_local_weights / "pretrained"
-    own.mkdir()
-    (own / INCEPTION_WEIGHTS_FILE).write_bytes(b"")
-    monkeypatch.setenv("ANOMGEN_PRETRAINED_DIR", str(own))
-    assert inception_weights() == own / INCEPTION_WEIGHTS_FILE
-    assert inception_weights(own) == own / INCEPTION_WEIGHTS_FILE
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,6 @@ from anomgen.encoders import BackboneFeatures, ViTBackbone, build_vit
 from anomgen.encoders.vit import load_backbone, load_pretrained, save_backbone
 from anomgen.errors import PretrainedNotFoundError
 from anomgen.pixels import augment_batch, imagenet_normalize
-from anomgen.pretrained import torchvision_weights
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = {"patch_size": 4, "num_layers": 3, "num_heads": 2, "hidden_dim": 32, "mlp_dim": 64}
@@ -139,15 +138,6 @@ def test_missing_vit_b_16_weights_offline_name_the_weights(tmp_path, monkeypatch
     with pytest.raises(PretrainedNotFoundError, match="ViT_B_16_Weights.IMAGENET1K_SWAG_E2E_V1") as err:
         build_vit("vit_b_16", 224, "IMAGENET1K_SWAG_E2E_V1")  # fails before building the 86M-parameter model
     assert "vit_b_16_swag-9ac1b537.pth" in str(err.value) and "download.pytorch.org" in str(err.value)
-    # a file in the hub cache (or in $ANOMGEN_PRETRAINED_DIR) is found by name
-    cached = tmp_path / "torch" / "hub" / "checkpoints" / "vit_b_16-c867db91.pth"
-    cached.parent.mkdir(parents=True)
-    cached.write_bytes(b"")
-    assert torchvision_weights("vit_b_16", "IMAGENET1K_V1") == cached
-    monkeypatch.setenv("ANOMGEN_PRETRAINED_DIR", str(tmp_path / "dir"))
-    (tmp_path / "dir").mkdir()
-    (tmp_path / "dir" / "vit_b_16-c867db91.pth").write_bytes(b"")
-    assert torchvision_weights("vit_b_16", "IMAGENET1K_V1") == tmp_path / "dir" / "vit_b_16-c867db91.pth"
     # a small-ViT checkpoint path that does not exist says how to make it
     with pytest.raises(PretrainedNotFoundError, match="anomgen.detectors.pretrain"):
         build_vit("vit_small", 16, str(tmp_path / "backbones" / "vit_small_digits.pt"), **TINY)
