@@ -135,3 +135,161 @@ def load_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         obj = obj["state_dict"]
     return dict(obj)
+
+
+# ----------------------------------------------------------------------------------------------- torchvision weights
+
+
+def torchvision_weights_entry(arch: str, name: str):
+    """The torchvision weights enum member ``name`` of ``arch`` (``"vit_b_16"``), or None when ``name`` is not one."""
+    from torchvision.models import get_model_weights
+
+    enum = get_model_weights(arch)
+    if name == "DEFAULT":
+        return enum.DEFAULT
+    return enum.__members__.get(name)
+
+
+def torchvision_weights_names(arch: str) -> list[str]:
+    """The torchvision weights names of ``arch``, ``"DEFAULT"`` first."""
+    from torchvision.models import get_model_weights
+
+    return ["DEFAULT", *get_model_weights(arch).__members__]
+
+
+def torchvision_weights(arch: str, pretrained: str | os.PathLike) -> Path:
+    """The local file of ``pretrained``: a path to a weights file, or torchvision weights ``<arch>`` / ``pretrained``
+    (e.g. ``vit_b_16`` / ``IMAGENET1K_V1``).
+
+    A weights name is looked for, by the file name in the weights' URL, in ``$ANOMGEN_PRETRAINED_DIR/<file>`` and in
+    the torch hub cache ``torch.hub.get_dir()/checkpoints/<file>`` (where ``torchvision.models.vit_b_16(weights=...)``
+    puts it). When absent and not offline (``HF_HUB_OFFLINE`` unset) it is downloaded into the hub cache; otherwise,
+    or when the download fails, :class:`PretrainedNotFoundError` names the weights, the file and how to supply it.
+    Neither a file nor a weights name of ``arch`` is a :class:`ValueError` that lists the names.
+    """
+    file = Path(pretrained).expanduser()
+    if file.is_file():
+        return file
+    name = str(pretrained)
+    weights = torchvision_weights_entry(arch, name)
+    if weights is None:
+        raise ValueError(f"{arch}: pretrained {name!r} is neither a file nor a torchvision weights name; its weights: "
+                         f"{', '.join(torchvision_weights_names(arch))}")
+    filename = os.path.basename(weights.url)
+    cache = Path(torch.hub.get_dir()) / "checkpoints" / filename
+    candidates = ([Path(os.environ[ENV_DIR]) / filename] if os.environ.get(ENV_DIR) else []) + [cache]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    enum_name = f"{type(weights).__name__}.{weights.name}"
+    how = (f"Supply it by one of: (a) downloading {weights.url} to {cache} (the torch hub cache; TORCH_HOME moves "
+           f"it); (b) copying {filename} to ${ENV_DIR}/; (c) giving the file's path as `pretrained`; (d) running "
+           f"once with network access (HF_HUB_OFFLINE unset), e.g. "
+           f"torchvision.models.{arch}(weights={weights.name!r}).")
+    looked = "; ".join(str(c) for c in candidates)
+    if hub_offline():
+        raise PretrainedNotFoundError(f"torchvision weights {enum_name} ({filename}) not found (looked at: {looked}) "
+                                      f"and HF_HUB_OFFLINE=1 forbids downloading. {how}")
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        torch.hub.download_url_to_file(weights.url, str(cache), progress=True)
+    except Exception as err:  # network errors come in many kinds
+        raise PretrainedNotFoundError(f"torchvision weights {enum_name} ({filename}) not found (looked at: {looked}) "
+                                      f"and could not be downloaded ({type(err).__name__}: {err}). {how}") from err
+    return cache
+
+
+def backbone_weights(arch: str, pretrained: str | os.PathLike) -> Path:
+    """The local file of a ViT backbone's weights: a path or id for :func:`resolve` (a backbone file, a state dict),
+    or, for ``vit_b_16``, a torchvision weights name (:func:`torchvision_weights`).
+
+    A missing backbone file is a :class:`PretrainedNotFoundError` that also says how to make one by pretraining."""
+    pretrained = str(pretrained)
+    named = arch == "vit_b_16" and torchvision_weights_entry(arch, pretrained) is not None
+    if Path(pretrained).expanduser().exists() or not named:
+        try:
+            return resolve(pretrained)
+        except PretrainedNotFoundError as err:
+            path = Path(pretrained)
+            folder = path.parent if path.name == "backbone.pt" else path.with_suffix("")
+            dataset = next((d for d in ("animal_mnist", "digits") if d in str(folder.name)), "<digits|animal_mnist>")
+            raise PretrainedNotFoundError(
+                f"{err} A backbone file is made by pretraining on data disjoint from the task (Animal-MNIST for "
+                f"digit tasks, digits for Animal-MNIST tasks), as the FITYMI pipelines' backbone stage does: `python "
+                f"train.py model=backbone_pretrain datamodule=classification datamodule.dataset={dataset} "
+                f"trainer.max_epochs=30 callbacks=none hydra.run.dir={folder}` writes {folder}/backbone.pt") from None
+    return torchvision_weights(arch, pretrained)
+
+
+# ------------------------------------------------------------------------------------------- FID Inception-v3 weights
+
+INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
+INCEPTION_WEIGHTS_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + INCEPTION_WEIGHTS_FILE
+
+
+def _inception_candidates() -> list[Path]:
+    places = []
+    root = os.environ.get(ENV_DIR)
+    if root:
+        places += [Path(root) / INCEPTION_WEIGHTS_FILE, Path(root) / "inception-v3-fid" / INCEPTION_WEIGHTS_FILE]
+    places.append(Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS_FILE)
+    return places
+
+
+def inception_weights(path: str | os.PathLike | None = None) -> Path:
+    """The local file of torch-fidelity's FID Inception-v3 weights; never downloads.
+
+    ``path`` (a file, or a folder holding ``weights-inception-2015-12-05-6726825d.pth``) is used alone when given.
+    Otherwise the file is looked for in ``$ANOMGEN_PRETRAINED_DIR/`` (also its ``inception-v3-fid/`` sub-folder) and in
+    torch's hub cache (``$TORCH_HOME/hub/checkpoints/``, where torch-fidelity's own download puts it).
+    Raises :class:`~anomgen.errors.PretrainedNotFoundError` saying how to supply the weights or another extractor.
+    """
+    if path is not None:
+        p = Path(path).expanduser()
+        candidates = [p / INCEPTION_WEIGHTS_FILE] if p.is_dir() else [p]
+    else:
+        candidates = _inception_candidates()
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise PretrainedNotFoundError(
+        "Inception weights for FID/KID are unavailable offline: no "
+        f"{INCEPTION_WEIGHTS_FILE} at {', '.join(str(c) for c in candidates)} (nothing is downloaded). Either supply "
+        f"the file (torch-fidelity's Inception-v3, {INCEPTION_WEIGHTS_URL}) by copying it to ${ENV_DIR}/ or "
+        f"{Path(torch.hub.get_dir()) / 'checkpoints'}/ or passing its path as "
+        "`anomgen.encoders.InceptionFeatures(weights=...)`, or give FID/KID another feature extractor: "
+        "`FID(feature_extractor=anomgen.encoders.RawPixels())` for small images (8×8 digits, 28×28 silhouettes), or "
+        "any nn.Module mapping [0, 1] images B×3×H×W to features B×D (e.g. anomgen.encoders.OpenCLIPImageEncoder)."
+    )
+
+
+# ------------------------------------------------------------------------------------------------- open_clip weights
+
+OPEN_CLIP_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+
+
+def open_clip_weights(model_name: str, pretrained: str | os.PathLike) -> Path:
+    """The local weights file of open_clip model ``model_name``: ``pretrained`` itself when it is a file, else the file
+    of open_clip tag ``pretrained`` (``"webli"``, ``"openai"``, ...), whose Hugging Face repo is found by
+    :func:`resolve` (offline-safe). A tag published only by URL, an unknown tag, or a repo without a weights file is an
+    error that names the model, the tag and what to do."""
+    file = Path(pretrained).expanduser()
+    if file.is_file():
+        return file
+    import open_clip
+
+    tag = str(pretrained)
+    cfg = open_clip.get_pretrained_cfg(model_name, tag)
+    if not cfg:
+        tags = open_clip.list_pretrained_tags_by_model(model_name)
+        raise ValueError(f"open_clip model {model_name!r} has no pretrained tag {tag!r} (and it is not a "
+                         f"file); its tags: {', '.join(tags) or 'none'}")
+    hub = (cfg.get("hf_hub") or "").strip("/")
+    if not hub:
+        raise PretrainedNotFoundError(f"{model_name}/{tag} is published only at {cfg.get('url')}; "
+                                      "download it and pass the file's path as `pretrained`")
+    folder = resolve(hub)
+    for name in OPEN_CLIP_WEIGHT_FILES:
+        if (folder / name).is_file():
+            return folder / name
+    raise PretrainedNotFoundError(f"{hub}: none of {OPEN_CLIP_WEIGHT_FILES} in {folder}. " + _how_to_supply(hub))

@@ -30,8 +30,8 @@ from lightning.pytorch import Callback, Trainer
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # models/, callbacks/, datamodules/: repository folders
 
 from anomgen.data import Digits  # noqa: E402
-from anomgen.detectors import RawPixels  # noqa: E402
 from anomgen.diffusion import score_unet  # noqa: E402
+from anomgen.encoders import RawPixels  # noqa: E402
 from callbacks import FIDEarlyStopping  # noqa: E402
 from datamodules import AnomalyDataModule  # noqa: E402
 from models.sde_nearnd import SDENearND  # noqa: E402

@@ -28,7 +28,7 @@ import torch
 def main(argv=None) -> list[dict]:
     from anomgen.data import Digits
     from anomgen.data.tasks import normal_class, one_vs_rest
-    from anomgen.detectors import DownsampledPixels, RandomConvFeatures, RawPixels
+    from anomgen.encoders import DownsampledPixels, RandomConvFeatures, RawPixels
     from anomgen.selection.features import FeatureCache
     from anomgen.selection.model_selection import candidates_from_config, select_models
     from anomgen.selection.validation_sets import NoiseSets, selection_task

@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from anomgen.data.synthetic import format_id, write_set
-from anomgen.detectors.features import extract_features
+from anomgen.encoders.base import extract_features
 from anomgen.metrics.generation import feature_statistics, frechet_distance
 from anomgen.visualize import image_grid
 from callbacks.image_log import log_image

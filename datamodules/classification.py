@@ -15,8 +15,8 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, IterableDataset
 
-from anomgen.detectors.backbones import augment_batch
-from anomgen.detectors.pretrain import load_images, make_dataset
+from anomgen.data.shipped import load_images, make_dataset
+from anomgen.pixels import augment_batch
 
 
 class EpochBatches(IterableDataset):

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from torch import nn
 
-from anomgen.detectors.backbones import build_vit, save_backbone
+from anomgen.encoders.vit import build_vit, save_backbone
 
 
 def warmup_cosine(warmup: int, total: int):

@@ -13,8 +13,8 @@ from lightning.pytorch import LightningModule
 from torch import nn
 
 from anomgen.data.record import GOOD
-from anomgen.detectors.backbones import resize
 from anomgen.generators.diffstyle import DiffStyle, DiffStylePlan, Inversion
+from anomgen.pixels import resize
 from anomgen.seeding import sample_generator
 
 

@@ -10,12 +10,12 @@ the set's anomalies (label 1), each with a float ``target``. The head is either
 
 The stem and the first ``freeze_blocks`` transformer blocks are frozen and left out of the optimizer, so they stay
 bit-identical. Images are augmented on the batch (``augment``: FITYMI's resize-crop-flip for 224 px, pad-crop-flip
-for the small shipped images; see :func:`anomgen.detectors.backbones.augment_batch`).
+for the small shipped images; see :func:`anomgen.pixels.augment_batch`).
 
 Pretrained weights are loaded when fitting starts (``setup("fit")``), not at construction, so that the config
 instantiates offline; a missing file fails then, with a message naming it and how to make it. At the end of fitting
 rank 0 writes the backbone without its head to ``backbone_path`` (default ``<trainer.default_root_dir>/backbone.pt``)
-with :func:`~anomgen.detectors.backbones.save_backbone`; ``detector=knn_backbone`` scores with it (kNN over the CLS
+with :func:`~anomgen.encoders.vit.save_backbone`; ``detector=knn_backbone`` scores with it (kNN over the CLS
 features of the normal training images, sum of squared distances to the k = 2 nearest).
 """
 
@@ -29,12 +29,8 @@ import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from torch import nn
 
-from anomgen.detectors.backbones import (
-    augment_batch,
-    build_vit,
-    load_pretrained,
-    save_backbone,
-)
+from anomgen.encoders.vit import build_vit, load_pretrained, save_backbone
+from anomgen.pixels import augment_batch
 
 HEADS = ("binary", "regression")
 

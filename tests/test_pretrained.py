@@ -337,3 +337,68 @@ def test_torch_checkpoint_with_code_is_refused(tmp_path):
     torch.save({"obj": Tiny()}, path)  # a pickled module needs arbitrary globals
     with pytest.raises(Exception, match="(?i)weights_only|unsupported global|Unpickl"):
         load_weights_file(path)
+
+
+# -------------------------------------------------------------------------- torchvision, Inception, open_clip files
+
+
+@pytest.fixture
+def no_local_files(tmp_path, monkeypatch):
+    """An empty torch hub cache, no $ANOMGEN_PRETRAINED_DIR, offline."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv(ENV_DIR, raising=False)
+    return tmp_path
+
+
+def test_torchvision_weights_are_found_by_file_name_or_named_with_how_to_supply(no_local_files, monkeypatch):
+    tmp_path = no_local_files
+    with pytest.raises(PretrainedNotFoundError, match="ViT_B_16_Weights.IMAGENET1K_V1") as err:
+        pretrained.torchvision_weights("vit_b_16", "IMAGENET1K_V1")
+    assert "vit_b_16-c867db91.pth" in str(err.value) and "HF_HUB_OFFLINE=1" in str(err.value)
+    assert f"${ENV_DIR}/" in str(err.value) and "`pretrained`" in str(err.value)
+    cached = tmp_path / "torch" / "hub" / "checkpoints" / "vit_b_16-c867db91.pth"
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"")
+    assert pretrained.torchvision_weights("vit_b_16", "IMAGENET1K_V1") == cached
+    monkeypatch.setenv(ENV_DIR, str(tmp_path / "dir"))
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "dir" / "vit_b_16-c867db91.pth").write_bytes(b"")
+    assert pretrained.torchvision_weights("vit_b_16", "IMAGENET1K_V1") == tmp_path / "dir" / "vit_b_16-c867db91.pth"
+    assert pretrained.torchvision_weights("vit_b_16", cached) == cached  # a file is itself
+    with pytest.raises(ValueError, match="neither a file nor a torchvision weights name.*IMAGENET1K_SWAG_E2E_V1"):
+        pretrained.torchvision_weights("vit_b_16", "IMAGENET9K")
+
+
+def test_backbone_weights_say_how_to_make_a_missing_backbone(no_local_files):
+    with pytest.raises(PretrainedNotFoundError, match="model=backbone_pretrain .*datamodule.dataset=digits"):
+        pretrained.backbone_weights("vit_small", str(no_local_files / "vit_small_digits.pt"))
+    with pytest.raises(PretrainedNotFoundError, match="ViT_B_16_Weights"):
+        pretrained.backbone_weights("vit_b_16", "IMAGENET1K_V1")  # a torchvision name goes to torchvision_weights
+
+
+def test_inception_weights_looks_in_the_pretrained_dir_and_the_torch_hub_cache(no_local_files, monkeypatch):
+    file = pretrained.INCEPTION_WEIGHTS_FILE
+    with pytest.raises(PretrainedNotFoundError, match="unavailable offline") as err:
+        pretrained.inception_weights()
+    assert file in str(err.value) and pretrained.INCEPTION_WEIGHTS_URL in str(err.value)
+    hub = no_local_files / "torch" / "hub" / "checkpoints"
+    hub.mkdir(parents=True)
+    (hub / file).write_bytes(b"")
+    assert pretrained.inception_weights() == hub / file
+    own = no_local_files / "pretrained"
+    own.mkdir()
+    (own / file).write_bytes(b"")
+    monkeypatch.setenv(ENV_DIR, str(own))
+    assert pretrained.inception_weights() == own / file
+    assert pretrained.inception_weights(own) == own / file
+
+
+def test_open_clip_weights(offline_hub, tmp_path):
+    weights = tmp_path / "clip.bin"
+    weights.write_bytes(b"")
+    assert pretrained.open_clip_weights("ViT-B-16", weights) == weights  # a file is itself
+    with pytest.raises(ValueError, match="no pretrained tag 'no-such-tag'.*openai"):
+        pretrained.open_clip_weights("ViT-B-16", "no-such-tag")
+    with pytest.raises(PretrainedNotFoundError, match="timm/ViT-B-16-SigLIP"):
+        pretrained.open_clip_weights("ViT-B-16-SigLIP", "webli")

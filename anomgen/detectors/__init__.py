@@ -1,33 +1,21 @@
-"""Anomaly detectors and the feature extractors they use."""
+"""Anomaly detectors: kNN feature bank, CLIP zero-shot, SSDO; the PCA post-transform of their features and the
+squashing scaler that turns scores into probabilities.
 
-from anomgen.detectors.backbones import BackboneFeatures, ViTBackbone, build_vit
+The feature extractors they use live in :mod:`anomgen.encoders`.
+"""
+
 from anomgen.detectors.clip_zero_shot import CLIPZeroShot
-from anomgen.detectors.extractors import (
-    DownsampledPixels,
-    HOGFeatures,
-    PCAReducer,
-    RandomConvFeatures,
-    TorchvisionFeatures,
-)
-from anomgen.detectors.features import OpenCLIPImageEncoder, RawPixels, extract_features
 from anomgen.detectors.knn import KNNScorer
 from anomgen.detectors.knn_detector import KNNDetector
+from anomgen.detectors.pca import PCAReducer
+from anomgen.detectors.squashing import SquashingScaler
 from anomgen.detectors.ssdo import SSDO
 
 __all__ = [
     "SSDO",
-    "BackboneFeatures",
     "CLIPZeroShot",
-    "DownsampledPixels",
-    "HOGFeatures",
     "KNNDetector",
     "KNNScorer",
-    "OpenCLIPImageEncoder",
     "PCAReducer",
-    "RandomConvFeatures",
-    "TorchvisionFeatures",
-    "RawPixels",
-    "ViTBackbone",
-    "build_vit",
-    "extract_features",
+    "SquashingScaler",
 ]

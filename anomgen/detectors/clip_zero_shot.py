@@ -41,14 +41,14 @@ class CLIPZeroShot:
     """Zero-shot anomaly detector: an open_clip model and a fixed pair of prompts; higher scores are more anomalous.
 
     ``pretrained`` is an open_clip tag (``"openai"``), a weights file, or ``None`` for random weights; weights are
-    found and loaded strictly by :class:`~anomgen.detectors.OpenCLIPImageEncoder`. ``score`` needs the prompt pair
+    found and loaded strictly by :class:`~anomgen.encoders.OpenCLIPImageEncoder`. ``score`` needs the prompt pair
     (given here or with :meth:`set_prompts`); the encoders and :meth:`anomaly_scores` work without one.
     """
 
     def __init__(self, model_name: str = "ViT-B-16", pretrained: str | None = "openai",
                  normal_text: str | None = None, anomalous_text: str | None = None,
                  device: str | torch.device = "cpu", name: str = "clip_zero_shot") -> None:
-        from anomgen.detectors.features import OpenCLIPImageEncoder
+        from anomgen.encoders.clip import OpenCLIPImageEncoder
 
         self.image_encoder = OpenCLIPImageEncoder(model_name, pretrained).to(device).eval()
         self.model_name = self.image_encoder.model_name

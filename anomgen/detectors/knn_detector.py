@@ -7,8 +7,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from anomgen.detectors.features import extract_features
 from anomgen.detectors.knn import KNNScorer
+from anomgen.encoders.base import extract_features
 
 
 class KNNDetector:

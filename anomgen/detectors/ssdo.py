@@ -27,7 +27,7 @@ Labels: ``y = 1`` labelled anomaly, ``y = -1`` labelled normal, ``y = 0`` unlabe
 scorers use ``y = 0`` for "normal or unlabelled": passed to SSDO unchanged, those examples are treated as
 unlabelled (they shape the prior, they do not propagate a label).
 
-``predict_proba`` maps the scores to P(anomaly) with the project's :class:`~anomgen.quality.squashing.SquashingScaler`
+``predict_proba`` maps the scores to P(anomaly) with the project's :class:`~anomgen.detectors.squashing.SquashingScaler`
 fitted on the training scores so that exactly m training examples (m = number of labelled anomalies, or
 ``contamination × n`` when there are none) lie above 0.5.
 """
@@ -40,16 +40,13 @@ from sklearn.ensemble import IsolationForest
 from sklearn.metrics.pairwise import euclidean_distances
 from sklearn.neighbors import NearestNeighbors
 
+from anomgen.detectors.arrays import check_features
+from anomgen.detectors.squashing import SquashingScaler
+
 __all__ = ["SSDO"]
 
 _TOL = 1e-12
 _PRIORS = ("iforest", "cluster")
-
-
-def _check_X(X, name: str, dim: int | None = None) -> np.ndarray:
-    from anomgen.quality.base import check_features
-
-    return check_features(X, name, dim)
 
 
 def _check_labels(y, n: int) -> np.ndarray:
@@ -184,7 +181,7 @@ class SSDO:
     def fit(self, X, y=None) -> SSDO:
         """Fit on training features ``X`` (n × d) and labels ``y`` (1 anomaly, -1 normal, 0 unlabelled; None: all 0)."""
         self._check_params()
-        X = _check_X(X, "X")
+        X = check_features(X, "X")
         if len(X) < 2:
             raise ValueError("SSDO needs at least 2 training examples")
         y = _check_labels(y, len(X))
@@ -262,8 +259,6 @@ class SSDO:
         return float(max(eta, 1e-8))
 
     def _fit_scaler(self, scores: np.ndarray, n: int):
-        from anomgen.quality.squashing import SquashingScaler
-
         if self.n_labelled_anomalies_ > 0:
             return SquashingScaler(n_anomalies=self.n_labelled_anomalies_).fit(scores)
         if self.contamination is None:
@@ -283,7 +278,7 @@ class SSDO:
         """The unsupervised prior p(x) in [0, 1] (min-max scaled on the training set, clipped)."""
         if not hasattr(self, "prior_min_"):
             raise RuntimeError("SSDO.fit(X, y) must be called first")
-        X = _check_X(X, "X", self.n_features_in_)
+        X = check_features(X, "X", self.n_features_in_)
         return self._prior(X)
 
     def _prior(self, X: np.ndarray) -> np.ndarray:
@@ -296,7 +291,7 @@ class SSDO:
         """Anomaly scores in [0, 1], higher = more anomalous."""
         if not hasattr(self, "eta_"):
             raise RuntimeError("SSDO.fit(X, y) must be called first")
-        X = _check_X(X, "X", self.n_features_in_)
+        X = check_features(X, "X", self.n_features_in_)
         out = np.empty(len(X))
         step = max(1, int(self.batch_size))
         for start in range(0, len(X), step):

@@ -97,9 +97,9 @@ def ensure_ddpm(out: str | Path, dataset: str = "digits", image_size: int = 28, 
 
     Returns the folder as a string (for a ``source`` key of :func:`load_diffusion_unet` in configs).
     """
-    from anomgen.detectors.backbones import resize
-    from anomgen.detectors.pretrain import load_images, make_dataset
+    from anomgen.data.shipped import load_images, make_dataset
     from anomgen.diffusion.unets import save_diffusion_unet
+    from anomgen.pixels import resize
 
     out = Path(out)
     if (out / "config.json").is_file():

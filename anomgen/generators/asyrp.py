@@ -52,12 +52,12 @@ class OpenCLIPGuide(nn.Module):
 
     ``pretrained`` is an open_clip tag (``"openai"``: the QuickGELU twin of the config is used), a weights file or
     ``None`` (random weights); weights are found and loaded strictly by
-    :class:`~anomgen.detectors.features.OpenCLIPImageEncoder`.
+    :class:`~anomgen.encoders.clip.OpenCLIPImageEncoder`.
     """
 
     def __init__(self, model_name: str = "ViT-B-16", pretrained: str | None = "openai") -> None:
         super().__init__()
-        from anomgen.detectors.features import OpenCLIPImageEncoder
+        from anomgen.encoders.clip import OpenCLIPImageEncoder
 
         self.encoder = OpenCLIPImageEncoder(model_name, pretrained)
 

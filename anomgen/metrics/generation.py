@@ -5,10 +5,12 @@ reaches a target (about 40 at low resolution, about 200 at high resolution); it 
 (Naeem et al. 2020, k = 5) and the FID of the sets it generates. Everything here works in a feature space given by any
 ``nn.Module`` that maps [0, 1] images (B × 3 × H × W) to features (B × D):
 
-- Inception-v3 (the standard FID feature space) through torch-fidelity, used only when its weights are already on this
-  machine (nothing is downloaded; see :func:`find_inception_weights`);
-- any other module, e.g. :class:`anomgen.detectors.RawPixels` for tiny images (8×8 digits, 28×28 silhouettes) or an
-  :class:`anomgen.detectors.OpenCLIPImageEncoder`.
+- :class:`anomgen.encoders.InceptionFeatures` (the standard FID feature space, from local torch-fidelity weights);
+- any other module, e.g. :class:`anomgen.encoders.RawPixels` for tiny images (8×8 digits, 28×28 silhouettes) or an
+  :class:`anomgen.encoders.OpenCLIPImageEncoder`.
+
+The metrics take the feature module as an argument and never build one themselves (encoders and metrics are sibling
+packages: neither imports the other).
 
 Plain functions take feature matrices: :func:`feature_statistics`, :func:`frechet_distance`, :func:`fid_from_features`,
 :func:`kid_from_features`, :func:`density_coverage`. :class:`FID` and :class:`KID` are torchmetrics metrics that take
@@ -25,8 +27,6 @@ not finite, and its real part kept when the imaginary part is round-off.
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -34,18 +34,15 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import Metric
 
-from anomgen.errors import MetricError, PretrainedNotFoundError
+from anomgen.errors import MetricError
 
 __all__ = [
     "FID",
-    "INCEPTION_WEIGHTS_FILE",
     "KID",
     "DensityCoverage",
-    "InceptionFeatures",
     "density_coverage",
     "feature_statistics",
     "fid_from_features",
-    "find_inception_weights",
     "frechet_distance",
     "kid_from_features",
 ]
@@ -283,98 +280,6 @@ def density_coverage(real_features: Any, fake_features: Any, k: int = 5, chunk_s
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Inception-v3 (torch-fidelity), only from local weights
-# ---------------------------------------------------------------------------------------------------------------------
-
-INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
-INCEPTION_WEIGHTS_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + INCEPTION_WEIGHTS_FILE
-INCEPTION_FEATURES = ("64", "192", "768", "2048")
-
-
-def _inception_candidates() -> list[Path]:
-    from anomgen.pretrained import ENV_DIR
-
-    places = []
-    root = os.environ.get(ENV_DIR)
-    if root:
-        places += [Path(root) / INCEPTION_WEIGHTS_FILE, Path(root) / "inception-v3-fid" / INCEPTION_WEIGHTS_FILE]
-    places.append(Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS_FILE)
-    return places
-
-
-def find_inception_weights(path: str | os.PathLike | None = None) -> Path:
-    """The local file of torch-fidelity's FID Inception-v3 weights; never downloads.
-
-    ``path`` (a file, or a folder holding ``weights-inception-2015-12-05-6726825d.pth``) is used alone when given.
-    Otherwise the file is looked for in ``$ANOMGEN_PRETRAINED_DIR/`` (also its ``inception-v3-fid/`` sub-folder) and in
-    torch's hub cache (``$TORCH_HOME/hub/checkpoints/``, where torch-fidelity's own download puts it).
-    Raises :class:`~anomgen.errors.PretrainedNotFoundError` saying how to supply the weights or another extractor.
-    """
-    if path is not None:
-        p = Path(path).expanduser()
-        candidates = [p / INCEPTION_WEIGHTS_FILE] if p.is_dir() else [p]
-    else:
-        candidates = _inception_candidates()
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate
-    from anomgen.pretrained import ENV_DIR
-
-    raise PretrainedNotFoundError(
-        "Inception weights for FID/KID are unavailable offline: no "
-        f"{INCEPTION_WEIGHTS_FILE} at {', '.join(str(c) for c in candidates)} (nothing is downloaded). Either supply "
-        f"the file (torch-fidelity's Inception-v3, {INCEPTION_WEIGHTS_URL}) by copying it to ${ENV_DIR}/ or "
-        f"{Path(torch.hub.get_dir()) / 'checkpoints'}/ or passing its path as `inception_weights=`, or pass another "
-        "feature extractor: `FID(feature_extractor=anomgen.detectors.RawPixels())` for small images (8×8 digits, "
-        "28×28 silhouettes), or any nn.Module mapping [0, 1] images B×3×H×W to features B×D (e.g. "
-        "anomgen.detectors.OpenCLIPImageEncoder)."
-    )
-
-
-class InceptionFeatures(nn.Module):
-    """torch-fidelity's FID Inception-v3 as a feature extractor: [0, 1] images B×C×H×W -> B × ``num_features``.
-
-    Images are rounded to 8-bit values (the network's expected input; one grey channel is repeated to three) and
-    resized to 299×299 inside the network. ``feature`` picks the layer: "2048" (the standard FID pool features), "768",
-    "192" or "64". The weights come from :func:`find_inception_weights` (local only); the file is first read with
-    ``weights_only=True``, so a file that holds anything but tensors is refused.
-    """
-
-    def __init__(self, weights: str | os.PathLike | None = None, feature: str | int = "2048") -> None:
-        super().__init__()
-        feature = str(feature)
-        if feature not in INCEPTION_FEATURES:
-            raise ValueError(f"InceptionFeatures: feature must be one of {INCEPTION_FEATURES}, got {feature!r}")
-        path = find_inception_weights(weights)
-        try:
-            from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-        except ImportError:
-            raise ModuleNotFoundError(
-                "InceptionFeatures needs torch-fidelity (`pip install torch-fidelity`); or pass another feature "
-                "extractor, e.g. anomgen.detectors.RawPixels() for small images"
-            ) from None
-        torch.load(path, map_location="cpu", weights_only=True)  # refuse pickled code before torch-fidelity loads it
-        self.model = FeatureExtractorInceptionV3("inception-v3-compat", [feature],
-                                                 feature_extractor_weights_path=str(path))
-        self.model.eval()
-        self.num_features = int(feature)
-        self.weights_path = path
-
-    def train(self, mode: bool = True) -> InceptionFeatures:
-        return super().train(False)  # a fixed feature space: always in evaluation mode
-
-    @torch.no_grad()
-    def forward(self, images: Tensor) -> Tensor:
-        if images.dim() != 4 or images.shape[1] not in (1, 3):
-            raise ValueError(f"InceptionFeatures: expected images B×3×H×W (or B×1×H×W), got {tuple(images.shape)}")
-        if images.shape[1] == 1:
-            images = images.expand(-1, 3, -1, -1)
-        if images.dtype != torch.uint8:
-            images = (images.float().clamp(0, 1) * 255).round().to(torch.uint8)
-        return self.model(images)[0].reshape(images.shape[0], -1)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
 # Streaming metrics
 # ---------------------------------------------------------------------------------------------------------------------
 
@@ -408,22 +313,19 @@ class _FeatureMetric(Metric):
     full_state_update = False
     _real_states: tuple[str, ...] = ()
 
-    def __init__(
-        self,
-        feature_extractor: nn.Module | None,
-        reset_real_features: bool,
-        inception_weights: str | os.PathLike | None,
-        **kwargs: Any,
-    ) -> None:
+    def __init__(self, feature_extractor: nn.Module, reset_real_features: bool, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if not isinstance(reset_real_features, bool):
             raise TypeError(f"reset_real_features must be a bool, got {reset_real_features!r}")
         self.reset_real_features = reset_real_features
         if feature_extractor is None:
-            feature_extractor = InceptionFeatures(inception_weights)
-        elif not isinstance(feature_extractor, nn.Module):
-            raise TypeError(f"feature_extractor must be an nn.Module (or None for Inception), got "
-                            f"{type(feature_extractor).__name__}")
+            raise TypeError(
+                f"{type(self).__name__} needs a feature_extractor: anomgen.encoders.InceptionFeatures() for the "
+                "standard Inception-v3 feature space (local torch-fidelity weights), anomgen.encoders.RawPixels() for "
+                "small images (8×8 digits, 28×28 silhouettes), or any nn.Module mapping [0, 1] images B×3×H×W to "
+                "features B×D")
+        if not isinstance(feature_extractor, nn.Module):
+            raise TypeError(f"feature_extractor must be an nn.Module, got {type(feature_extractor).__name__}")
         feature_extractor.eval()
         self._extractor_box = (feature_extractor,)
 
@@ -500,10 +402,9 @@ class FID(_FeatureMetric):
     Ranks that each hold the *same* real images give the same mean and, up to the N−1 normalisation, the same
     covariance after the sum, so either sharded or replicated real features are fine.
 
-    ``feature_extractor=None`` means Inception-v3 (2048 pool features) from local weights only (``inception_weights``
-    or :func:`find_inception_weights`'s places); without them the constructor raises
-    :class:`~anomgen.errors.PretrainedNotFoundError` that says how to pass another extractor such as
-    ``anomgen.detectors.RawPixels()``.
+    ``feature_extractor`` is required: :class:`anomgen.encoders.InceptionFeatures` for the standard FID (2048 pool
+    features, from local weights only), ``anomgen.encoders.RawPixels()`` for small images, or any other feature
+    module.
 
     With ``reset_real_features=False`` (default) the real statistics survive :meth:`reset`: compute them once from the
     normal training images (``update(images, real=True)`` batch by batch, or :meth:`set_real_features`), then per
@@ -520,15 +421,14 @@ class FID(_FeatureMetric):
 
     def __init__(
         self,
-        feature_extractor: nn.Module | None = None,
+        feature_extractor: nn.Module,
         reset_real_features: bool = False,
         num_features: int | None = None,
         input_size: tuple[int, int, int] | None = None,
-        inception_weights: str | os.PathLike | None = None,
         method: str = "eigh",
         **kwargs: Any,
     ) -> None:
-        super().__init__(feature_extractor, reset_real_features, inception_weights, **kwargs)
+        super().__init__(feature_extractor, reset_real_features, **kwargs)
         if method not in FRECHET_METHODS:
             raise ValueError(f"FID: method must be one of {FRECHET_METHODS}, got {method!r}")
         self.method = method
@@ -607,7 +507,7 @@ class KID(_FeatureMetric):
     real and generated images; ``compute()`` returns ``(mean, std)`` as float32 scalar tensors.
 
     Same interface as :class:`FID` (``update(images, real)``, ``features=``, :meth:`set_real_features`,
-    ``reset_real_features=False`` keeping the real side, Inception only from local weights). The state is the
+    ``reset_real_features=False`` keeping the real side). The state is the
     feature matrices themselves (O(N·D) memory), gathered across DDP processes. Subsets are drawn with ``seed``, so
     every rank computes the same value. ``subset_size`` is capped at the smaller set's size.
     """
@@ -617,7 +517,7 @@ class KID(_FeatureMetric):
 
     def __init__(
         self,
-        feature_extractor: nn.Module | None = None,
+        feature_extractor: nn.Module,
         reset_real_features: bool = False,
         subsets: int = 100,
         subset_size: int = 1000,
@@ -625,10 +525,9 @@ class KID(_FeatureMetric):
         gamma: float | None = None,
         coef0: float = 1.0,
         seed: int | None = 0,
-        inception_weights: str | os.PathLike | None = None,
         **kwargs: Any,
     ) -> None:
-        super().__init__(feature_extractor, reset_real_features, inception_weights, **kwargs)
+        super().__init__(feature_extractor, reset_real_features, **kwargs)
         if subsets < 1 or subset_size < 2:
             raise ValueError(f"KID: need subsets >= 1 and subset_size >= 2, got {subsets}, {subset_size}")
         self.subsets, self.subset_size, self.degree = subsets, subset_size, degree

@@ -17,7 +17,6 @@ from anomgen.quality.rarity import (
     rarity_density,
     rarity_score,
 )
-from anomgen.quality.squashing import SquashingScaler
 from anomgen.quality.valuation import DataOOB, KNNShapley, LeaveOneOut
 
 __all__ = [
@@ -31,7 +30,6 @@ __all__ = [
     "QualityScorer",
     "RandomQuality",
     "RarityQuality",
-    "SquashingScaler",
     "eap_posterior",
     "k_hat",
     "knn_radii",

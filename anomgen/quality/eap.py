@@ -3,7 +3,7 @@
 For an auxiliary anomaly x, EAP combines how plausible x is under the training data, P̂(X = x) (the rarity density
 of :mod:`anomgen.quality.rarity`, around the normal training points, with the neighbourhood size k̂ calibrated on the
 labelled anomalies), with how anomalous a detector finds it, P̂(Y = 1 | x) (the detector's score through the
-:class:`~anomgen.quality.squashing.SquashingScaler`, calibrated so that m training examples are above 0.5):
+:class:`~anomgen.detectors.squashing.SquashingScaler`, calibrated so that m training examples are above 0.5):
 
     φ(x) = (α₀ + n P̂(X=x) P̂(Y=1|x)) / (α₀ + β₀ + n P̂(X=x))
 
@@ -28,9 +28,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from anomgen.quality.base import QualityScorer, check_features
+from anomgen.detectors.arrays import check_features
+from anomgen.detectors.squashing import SquashingScaler
+from anomgen.quality.base import QualityScorer
 from anomgen.quality.rarity import DEFAULT_CHUNK, RarityDensity, k_hat
-from anomgen.quality.squashing import SquashingScaler
 
 
 def eap_posterior(density, p_anomaly, n, alpha0: float, beta0: float) -> np.ndarray:

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from scipy.stats import beta as beta_dist
 
-from anomgen.quality.base import check_features
+from anomgen.detectors.arrays import check_features
 
 DEFAULT_CHUNK = 1024
 

@@ -14,7 +14,7 @@ import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
 from anomgen.data.synthetic import SyntheticSet, read_manifest, subset_set, update_scores
-from anomgen.detectors.features import extract_features
+from anomgen.encoders.base import extract_features
 
 
 def _features(extractor, dataset: Dataset, batch_size: int, desc: str) -> np.ndarray:

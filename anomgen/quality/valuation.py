@@ -38,7 +38,8 @@ from sklearn.ensemble import RandomForestClassifier
 from sklearn.metrics.pairwise import euclidean_distances
 from sklearn.neighbors import NearestNeighbors
 
-from anomgen.quality.base import QualityScorer, check_features
+from anomgen.detectors.arrays import check_features
+from anomgen.quality.base import QualityScorer
 
 __all__ = ["DataOOB", "KNNShapley", "LeaveOneOut"]
 

@@ -28,8 +28,8 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from anomgen.data.record import ANOMALOUS, NORMAL
-from anomgen.detectors.extractors import PCAReducer
 from anomgen.detectors.knn import DISTANCES, KNNScorer
+from anomgen.detectors.pca import PCAReducer
 from anomgen.errors import DatasetError
 from anomgen.metrics import auroc
 from anomgen.selection.evaluation import image_metrics
@@ -55,7 +55,7 @@ class Candidate:
     """A kNN detector over the features of the extractor named ``extractor``.
 
     ``distance``: ``"euclidean"`` (sum of plain L2 distances) or ``"squared"``; ``reducer``: ``None`` or
-    ``"pca:<d>"`` (a :class:`~anomgen.detectors.extractors.PCAReducer` fitted on the bank).
+    ``"pca:<d>"`` (a :class:`~anomgen.detectors.pca.PCAReducer` fitted on the bank).
     """
 
     name: str

@@ -25,7 +25,7 @@ from torch import nn
 
 from anomgen.data.record import GOOD, NORMAL
 from anomgen.data.synthetic import is_complete_set, read_set_info, write_set
-from anomgen.detectors.backbones import resize
+from anomgen.pixels import resize
 from anomgen.seeding import sample_generator
 
 

@@ -10,7 +10,7 @@ from torch.utils.data import Dataset
 
 from anomgen.data.record import make_record
 from anomgen.detectors.clip_zero_shot import CLIPZeroShot
-from anomgen.detectors.features import open_clip_architecture
+from anomgen.encoders.clip import open_clip_architecture
 from anomgen.errors import PretrainedNotFoundError
 from anomgen.selection.evaluation import score_dataset
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from anomgen.detectors import KNNDetector, KNNScorer, RawPixels
+from anomgen.detectors import KNNDetector, KNNScorer
+from anomgen.encoders import RawPixels
 
 
 def _brute(bank: np.ndarray, queries: np.ndarray, k: int, distance: str) -> np.ndarray:

@@ -120,7 +120,7 @@ def test_loss_matches_written_out_computation(tiny_clip_name):
 
 
 def test_guide_keeps_gradients_and_matches_the_detector_encoder(tiny_clip_name):
-    from anomgen.detectors import OpenCLIPImageEncoder
+    from anomgen.encoders import OpenCLIPImageEncoder
 
     guide = OpenCLIPGuide(tiny_clip_name, pretrained=None)
     detector = OpenCLIPImageEncoder(tiny_clip_name, pretrained=None)

@@ -11,19 +11,17 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from anomgen.detectors import RawPixels
-from anomgen.errors import MetricError, PretrainedNotFoundError
+from anomgen.encoders import RawPixels
+from anomgen.errors import MetricError
 from anomgen.metrics import (
     FID,
     KID,
     density_coverage,
     feature_statistics,
     fid_from_features,
-    find_inception_weights,
     frechet_distance,
     kid_from_features,
 )
-from anomgen.metrics.generation import INCEPTION_WEIGHTS_FILE
 
 
 class LinearFeatures(nn.Module):
@@ -289,70 +287,17 @@ def test_fid_extractor_is_not_part_of_the_state_dict_but_follows_to():
     assert fid(_images(4, 18), real=True) is None and int(fid.real_num_samples) == 4
 
 
-# -- Inception only from local weights --------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def no_local_weights(tmp_path, monkeypatch):
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
-    monkeypatch.delenv("ANOMGEN_PRETRAINED_DIR", raising=False)
-    return tmp_path
+# -- the feature extractor is given, never built here ------------------------------------------------------------
 
 
 @pytest.mark.parametrize("metric", [FID, KID])
-def test_default_inception_without_local_weights_says_how_to_pass_another_extractor(no_local_weights, metric):
-    with pytest.raises(PretrainedNotFoundError) as err:
-        metric()
+def test_a_metric_without_a_feature_extractor_says_which_to_pass(metric):
+    with pytest.raises(TypeError) as err:
+        metric(None)
     message = str(err.value)
-    assert "Inception weights" in message and "unavailable offline" in message
-    assert "feature_extractor=anomgen.detectors.RawPixels()" in message
-    assert INCEPTION_WEIGHTS_FILE in message and "inception_weights=" in message
-    with pytest.raises(PretrainedNotFoundError, match="unavailable offline"):
-        FID(inception_weights=no_local_weights / "missing.pth")
-
-
-def test_find_inception_weights_looks_in_the_pretrained_dir_and_the_torch_hub_cache(no_local_weights, monkeypatch):
-    hub = no_local_weights / "torch-home" / "hub" / "checkpoints"
-    hub.mkdir(parents=True)
-    (hub / INCEPTION_WEIGHTS_FILE).write_bytes(b"")
-    assert find_inception_weights() == hub / INCEPTION_WEIGHTS_FILE
-    own = no_local_weights / "pretrained"
-    own.mkdir()
-    (own / INCEPTION_WEIGHTS_FILE).write_bytes(b"")
-    monkeypatch.setenv("ANOMGEN_PRETRAINED_DIR", str(own))
-    assert find_inception_weights() == own / INCEPTION_WEIGHTS_FILE
-    assert find_inception_weights(own) == own / INCEPTION_WEIGHTS_FILE
-
-
-@pytest.fixture(scope="module")
-def random_inception_weights(tmp_path_factory):
-    """A weights file with torch-fidelity's Inception-v3 layout and random values (the real one needs a download)."""
-    fidelity = pytest.importorskip("torch_fidelity.feature_extractor_inceptionv3")
-    from unittest import mock
-
-    cls = fidelity.FeatureExtractorInceptionV3
-    with mock.patch.object(fidelity, "load_state_dict_from_url", lambda *a, **k: {}), \
-            mock.patch.object(cls, "load_state_dict", lambda *a, **k: None):
-        net = cls("inception-v3-compat", ["2048"])
-    path = tmp_path_factory.mktemp("inception") / INCEPTION_WEIGHTS_FILE
-    torch.save(net.state_dict(), path)
-    return path
-
-
-def test_inception_features_from_local_weights(random_inception_weights, no_local_weights, monkeypatch):
-    from anomgen.metrics import InceptionFeatures
-
-    # found in $ANOMGEN_PRETRAINED_DIR without being named
-    monkeypatch.setenv("ANOMGEN_PRETRAINED_DIR", str(random_inception_weights.parent))
-    fid = FID()
-    extractor = fid.feature_extractor
-    assert isinstance(extractor, InceptionFeatures) and fid.num_features == extractor.num_features == 2048
-    grey = torch.rand(1, 1, 16, 16)
-    feats = extractor(torch.cat([grey.expand(-1, 3, -1, -1), torch.rand(1, 3, 16, 16)]))
-    assert feats.shape == (2, 2048)
-    torch.testing.assert_close(extractor(grey), feats[:1])  # one grey channel is repeated to three
-    extractor.train()
-    assert not extractor.training
+    assert "anomgen.encoders.InceptionFeatures()" in message and "anomgen.encoders.RawPixels()" in message
+    with pytest.raises(TypeError, match="must be an nn.Module"):
+        metric(lambda images: images)
 
 
 # -- KID --------------------------------------------------------------------------------------------------------------

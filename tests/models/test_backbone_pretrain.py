@@ -9,8 +9,9 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from anomgen.detectors.backbones import augment_batch, build_vit, load_backbone
-from anomgen.detectors.pretrain import load_images, make_dataset
+from anomgen.data.shipped import load_images, make_dataset
+from anomgen.encoders.vit import build_vit, load_backbone
+from anomgen.pixels import augment_batch
 from datamodules.classification import ClassificationDataModule
 from models.backbone_pretrain import BackbonePretraining
 
@@ -62,3 +63,50 @@ def test_stage_equals_the_written_out_recipe(tmp_path, one_thread):
     info = saved.info
     assert info["dataset"] == "digits" and info["epochs"] == 2 and info["classes"] == [str(d) for d in range(10)]
     assert model.stage_outputs["backbone"] == str((tmp_path / "backbone.pt").resolve())
+
+
+def test_pretraining_on_digits_beats_chance(tmp_path, one_thread):
+    datamodule = ClassificationDataModule("digits", max_images=800, batch_size=32, image_size=8,
+                                          augment={"kind": "pad_crop", "padding": 1, "flip": False})
+    model = BackbonePretraining("vit_small", 8, lr=3e-3, weight_decay=0.0, label_smoothing=0.0, patch_size=2,
+                                num_layers=2, num_heads=2, hidden_dim=48, mlp_dim=96)
+    losses = []
+
+    class Record(L.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            losses.append(float(trainer.callback_metrics["train/loss"]))
+
+    trainer = L.Trainer(max_epochs=6, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
+                        callbacks=[Record()])
+    trainer.fit(model, datamodule=datamodule)
+    assert float(trainer.callback_metrics["train/acc"]) > 0.2  # ten classes: chance is 0.1
+    assert losses[-1] < losses[0]
+    assert load_backbone(model.stage_outputs["backbone"]).info["classes"] == [str(d) for d in range(10)]
+
+
+def test_classes_can_be_left_out_and_a_wrong_name_is_an_error():
+    datamodule = ClassificationDataModule("digits", exclude_classes=["3", "5"], max_images=64)
+    datamodule.setup("fit")
+    assert "3" not in datamodule.classes and len(datamodule.classes) == 8
+    assert set(datamodule.labels.tolist()) <= set(range(8))
+    import pytest
+
+    with pytest.raises(ValueError, match="not classes of digits"):
+        ClassificationDataModule("digits", exclude_classes=["Dog"]).setup("fit")
+
+
+def test_stage_from_the_command_line(compose_config, tmp_path):
+    """``python train.py model=backbone_pretrain datamodule=classification ...``: the stage records its backbone."""
+    import json
+
+    from train import train
+
+    cfg = compose_config("train", ["model=backbone_pretrain", "datamodule=classification", "callbacks=none",
+                                   "datamodule.dataset=digits", "datamodule.max_images=32", "trainer.max_epochs=1",
+                                   "trainer.enable_checkpointing=false", "logger=none", "model.image_size=8"],
+                         run_dir=tmp_path / "run")
+    train(cfg)
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert record["outputs"]["backbone"] == str((tmp_path / "run" / "backbone.pt").resolve())
+    assert load_backbone(record["outputs"]["backbone"]).info["epochs"] == 1

@@ -11,8 +11,8 @@ from lightning.pytorch import Trainer
 
 from anomgen.data import Digits
 from anomgen.data.synthetic import read_manifest
-from anomgen.detectors import RawPixels
 from anomgen.diffusion import tiny_score_unet
+from anomgen.encoders import RawPixels
 from callbacks import FIDEarlyStopping, SyntheticSetExport
 from datamodules import AnomalyDataModule
 from models.sde_nearnd import SDENearND

@@ -12,8 +12,8 @@ from lightning.pytorch import Callback, Trainer
 
 from anomgen.data import Digits
 from anomgen.data.synthetic import write_set
-from anomgen.detectors import BackboneFeatures, build_vit
-from anomgen.detectors.backbones import save_backbone
+from anomgen.encoders import BackboneFeatures, build_vit
+from anomgen.encoders.vit import save_backbone
 from anomgen.errors import PretrainedNotFoundError
 from datamodules import AnomalyDataModule
 from models.vit_oe import ViTOE
@@ -115,7 +115,7 @@ def test_regression_head_trains_on_a_manifest_param(tmp_path, noise_set, pretrai
 def test_missing_pretrained_backbone_fails_at_fit_naming_it(tmp_path, noise_set):
     model = ViTOE(backbone={**TINY, "pretrained": str(tmp_path / "backbones" / "vit_small_digits.pt")},
                   optimizer=functools.partial(torch.optim.SGD, lr=0.01), freeze_blocks=1)  # builds offline
-    with pytest.raises(PretrainedNotFoundError, match="vit_small_digits.pt.*anomgen.detectors.pretrain"):
+    with pytest.raises(PretrainedNotFoundError, match="vit_small_digits.pt.*model=backbone_pretrain"):
         _fit(model, _datamodule(noise_set), tmp_path, steps=1)
     with pytest.raises(ValueError, match="head must be one of"):
         ViTOE(backbone=TINY, optimizer=None, head="ternary")
@@ -131,13 +131,13 @@ def test_model_configs(compose_config, option):
     assert optimizer.weight_decay == 5e-5
     assert optimizer.momentum == 0.0
     if option == "vit_oe":
-        assert model_cfg.backbone.pretrained.endswith("/backbones/vit_small_animal_mnist.pt")
+        assert model_cfg.backbone.pretrained.endswith("/backbones/vit_small_animal_mnist_30ep/backbone.pt")
         assert model_cfg.freeze_blocks == 2 and model_cfg.backbone.image_size == 32
         model = hydra.utils.instantiate(model_cfg)  # the weights load at fit, so this works offline
         assert isinstance(model, ViTOE) and model.backbone.feature_dim == 128 and len(model.backbone.blocks) == 6
         assert ViTOE.trainable and not ViTOE.generates
         cfg = compose_config("train", [f"model={option}", "model.pretrained_on=digits"])
-        assert cfg.model.backbone.pretrained.endswith("/backbones/vit_small_digits.pt")
+        assert cfg.model.backbone.pretrained.endswith("/backbones/vit_small_digits_30ep/backbone.pt")
     else:
         assert model_cfg.backbone.arch == "vit_b_16" and model_cfg.backbone.image_size == 224
         assert model_cfg.backbone.pretrained.startswith("IMAGENET1K") and model_cfg.freeze_blocks == 6

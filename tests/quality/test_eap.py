@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from anomgen.detectors import SquashingScaler
 from anomgen.quality import (
     EAP,
     DensityQuality,
@@ -13,7 +14,6 @@ from anomgen.quality import (
     PosteriorQuality,
     RandomQuality,
     RarityQuality,
-    SquashingScaler,
     eap_posterior,
     rarity_density,
     rarity_score,

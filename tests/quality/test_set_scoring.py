@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from anomgen.data.synthetic import SyntheticSet, read_manifest, subset_set, write_set
-from anomgen.detectors import RawPixels
+from anomgen.encoders import RawPixels
 from anomgen.errors import SyntheticSetError
 from anomgen.quality.base import QualityScorer
 from anomgen.quality.set_scoring import score_set, select_top

@@ -19,7 +19,7 @@ from torch.utils.data import ConcatDataset
 
 from anomgen.data.base import ArrayRecordDataset
 from anomgen.data.tasks import TaskView
-from anomgen.detectors.extractors import raw_pixels
+from anomgen.encoders.raw import raw_pixels
 from anomgen.errors import DatasetError
 from anomgen.selection.features import FeatureCache
 from anomgen.selection.model_selection import (

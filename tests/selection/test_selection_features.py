@@ -14,7 +14,7 @@ from torch.utils.data import ConcatDataset, Dataset
 from anomgen.data.base import ArrayRecordDataset
 from anomgen.data.synthetic import SyntheticSet, write_set
 from anomgen.data.tasks import TaskView
-from anomgen.detectors.extractors import DownsampledPixels
+from anomgen.encoders.raw import DownsampledPixels
 from anomgen.errors import DatasetError
 from anomgen.selection.features import FeatureCache, dataset_entries
 

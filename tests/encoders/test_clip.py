@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from anomgen.detectors import OpenCLIPImageEncoder
+from anomgen.encoders import OpenCLIPImageEncoder
 from anomgen.errors import PretrainedNotFoundError
 
 

@@ -1,4 +1,4 @@
-"""ViT backbones (anomgen.detectors.backbones) and their pretraining (anomgen.detectors.pretrain): features equal
+"""ViT backbones (anomgen.encoders.vit): features equal
 torchvision's own computation, freezing is exact, backbone files reload strictly, missing weights fail clearly."""
 
 from __future__ import annotations
@@ -12,15 +12,11 @@ import pytest
 import torch
 
 from anomgen.data import Digits
-from anomgen.detectors import BackboneFeatures, KNNDetector, ViTBackbone, build_vit
-from anomgen.detectors.backbones import (
-    augment_batch,
-    load_pretrained,
-    torchvision_weights_path,
-)
-from anomgen.detectors.pretrain import load_backbone, pretrain_backbone, save_backbone
+from anomgen.detectors import KNNDetector
+from anomgen.encoders import BackboneFeatures, ViTBackbone, build_vit
+from anomgen.encoders.vit import load_backbone, load_pretrained, save_backbone
 from anomgen.errors import PretrainedNotFoundError
-from anomgen.pixels import imagenet_normalize
+from anomgen.pixels import augment_batch, imagenet_normalize
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = {"patch_size": 4, "num_layers": 3, "num_heads": 2, "hidden_dim": 32, "mlp_dim": 64}
@@ -62,7 +58,7 @@ def test_features_equal_torchvision():
 def test_resize_then_centre_crop_at_test_time():
     backbone = _tiny(image_size=16, resize_to=20).eval()
     images = torch.rand(2, 3, 40, 40)
-    from anomgen.detectors.backbones import center_crop, resize
+    from anomgen.pixels import center_crop, resize
 
     expected = imagenet_normalize(center_crop(resize(images, (20, 20)), 16))
     torch.testing.assert_close(backbone.prepare(images), expected)
@@ -141,17 +137,8 @@ def test_missing_vit_b_16_weights_offline_name_the_weights(tmp_path, monkeypatch
     with pytest.raises(PretrainedNotFoundError, match="ViT_B_16_Weights.IMAGENET1K_SWAG_E2E_V1") as err:
         build_vit("vit_b_16", 224, "IMAGENET1K_SWAG_E2E_V1")  # fails before building the 86M-parameter model
     assert "vit_b_16_swag-9ac1b537.pth" in str(err.value) and "download.pytorch.org" in str(err.value)
-    # a file in the hub cache (or in $ANOMGEN_PRETRAINED_DIR) is found by name
-    cached = tmp_path / "torch" / "hub" / "checkpoints" / "vit_b_16-c867db91.pth"
-    cached.parent.mkdir(parents=True)
-    cached.write_bytes(b"")
-    assert torchvision_weights_path("vit_b_16", "IMAGENET1K_V1") == cached
-    monkeypatch.setenv("ANOMGEN_PRETRAINED_DIR", str(tmp_path / "dir"))
-    (tmp_path / "dir").mkdir()
-    (tmp_path / "dir" / "vit_b_16-c867db91.pth").write_bytes(b"")
-    assert torchvision_weights_path("vit_b_16", "IMAGENET1K_V1") == tmp_path / "dir" / "vit_b_16-c867db91.pth"
     # a small-ViT checkpoint path that does not exist says how to make it
-    with pytest.raises(PretrainedNotFoundError, match="anomgen.detectors.pretrain"):
+    with pytest.raises(PretrainedNotFoundError, match="model=backbone_pretrain"):
         build_vit("vit_small", 16, str(tmp_path / "backbones" / "vit_small_digits.pt"), **TINY)
 
 
@@ -168,42 +155,11 @@ def test_plain_torchvision_state_dict_loads_strictly(tmp_path):
         assert torch.equal(backbone(images), vit.eval()(imagenet_normalize(images)))
 
 
-def test_pretraining_on_digits_beats_chance():
-    history: list = []
-    backbone = _tiny(image_size=8, patch_size=2, num_layers=2, hidden_dim=48, mlp_dim=96)
-    pretrain_backbone(backbone, Digits(split="train"), epochs=6, batch_size=32, lr=3e-3, weight_decay=0.0,
-                      max_images=800, augment={"kind": "pad_crop", "padding": 1, "flip": False},
-                      label_smoothing=0.0, progress=False, history=history)
-    assert [h["epoch"] for h in history] == [1, 2, 3, 4, 5, 6]
-    assert history[-1]["acc"] > 0.2  # ten classes: chance is 0.1 (this run: about 0.35)
-    assert history[-1]["loss"] < history[0]["loss"]
-    assert backbone.pretrain_classes == [str(d) for d in range(10)] and not backbone.training
-    with pytest.raises(ValueError, match="not classes of digits"):
-        pretrain_backbone(_tiny(), Digits(split="train"), epochs=1, exclude_classes=["Dog"], progress=False)
-
-
-def test_pretrain_cli_smoke(tmp_path):
-    out = tmp_path / "vit_small_digits.pt"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "anomgen.detectors.pretrain", "--dataset", "digits", "--exclude-classes", "3", "5",
-           "--arch", "vit_small", "--image-size", "8", "--patch-size", "4", "--num-layers", "1", "--hidden-dim",
-           "16", "--mlp-dim", "32", "--num-heads", "2", "--epochs", "1", "--max-images", "64", "--batch-size", "32",
-           "--out", str(out)]
-    result = subprocess.run(cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip().splitlines()[-1] == str(out)
-    backbone = load_backbone(out)
-    info = backbone.info
-    assert info["dataset"] == "digits" and info["exclude_classes"] == ["3", "5"] and info["stage"] == "pretrain"
-    assert "3" not in info["classes"] and len(info["classes"]) == 8
-    assert backbone.config["image_size"] == 8 and backbone.config["num_layers"] == 1
-
-
 def test_position_embedding_of_another_resolution_is_interpolated():
     """Named torchvision weights trained at another size (SWAG E2E: 384 px) are fitted to image_size."""
     from torchvision.models import VisionTransformer
 
-    from anomgen.detectors.backbones import _interpolate_pos_embedding
+    from anomgen.encoders.vit import _interpolate_pos_embedding
     from anomgen.pretrained import load_state_dict_strict
 
     state = VisionTransformer(image_size=24, **TINY).state_dict()
@@ -212,15 +168,3 @@ def test_position_embedding_of_another_resolution_is_interpolated():
     fitted = _interpolate_pos_embedding(state, backbone)
     assert fitted["encoder.pos_embedding"].shape == (1, 1 + 16, 32)
     load_state_dict_strict(backbone.vit, fitted, "interpolated")
-
-
-def test_ensure_backbone_reuses_only_a_file_made_the_same_way(tmp_path):
-    from anomgen.detectors.pretrain import ensure_backbone
-
-    out = tmp_path / "vit.pt"
-    save_backbone(_tiny(), out, {"stage": "pretrain", "dataset": "digits", "epochs": 5})
-    assert ensure_backbone(out, "digits", epochs=5) == out  # reused, not pretrained again
-    with pytest.raises(ValueError, match=r"vit\.pt was pretrained with .*'epochs': 5.*epochs=30"):
-        ensure_backbone(out, "digits", epochs=30)
-    with pytest.raises(ValueError, match="dataset='animal_mnist'"):
-        ensure_backbone(out, "animal_mnist", epochs=5)

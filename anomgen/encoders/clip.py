@@ -1,4 +1,6 @@
-"""Feature extractors: modules that map a batch of [0, 1] images (B × 3 × H × W) to features (B × D)."""
+"""open_clip image (and text) embeddings: [0, 1] images (B × 3 × H × W) -> L2-normalised features (B × D).
+
+The weights file of a tag is found by :func:`anomgen.pretrained.open_clip_weights`; this module builds the model."""
 
 from __future__ import annotations
 
@@ -9,40 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-class RawPixels(nn.Module):
-    """The image itself as a feature vector (optionally resized and reduced to one grey channel).
-
-    A fine feature space for tiny images (8×8 digits, 28×28 silhouettes), and the FID feature space there.
-    """
-
-    def __init__(self, image_size: int | None = None, grayscale: bool = True) -> None:
-        super().__init__()
-        self.image_size = image_size
-        self.grayscale = grayscale
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if self.image_size is not None and tuple(images.shape[-2:]) != (self.image_size, self.image_size):
-            images = F.interpolate(images, size=(self.image_size, self.image_size), mode="bilinear",
-                                   antialias=True, align_corners=False)
-        if self.grayscale:
-            images = images.mean(dim=1, keepdim=True)
-        return images.flatten(1)
-
-
-@torch.no_grad()
-def extract_features(extractor: nn.Module, batches, desc: str = "features") -> torch.Tensor:
-    """Features (N × D, float32, CPU) of every image in ``batches`` (an iterable of record batches)."""
-    from tqdm.auto import tqdm
-
-    extractor.eval()
-    feats = [extractor(batch["image"]).float().cpu() for batch in tqdm(batches, desc=desc, leave=False)]
-    if not feats:
-        raise ValueError(f"{desc}: no images to extract features from")
-    return torch.cat(feats)
-
-
-OPEN_CLIP_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+from anomgen.pixels import normalize
+from anomgen.pretrained import open_clip_weights
 
 
 def open_clip_architecture(model_name: str, pretrained: str | None) -> str:
@@ -70,17 +40,17 @@ def open_clip_architecture(model_name: str, pretrained: str | None) -> str:
 class OpenCLIPImageEncoder(nn.Module):
     """L2-normalised image embeddings of an open_clip model (CLIP, SigLIP: EAP's ViT-B-16-SigLIP by default).
 
-    ``pretrained`` is an open_clip tag (``"webli"``, ``"openai"``, ...: its Hugging Face repo is found through
-    :func:`anomgen.pretrained.resolve`, offline-safe, with a clear error when absent), a path to a weights file (loaded
-    strictly), or ``None`` for random weights. Images come in as [0, 1] RGB; they are resized to the model's input
-    size and normalised with the model's own statistics.
+    ``pretrained`` is an open_clip tag (``"webli"``, ``"openai"``, ...: its weights file is found by
+    :func:`anomgen.pretrained.open_clip_weights`, offline-safe, with a clear error when absent), a path to a weights
+    file (loaded strictly), or ``None`` for random weights. Images come in as [0, 1] RGB; they are resized to the
+    model's input size and normalised with the model's own statistics.
     """
 
     def __init__(self, model_name: str = "ViT-B-16-SigLIP", pretrained: str | None = "webli") -> None:
         super().__init__()
         import open_clip
 
-        weights = None if pretrained is None else self._weights_file(model_name, str(pretrained))
+        weights = None if pretrained is None else str(open_clip_weights(model_name, str(pretrained)))
         #: the architecture built: ``model_name``, or its ``-quickgelu`` twin for weights trained with QuickGELU
         self.model_name = open_clip_architecture(model_name, None if pretrained is None else str(pretrained))
         self.model = open_clip.create_model(self.model_name, pretrained=weights).eval()
@@ -91,34 +61,8 @@ class OpenCLIPImageEncoder(nn.Module):
         self.std = getattr(visual, "image_std", None) or (0.26862954, 0.26130258, 0.27577711)
         self._tokenizer = None
 
-    @staticmethod
-    def _weights_file(model_name: str, pretrained: str) -> str:
-        import open_clip
-
-        from anomgen.errors import PretrainedNotFoundError
-        from anomgen.pretrained import resolve
-
-        if Path(pretrained).expanduser().is_file():
-            return str(Path(pretrained).expanduser())
-        cfg = open_clip.get_pretrained_cfg(model_name, pretrained)
-        if not cfg:
-            tags = open_clip.list_pretrained_tags_by_model(model_name)
-            raise ValueError(f"open_clip model {model_name!r} has no pretrained tag {pretrained!r} (and it is not a "
-                             f"file); its tags: {', '.join(tags) or 'none'}")
-        hub = (cfg.get("hf_hub") or "").strip("/")
-        if not hub:
-            raise PretrainedNotFoundError(f"{model_name}/{pretrained} is published only at {cfg.get('url')}; "
-                                          "download it and pass the file's path as `pretrained`")
-        folder = resolve(hub)
-        for name in OPEN_CLIP_WEIGHT_FILES:
-            if (folder / name).is_file():
-                return str(folder / name)
-        raise PretrainedNotFoundError(f"{hub}: none of {OPEN_CLIP_WEIGHT_FILES} in {folder}")
-
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """The embeddings with gradients flowing back to the images (a CLIP loss on generated images)."""
-        from anomgen.pixels import normalize
-
         if tuple(images.shape[-2:]) != self.image_size:
             images = F.interpolate(images, size=self.image_size, mode="bicubic", align_corners=False).clamp(0, 1)
         features = self.model.encode_image(normalize(images, self.mean, self.std))

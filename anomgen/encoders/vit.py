@@ -7,11 +7,11 @@ Architectures (:func:`build_vit`):
 
 - ``"vit_b_16"``: torchvision's ViT-B/16 (the paper's detector). ``pretrained`` is a torchvision weights name
   (``"IMAGENET1K_V1"``, ``"IMAGENET1K_SWAG_LINEAR_V1"``, ``"IMAGENET1K_SWAG_E2E_V1"``; see
-  :func:`torchvision_weights_path` for where the file is looked for), a local weights file, or a backbone saved
-  by :func:`save_backbone`.
+  :func:`anomgen.pretrained.torchvision_weights` for where the file is looked for), a local weights file, or a
+  backbone saved by :func:`save_backbone`.
 - ``"vit_small"``: the same torchvision class sized by config (e.g. 32 px, patch 4, 6 blocks of width 128) for the
   shipped 8×8 / 28×28 data. ``pretrained`` is a backbone saved by :func:`save_backbone` (e.g. by
-  ``python -m anomgen.detectors.pretrain``) or a plain ``VisionTransformer`` state dict.
+  ``model=backbone_pretrain``) or a plain ``VisionTransformer`` state dict.
 
 Every weight file loads strictly (:func:`anomgen.pretrained.load_state_dict_strict`).
 
@@ -20,7 +20,7 @@ Input handling, one place for both train and test time:
 - test time (:meth:`ViTBackbone.prepare`): an image of another size is resized to ``image_size`` or, with
   ``resize_to``, resized (shorter side) to ``resize_to`` and centre-cropped to ``image_size`` (FITYMI: 256 -> 224);
   then ImageNet-normalised by :func:`anomgen.pixels.imagenet_normalize`.
-- train time (:func:`augment_batch`): ``"resize_crop"`` (FITYMI: resize to ``resize_to``, random crop
+- train time (:func:`anomgen.pixels.augment_batch`): ``"resize_crop"`` (FITYMI: resize to ``resize_to``, random crop
   ``image_size``, horizontal flip) or ``"pad_crop"`` (small images: resize to ``image_size``, pad by ``padding``,
   random crop back, horizontal flip), applied to [0, 1] images before the backbone.
 
@@ -37,11 +37,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from anomgen.errors import PretrainedNotFoundError
-from anomgen.pixels import imagenet_normalize
+from anomgen.pixels import center_crop, imagenet_normalize, resize, resize_shorter
+from anomgen.pretrained import backbone_weights, load_state_dict_strict, load_weights_file, resolve
 
 ARCHS = ("vit_small", "vit_b_16")
 BACKBONE_FORMAT = "anomgen.vit_backbone/1"
@@ -51,57 +51,6 @@ VIT_B_16 = {"patch_size": 16, "num_layers": 12, "num_heads": 12, "hidden_dim": 7
 VIT_SMALL = {"patch_size": 4, "num_layers": 6, "num_heads": 4, "hidden_dim": 128, "mlp_dim": 256}
 #: config keys that fix the parameter shapes; a saved backbone must agree on them with the config that loads it
 ARCH_KEYS = ("arch", "image_size", "patch_size", "num_layers", "num_heads", "hidden_dim", "mlp_dim")
-AUGMENTATIONS = ("pad_crop", "resize_crop")
-
-
-# ----------------------------------------------------------------------------------------------- torchvision weights
-
-
-def _torchvision_weights(arch: str, name: str):
-    """The torchvision weights enum member ``name`` of ``arch`` (``"vit_b_16"``), or None when ``name`` is not one."""
-    from torchvision.models import get_model_weights
-
-    enum = get_model_weights(arch)
-    if name == "DEFAULT":
-        return enum.DEFAULT
-    return enum.__members__.get(name)
-
-
-def torchvision_weights_path(arch: str, name: str) -> Path:
-    """The local file of torchvision weights ``<arch>`` / ``name`` (e.g. ``vit_b_16`` / ``IMAGENET1K_V1``).
-
-    Looked for, by the file name in the weights' URL, in ``$ANOMGEN_PRETRAINED_DIR/<file>`` and in the torch hub
-    cache ``torch.hub.get_dir()/checkpoints/<file>`` (where ``torchvision.models.vit_b_16(weights=...)`` puts it).
-    When absent and not offline (``HF_HUB_OFFLINE`` unset) it is downloaded into the hub cache; otherwise, or when
-    the download fails, :class:`PretrainedNotFoundError` names the weights, the file and how to supply it.
-    """
-    from anomgen.pretrained import ENV_DIR, hub_offline
-
-    weights = _torchvision_weights(arch, name)
-    if weights is None:
-        raise ValueError(f"{name!r} is not a torchvision weights name of {arch} (and not an existing file)")
-    filename = os.path.basename(weights.url)
-    cache = Path(torch.hub.get_dir()) / "checkpoints" / filename
-    candidates = ([Path(os.environ[ENV_DIR]) / filename] if os.environ.get(ENV_DIR) else []) + [cache]
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate
-    enum_name = f"{type(weights).__name__}.{weights.name}"
-    how = (f"Supply it by one of: (a) downloading {weights.url} to {cache} (the torch hub cache; TORCH_HOME moves "
-           f"it); (b) copying {filename} to ${ENV_DIR}/; (c) giving the file's path as `pretrained`; (d) running "
-           f"once with network access (HF_HUB_OFFLINE unset), e.g. "
-           f"torchvision.models.{arch}(weights={weights.name!r}).")
-    looked = "; ".join(str(c) for c in candidates)
-    if hub_offline():
-        raise PretrainedNotFoundError(f"torchvision weights {enum_name} ({filename}) not found (looked at: {looked}) "
-                                      f"and HF_HUB_OFFLINE=1 forbids downloading. {how}")
-    try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        torch.hub.download_url_to_file(weights.url, str(cache), progress=True)
-    except Exception as err:  # network errors come in many kinds
-        raise PretrainedNotFoundError(f"torchvision weights {enum_name} ({filename}) not found (looked at: {looked}) "
-                                      f"and could not be downloaded ({type(err).__name__}: {err}). {how}") from err
-    return cache
 
 
 # ---------------------------------------------------------------------------------------------------------- backbone
@@ -222,7 +171,7 @@ def build_vit(
                          hidden_dim=hidden_dim, mlp_dim=mlp_dim)
     config.update(resize_to=None if resize_to is None else int(resize_to), dropout=float(dropout),
                   attention_dropout=float(attention_dropout))
-    source = None if pretrained is None else _find_weights(arch, str(pretrained))  # fail before building
+    source = None if pretrained is None else backbone_weights(arch, str(pretrained))  # fail before building
     backbone = ViTBackbone(_make_vit(config), config)
     if source is not None:
         load_pretrained(backbone, source)
@@ -232,23 +181,6 @@ def build_vit(
 # ----------------------------------------------------------------------------------------------- loading and saving
 
 
-def _find_weights(arch: str, pretrained: str) -> Path:
-    """``pretrained`` as a local file: a path, or a torchvision weights name of ``arch`` (see above)."""
-    from anomgen.pretrained import resolve
-
-    if Path(pretrained).expanduser().exists() or arch != "vit_b_16" or _torchvision_weights(arch, pretrained) is None:
-        try:
-            return resolve(pretrained)
-        except PretrainedNotFoundError as err:
-            stem = Path(pretrained).stem
-            dataset = next((d for d in ("animal_mnist", "digits") if stem.endswith(d)), "<digits|animal_mnist>")
-            raise PretrainedNotFoundError(
-                f"{err} A backbone file is made by pretraining on data disjoint from the task (Animal-MNIST for "
-                f"digit tasks, digits for Animal-MNIST tasks): `python -m anomgen.detectors.pretrain --dataset "
-                f"{dataset} --arch {arch} --out {pretrained}` (see anomgen/detectors/pretrain.py)") from None
-    return torchvision_weights_path(arch, pretrained)
-
-
 def load_pretrained(backbone: ViTBackbone, pretrained: str | os.PathLike) -> ViTBackbone:
     """Load ``pretrained`` (a path, or a torchvision weights name for vit_b_16) into ``backbone``, strictly.
 
@@ -256,10 +188,8 @@ def load_pretrained(backbone: ViTBackbone, pretrained: str | os.PathLike) -> ViT
     read as a ``VisionTransformer`` state dict (with or without its ``heads``). Named torchvision weights trained at
     another resolution (SWAG E2E: 384 px) get their position embedding interpolated to ``image_size``.
     """
-    from anomgen.pretrained import load_state_dict_strict, load_weights_file
-
     arch = backbone.config["arch"]
-    path = _find_weights(arch, str(pretrained))
+    path = backbone_weights(arch, str(pretrained))
     if path.suffix == ".safetensors":
         state = load_weights_file(path)
     else:
@@ -315,8 +245,6 @@ def save_backbone(backbone: ViTBackbone, path: str | os.PathLike, info: Mapping[
 
 def load_backbone(path: str | os.PathLike) -> ViTBackbone:
     """Rebuild the backbone saved at ``path`` and load its weights strictly; its ``info`` is ``backbone.info``."""
-    from anomgen.pretrained import load_state_dict_strict, resolve
-
     path = resolve(path)
     obj = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(obj, Mapping) or obj.get("format") != BACKBONE_FORMAT:
@@ -328,78 +256,6 @@ def load_backbone(path: str | os.PathLike) -> ViTBackbone:
     load_state_dict_strict(backbone, obj["state_dict"], str(path))
     backbone.info = dict(obj.get("info") or {})
     return backbone
-
-
-# ------------------------------------------------------------------------------------------------------ transforms
-
-
-def resize(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bilinear, antialiased resize of [0, 1] images, clamped to [0, 1]."""
-    if tuple(images.shape[-2:]) == tuple(size):
-        return images
-    return F.interpolate(images, size=size, mode="bilinear", antialias=True, align_corners=False).clamp(0.0, 1.0)
-
-
-def resize_shorter(images: torch.Tensor, shorter: int) -> torch.Tensor:
-    """Resize so that the shorter side is ``shorter`` (the aspect ratio kept), like torchvision's ``Resize(int)``."""
-    h, w = images.shape[-2:]
-    if h <= w:
-        size = (shorter, max(1, int(shorter * w / h)))
-    else:
-        size = (max(1, int(shorter * h / w)), shorter)
-    return resize(images, size)
-
-
-def center_crop(images: torch.Tensor, size: int) -> torch.Tensor:
-    h, w = images.shape[-2:]
-    if h < size or w < size:
-        raise ValueError(f"cannot centre-crop {size} px from {h}×{w} images")
-    top, left = round((h - size) / 2.0), round((w - size) / 2.0)
-    return images[..., top : top + size, left : left + size]
-
-
-def augment_batch(
-    images: torch.Tensor,
-    image_size: int,
-    kind: str | None = "pad_crop",
-    padding: int = 4,
-    padding_mode: str = "reflect",
-    resize_to: int | None = None,
-    flip: bool = True,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """Train-time augmentation of [0, 1] images (B × 3 × H × W) -> B × 3 × image_size × image_size, per sample.
-
-    - ``"resize_crop"`` (FITYMI's ViT-B/16 recipe): resize the shorter side to ``resize_to`` (default
-      ``round(image_size · 256 / 224)``), random crop ``image_size``.
-    - ``"pad_crop"`` (small images): resize to ``image_size``, pad each side by ``padding`` (``padding_mode``:
-      reflect, replicate or constant zeros), random crop ``image_size``.
-    - ``None``: resize to ``image_size`` only.
-
-    Then, with ``flip``, a horizontal flip with probability 1/2. Draws come from ``generator`` (or torch's global
-    generator, seeded by Lightning's ``seed_everything``).
-    """
-    if kind not in (None, *AUGMENTATIONS):
-        raise ValueError(f"augmentation kind must be one of {AUGMENTATIONS} or null, got {kind!r}")
-    if kind == "resize_crop":
-        images = resize_shorter(images, int(resize_to or round(image_size * 256 / 224)))
-    else:
-        images = resize(images, (image_size, image_size))
-        if kind == "pad_crop" and padding > 0:
-            if padding_mode == "constant":
-                images = F.pad(images, [padding] * 4, mode="constant", value=0.0)
-            else:
-                images = F.pad(images, [padding] * 4, mode=padding_mode)
-    n, _, h, w = images.shape
-    if (h, w) != (image_size, image_size):
-        tops = torch.randint(0, h - image_size + 1, (n,), generator=generator).tolist()
-        lefts = torch.randint(0, w - image_size + 1, (n,), generator=generator).tolist()
-        images = torch.stack([img[:, top : top + image_size, left : left + image_size]
-                              for img, top, left in zip(images, tops, lefts, strict=True)])
-    if flip:
-        flips = (torch.rand(n, generator=generator) < 0.5).to(images.device)
-        images = torch.where(flips[:, None, None, None], images.flip(-1), images)
-    return images
 
 
 # ------------------------------------------------------------------------------------------------- feature extractor
@@ -431,7 +287,8 @@ class BackboneFeatures(nn.Module):
             if not path.is_file():
                 raise PretrainedNotFoundError(
                     f"backbone file {path} not found: train one with `python train.py model=vit_oe ...` (it writes "
-                    "<run dir>/backbone.pt) or `python -m anomgen.detectors.pretrain ... --out FILE`, and pass it as "
+                    "<run dir>/backbone.pt) or `python train.py model=backbone_pretrain datamodule=classification ...` (the "
+                    "same), and pass it as "
                     "detector.extractor.checkpoint")
             device = self.device_name
             if device == "auto":
@@ -460,14 +317,9 @@ __all__ = [
     "ARCHS",
     "BackboneFeatures",
     "ViTBackbone",
-    "augment_batch",
     "build_vit",
-    "center_crop",
     "count_parameters",
     "load_backbone",
     "load_pretrained",
-    "resize",
-    "resize_shorter",
     "save_backbone",
-    "torchvision_weights_path",
 ]

@@ -1,5 +1,5 @@
-"""Feature extractors for model selection (anomgen.detectors.extractors) against torchvision, scikit-image,
-scikit-learn and direct computations."""
+"""Encoders of model selection (torchvision, HOG, downsampled and raw pixels, random CNN) against torchvision,
+scikit-image and direct computations."""
 
 from __future__ import annotations
 
@@ -10,18 +10,11 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from anomgen.detectors.backbones import resize
-from anomgen.detectors.extractors import (
-    DownsampledPixels,
-    HOGFeatures,
-    PCAReducer,
-    RandomConvFeatures,
-    TorchvisionFeatures,
-    raw_pixels,
-)
-from anomgen.detectors.features import RawPixels
+from anomgen.encoders.handcrafted import HOGFeatures, RandomConvFeatures
+from anomgen.encoders.raw import DownsampledPixels, RawPixels, raw_pixels
+from anomgen.encoders.torchvision_features import TorchvisionFeatures
 from anomgen.errors import PretrainedNotFoundError
-from anomgen.pixels import imagenet_normalize
+from anomgen.pixels import imagenet_normalize, resize
 
 RESNET18_FILE = "resnet18-f37072fd.pth"  # the file name in torchvision's IMAGENET1K_V1 URL
 
@@ -167,23 +160,3 @@ def test_raw_pixels_is_the_shared_module_with_a_name():
     assert isinstance(module, RawPixels) and module.name == "pixels-raw-4-rgb"
     images = torch.rand(2, 3, 8, 8)
     torch.testing.assert_close(module(images), RawPixels(image_size=4, grayscale=False)(images))
-
-
-def test_pca_reducer_equals_sklearn_up_to_sign():
-    from sklearn.decomposition import PCA
-
-    rng = np.random.default_rng(0)
-    bank = rng.normal(size=(60, 10)) * np.linspace(5.0, 0.5, 10) + rng.normal(size=10)
-    queries = rng.normal(size=(7, 10))
-    reducer = PCAReducer(4).fit(torch.from_numpy(bank))
-    reference = PCA(n_components=4).fit(bank)
-    ours = reducer.transform(torch.from_numpy(np.concatenate([bank, queries]))).double().numpy()
-    theirs = reference.transform(np.concatenate([bank, queries]))
-    signs = np.sign((ours * theirs).sum(0))
-    np.testing.assert_allclose(ours, theirs * signs, rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(np.abs(reducer.components_.numpy()), np.abs(reference.components_), atol=1e-8)
-    assert PCAReducer(20).fit(torch.from_numpy(bank[:5])).n_components_ == 5  # capped at min(N, D)
-    with pytest.raises(RuntimeError, match="fit"):
-        PCAReducer(2).transform(torch.zeros(3, 10))
-    with pytest.raises(ValueError, match="M × 10"):
-        reducer.transform(torch.zeros(3, 9))
