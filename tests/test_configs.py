@@ -24,7 +24,8 @@ def test_entry_configs_compose_and_resolve(compose_config, name):
     assert container["datamodule"]["_target_"] == "datamodules.AnomalyDataModule"
 
 
-@pytest.mark.parametrize("option", config_options("datamodule"))
+# datamodule=classification (backbone pretraining) is no anomaly task: tests/models/test_backbone_pretrain.py
+@pytest.mark.parametrize("option", [o for o in config_options("datamodule") if o != "classification"])
 def test_every_datamodule_instantiates_and_sets_up(compose_config, option):
     # the folder config has no default category (it is the user's): the tiny layout's is "widget"
     extra = ["datamodule.dataset.category=widget"] if option == "folder" else []
