@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from anomgen import files
 from anomgen.data import synthetic
 from anomgen.data.record import RECORD_KEYS, make_record
 from anomgen.data.synthetic import (
@@ -154,6 +155,8 @@ def test_writer_rejects_duplicates_and_bad_values(tmp_path):
         writer.add(**_sample(1))
     with pytest.raises(SyntheticSetError, match="params.bad"):
         writer.add(**_sample(2, params={"ok": 1, "bad": object()}))
+    with pytest.raises(SyntheticSetError, match=r"params\.fid.*finite"):  # the manifest is standard JSON: no NaN
+        writer.add(**_sample(2, params={"fid": float("nan")}))
     with pytest.raises(SyntheticSetError, match=r"\[0, 1\]"):
         writer.add(**_sample(3, image=_image(3) * 2 - 1))
     with pytest.raises(SyntheticSetError, match="3×H×W"):
@@ -280,7 +283,7 @@ def test_failure_during_merge_keeps_old_set(tmp_path, monkeypatch):
     def broken(set_info, rows):
         raise OSError("disk full")
 
-    monkeypatch.setattr(synthetic, "_set_info_json", broken)
+    monkeypatch.setattr(synthetic.writer, "_set_info_json", broken)
     with pytest.raises(OSError, match="disk full"):
         write_set(tmp_path / "new", [_sample(2)], INFO)
     assert not (tmp_path / "new").exists()
@@ -301,7 +304,7 @@ def test_failure_during_swap_restores_old_set(tmp_path, monkeypatch):
             raise OSError("rename failed")
         return real_rename(src, dst)
 
-    monkeypatch.setattr(synthetic.os, "rename", rename)
+    monkeypatch.setattr(files.os, "rename", rename)
     with pytest.raises(OSError, match="rename failed"):
         write_set(out, [_sample(3)], INFO, overwrite=True)
     monkeypatch.undo()
