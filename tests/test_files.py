@@ -35,10 +35,9 @@ def test_atomic_dir_success_places_the_complete_folder(tmp_path):
 
 def test_atomic_dir_exception_leaves_no_target_and_no_temporary_folder(tmp_path):
     target = tmp_path / "out"
-    with pytest.raises(RuntimeError, match="crashed"):
-        with atomic_dir(target) as tmp:
-            (tmp / "half.txt").write_text("half")
-            raise RuntimeError("crashed")
+    with pytest.raises(RuntimeError, match="crashed"), atomic_dir(target) as tmp:
+        (tmp / "half.txt").write_text("half")
+        raise RuntimeError("crashed")
     assert _names(tmp_path) == []
 
 
@@ -46,9 +45,8 @@ def test_atomic_dir_refuses_an_existing_folder_unless_overwrite(tmp_path):
     target = tmp_path / "out"
     target.mkdir()
     (target / "old.txt").write_text("old")
-    with pytest.raises(FileExistsError, match="out.*overwrite=True"):
-        with atomic_dir(target) as tmp:
-            (tmp / "new.txt").write_text("new")
+    with pytest.raises(FileExistsError, match="out.*overwrite=True"), atomic_dir(target) as tmp:
+        (tmp / "new.txt").write_text("new")
     assert _names(target) == ["old.txt"] and _names(tmp_path) == ["out"]
 
     with atomic_dir(target, overwrite=True) as tmp:
@@ -86,9 +84,8 @@ def test_atomic_dir_failed_swap_restores_the_old_folder(tmp_path, monkeypatch):
         return real_rename(src, dst)
 
     monkeypatch.setattr(files.os, "rename", rename)
-    with pytest.raises(OSError, match="rename failed"):
-        with atomic_dir(target, overwrite=True) as tmp:
-            (tmp / "new.txt").write_text("new")
+    with pytest.raises(OSError, match="rename failed"), atomic_dir(target, overwrite=True) as tmp:
+        (tmp / "new.txt").write_text("new")
     assert _names(target) == ["old.txt"] and _names(tmp_path) == ["out"]
 
 
