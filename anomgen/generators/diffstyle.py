@@ -20,6 +20,10 @@ The whole algorithm, given a frozen ε-prediction UNet (guided-diffusion's Image
 Sample ``i`` of an S × C set is the pair (style ``i // C``, content ``i % C``); the held-out normals follow as
 samples S·C, S·C + 1, ... (label 0), so that the set is a validation set on its own. The cost is the minimum:
 S + C inversions and S·C generations (each generation step with t ≥ t_edit is one UNet pass over a batch of 2).
+
+The hyperparameters (steps, t_edit, t_boost, γ, mix, η_boost, the noise schedule) are declared once, with the paper's
+defaults, by :class:`DiffStyleConfig`; the Lightning wrapper and the selection-set builder forward their keyword
+arguments to it.
 """
 
 from __future__ import annotations
