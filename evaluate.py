@@ -29,7 +29,8 @@ import hydra  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from anomgen import pipeline  # noqa: E402
-from anomgen.runtime import finish_loggers, instantiate_group, used_config, write_json, write_metrics  # noqa: E402
+from anomgen.files import write_json  # noqa: E402
+from anomgen.runtime import finish_loggers, instantiate_group, used_config, write_metrics  # noqa: E402
 
 pipeline.register_resolvers()
 
@@ -104,12 +105,13 @@ def evaluate(cfg: DictConfig) -> tuple[dict, Path]:
                                                  "synthetic_sets", "paths")))
         logger.log_metrics(numbers)
         if hasattr(logger, "log_table"):
-            rows = [[d, k, v] for d, r in report["detectors"].items() for k, v in sorted(r["test_per_out_class"].items())]
+            rows = [[d, k, v] for d, r in report["detectors"].items()
+                    for k, v in sorted(r["test_per_out_class"].items())]
             logger.log_table(key="test/auroc_per_out_class", columns=["detector", "out_class", "AUROC"], data=rows)
             log_detector_table(logger, metrics)
     finish_loggers(loggers)
-    pipeline.write_run_record(run_dir, {"metrics": str(flat.resolve()), "report": str((run_dir / "report.json").resolve())},
-                              {"task": cfg.task_name})
+    outputs = {"metrics": str(flat.resolve()), "report": str((run_dir / "report.json").resolve())}
+    pipeline.write_run_record(run_dir, outputs, {"task": cfg.task_name})
     return metrics, run_dir
 
 

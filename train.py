@@ -28,12 +28,12 @@ import hydra  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from anomgen import pipeline  # noqa: E402
+from anomgen.files import write_json  # noqa: E402
 from anomgen.runtime import (  # noqa: E402
     code_version,
     finish_loggers,
     instantiate_group,
     used_config,
-    write_json,
     write_metrics,
 )
 

@@ -28,8 +28,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from anomgen.files import write_atomic
-from anomgen.runtime import tiny_layout, write_json
+from anomgen.files import write_atomic, write_json
+from anomgen.runtime import tiny_layout
 
 RUN_RECORD = "run.json"
 PIPELINE_RECORD = "pipeline.json"
@@ -156,8 +156,8 @@ def applicable_overrides(overrides: list[str], base: DictConfig, groups: set[str
             keep.append(text)
             continue
         probe = key.rsplit(".", 1)[0] if override.is_add() or override.is_force_add() else key
-        found = probe == key and override.is_add() or OmegaConf.select(base, probe, default=_NO_DEFAULT,
-                                                                       throw_on_resolution_failure=False) is not _NO_DEFAULT
+        present = OmegaConf.select(base, probe, default=_NO_DEFAULT, throw_on_resolution_failure=False)
+        found = (probe == key and override.is_add()) or present is not _NO_DEFAULT
         (keep if found else skip).append(text)
     return keep, skip
 

@@ -9,32 +9,18 @@ Resolvers (registered by :func:`anomgen.pipeline.register_resolvers`, which the 
 
 from __future__ import annotations
 
-import json
-import math
-import os
 import subprocess
 from collections.abc import Mapping
 from pathlib import Path
 
 import anomgen
+from anomgen.files import to_json, write_json
 
 
 def tiny_layout(name: str, directory: str) -> str:
     from anomgen.data import layouts
 
-    root = Path(directory) / name
-    done = root / ".complete"
-    if not done.exists():
-        tmp = root.with_name(f".{name}.tmp-{os.getpid()}")
-        layouts.tiny_layout(name, tmp)
-        (tmp / ".complete").write_text("tiny test layout written by anomgen.data.layouts\n")
-        try:
-            tmp.rename(root)
-        except OSError:  # another process finished first
-            import shutil
-
-            shutil.rmtree(tmp, ignore_errors=True)
-    return str(root)
+    return layouts.tiny_layout(name, Path(directory) / name)  # written atomically, reused once finished
 
 
 def flatten(metrics: Mapping, prefix: str = "", sep: str = "/") -> dict:
@@ -48,27 +34,9 @@ def flatten(metrics: Mapping, prefix: str = "", sep: str = "/") -> dict:
     return out
 
 
-def to_jsonable(value):
-    """Tensors and numpy scalars to python numbers; NaN / inf to None (JSON has no NaN)."""
-    if hasattr(value, "item") and getattr(value, "numel", lambda: 1)() == 1:
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, (int, float, str, bool)) or value is None:
-        return value
-    return str(value)
-
-
-def write_json(path: str | Path, obj) -> Path:
-    """Write JSON atomically (temporary file, then rename)."""
-    from anomgen.files import write_atomic
-
-    return write_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
-
-
 def write_metrics(run_dir: str | Path, metrics: Mapping) -> Path:
-    """The run's final metrics as flat keys in ``<run_dir>/metrics.json``."""
-    return write_json(Path(run_dir) / "metrics.json", {k: to_jsonable(v) for k, v in flatten(metrics).items()})
+    """The run's final metrics as flat keys in ``<run_dir>/metrics.json`` (NaN / inf as null)."""
+    return write_json(Path(run_dir) / "metrics.json", to_json(flatten(metrics)))
 
 
 def code_version() -> str:

@@ -49,7 +49,7 @@ def main(argv=None) -> list[dict]:
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     unet = build_unet(args.size, tuple(args.channels)).to(device)
-    ds = DiffStyle(unet, args.steps, t_edit=args.t_edit, t_boost=-1)
+    ds = DiffStyle(unet, num_inference_steps=args.steps, t_edit=args.t_edit, t_boost=-1)
     g = torch.Generator().manual_seed(1)
     styles = torch.rand(args.styles, 3, args.size, args.size, generator=g)
     contents = torch.rand(args.contents, 3, args.size, args.size, generator=g)

@@ -1,12 +1,8 @@
 """Export what a LightningModule's ``predict_step`` generates as a synthetic set (see ``anomgen.data.synthetic``).
 
-``predict_step`` returns a *generated batch*, a dict with:
-
-- ``index``: LongTensor (B,), the global sample indices (the sample ids);
-- ``image``: B × 3 × H × W in [0, 1]; ``mask``: B × H × W in {0, 1}, or ``None``;
-- ``label``: LongTensor (B,), 1 for anomalies (0 for normals a generator passes through, e.g. held-out normals);
-- ``generator``: str; ``category``, ``defect_type``: lists of str; ``sources``: list of lists of source ids;
-- ``params``: list of dicts (JSON-serialisable parameters of each draw).
+``predict_step`` returns a :class:`~anomgen.data.generation.GeneratedBatch` (global indices, images in [0, 1], masks or
+None, labels, generator, categories, defect types, sources, params; it checks itself when built). Anything else,
+a dict in particular, is a :class:`TypeError` naming the model class.
 
 Each rank writes its shard as samples arrive (nothing piles up in memory); after a barrier rank 0 merges the shards
 into the final set atomically, so an interrupted run leaves no set that looks whole. An existing set is refused at
@@ -18,13 +14,11 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from anomgen.data.synthetic import SetWriter, format_id, merge_shards, shard_path
+from anomgen.data.generation import GeneratedBatch
+from anomgen.data.synthetic import SetWriter, merge_shards, shard_path
 from anomgen.errors import SyntheticSetError
-
-REQUIRED_KEYS = ("index", "image", "label", "generator", "category", "defect_type", "sources", "params")
 
 
 class SyntheticSetExport(Callback):
@@ -59,22 +53,10 @@ class SyntheticSetExport(Callback):
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         if outputs is None:
             return
-        missing = [k for k in REQUIRED_KEYS if k not in outputs]
-        if missing:
-            raise KeyError(f"{type(pl_module).__name__}.predict_step must return a generated batch; missing {missing}")
-        masks = outputs.get("mask")
-        for j, index in enumerate(torch.as_tensor(outputs["index"]).tolist()):
-            self._writer.add(
-                format_id(index),
-                outputs["image"][j].detach().float().cpu(),
-                mask=None if masks is None else masks[j].detach().cpu(),
-                label=int(outputs["label"][j]),
-                generator=outputs["generator"],
-                category=outputs["category"][j],
-                defect_type=outputs["defect_type"][j],
-                sources=list(outputs["sources"][j]),
-                params=outputs["params"][j],
-            )
+        if not isinstance(outputs, GeneratedBatch):
+            raise TypeError(f"{type(pl_module).__name__}.predict_step must return an "
+                            f"anomgen.data.generation.GeneratedBatch, got {type(outputs).__name__}")
+        self._writer.add_batch(outputs)
 
     def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._writer.close()

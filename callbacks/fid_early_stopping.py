@@ -23,7 +23,8 @@ from lightning.pytorch import Callback
 from torch import nn
 from torch.utils.data import DataLoader
 
-from anomgen.data.synthetic import format_id, write_set
+from anomgen.data.generation import GeneratedBatch
+from anomgen.data.synthetic import write_set
 from anomgen.encoders.base import extract_features
 from anomgen.metrics.generation import feature_statistics, frechet_distance
 from anomgen.visualize import image_grid
@@ -176,14 +177,15 @@ class FIDEarlyStopping(Callback):
             seed = getattr(pl_module, "seed", 0)
             images = self._samples(pl_module, list(range(n)), seed)
             category = trainer.datamodule.normal_class or ""
-            samples = (
-                dict(id=format_id(i), image=images[i], label=1, generator=pl_module.generator_name,
-                     category=category, defect_type=pl_module.generator_name,
-                     params={"fid": fid, "step": trainer.global_step, "seed": seed})
-                for i in range(n)
+            generator = pl_module.generator_name
+            batch = GeneratedBatch(
+                index=torch.arange(n), image=images, mask=None, label=torch.ones(n, dtype=torch.long),
+                generator=generator, category=[category] * n, defect_type=[generator] * n,
+                sources=[[] for _ in range(n)],
+                params=[{"fid": fid, "step": trainer.global_step, "seed": seed} for _ in range(n)],
             )
-            write_set(out, samples, {"generator": pl_module.generator_name, "fid": fid, "band": name,
-                                     "step": trainer.global_step}, overwrite=True)
+            write_set(out, batch, {"generator": generator, "fid": fid, "band": name, "step": trainer.global_step},
+                      overwrite=True)
         trainer.strategy.barrier("fid_early_stopping:export")
 
     # -- resuming continues the schedule ------------------------------------------------------------------------

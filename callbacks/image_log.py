@@ -24,8 +24,8 @@ class LogGeneratedImages(Callback):
         if outputs is None or have >= self.max_images:
             return
         take = self.max_images - have
-        images = outputs["image"][:take].detach().float().cpu()
-        masks = outputs.get("mask")
+        images = outputs.image[:take].detach().float().cpu()  # a GeneratedBatch
+        masks = outputs.mask
         self._images.append(overlay_mask(images, None if masks is None else masks[:take].detach().cpu()))
 
     def on_predict_end(self, trainer, pl_module) -> None:

@@ -205,10 +205,11 @@ class AnomalyDataModule(LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         """What the model is asked to generate: one request per sample by default (:class:`GenerationRequests`);
-        a model that plans its own set (e.g. DiffStyle's style × content product) has ``generation_requests(support)``.
+        a model that plans its own set (e.g. DiffStyle's style × content product) has ``predict_requests(support)``,
+        a pure function returning the request dataset (the model builds its own copy of the plan in its setup).
         """
         model = self.trainer.lightning_module if self.trainer is not None else None
-        plan = getattr(model, "generation_requests", None)
+        plan = getattr(model, "predict_requests", None)
         requests = plan(self.support) if plan is not None else GenerationRequests(self.support, self.num_generated)
         return self._loader(requests, shuffle=False)
 

@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from lightning.pytorch import LightningModule
 
+from anomgen.data.generation import GeneratedBatch
 from anomgen.diffusion.ddim import DEFAULT_BETAS, DDIMSchedule
 from anomgen.generators.asyrp import Asyrp
 from anomgen.seeding import sample_generator, sample_seed
@@ -31,28 +32,22 @@ class AsyrpModel(LightningModule):
         unet: torch.nn.Module,
         clip,
         optimizer,
-        target_text: str = "a photo of something strange",
         num_inference_steps: int = 40,
-        t_edit: int = 500,
         alpha_min: float = 0.5,
         alpha_max: float = 1.5,
-        lambda_clip: float = 1.0,
-        lambda_l1: float = 3.0,
-        hidden_channels: int | None = None,
-        time_embed_dim: int = 128,
-        t_boost: int = -1,
-        eta_boost: float = 1.0,
         betas: Mapping | None = None,
         seed: int = 0,
+        **asyrp,
     ) -> None:
+        """``asyrp``: the method's hyperparameters (target_text, t_edit, lambda_clip, lambda_l1, hidden_channels,
+        time_embed_dim, t_boost, eta_boost), declared with their defaults once, by
+        :class:`anomgen.generators.asyrp.Asyrp`."""
         super().__init__()
         if alpha_min > alpha_max:
             raise ValueError(f"model.alpha_min ({alpha_min}) must not exceed model.alpha_max ({alpha_max})")
         self.save_hyperparameters(ignore=["unet", "clip", "optimizer"])
         schedule = DDIMSchedule(num_inference_steps, **dict(betas or DEFAULT_BETAS))
-        self.asyrp = Asyrp(unet, clip, schedule, target_text=target_text, t_edit=t_edit, lambda_clip=lambda_clip,
-                           lambda_l1=lambda_l1, hidden_channels=hidden_channels, time_embed_dim=time_embed_dim,
-                           t_boost=t_boost, eta_boost=eta_boost)
+        self.asyrp = Asyrp(unet, clip, schedule, **asyrp)
         self.optimizer_factory = optimizer
         self.seed = seed
         self.trajectories: dict[str, torch.Tensor] = {}  # image_path -> K × 3 × H × W (CPU), inverted once
@@ -81,7 +76,7 @@ class AsyrpModel(LightningModule):
     def configure_optimizers(self):
         return self.optimizer_factory(params=self.asyrp.delta_h.parameters())
 
-    def predict_step(self, batch: dict, batch_idx: int) -> dict:
+    def predict_step(self, batch: dict, batch_idx: int) -> GeneratedBatch:
         source = batch["source"]
         indices = batch["index"].tolist()
         generators = [sample_generator(self.seed, i) for i in indices]
@@ -91,18 +86,18 @@ class AsyrpModel(LightningModule):
         images = self.asyrp.generate(x_T, alphas, generators)
         categories = list(source["category"])
         texts = self.asyrp.target_texts(categories, len(indices))
-        return {
-            "index": batch["index"],
-            "image": images,
-            "mask": None,  # a global edit: no anomaly mask
-            "label": torch.ones(len(indices), dtype=torch.long),
-            "generator": self.generator_name,
-            "category": categories,
-            "defect_type": [self.generator_name] * len(indices),
-            "sources": [[p] for p in source["image_path"]],
-            "params": [{"alpha": alpha, "t_edit": self.asyrp.t_edit, "seed": self.seed, "target_text": text,
-                        "t_boost": self.asyrp.t_boost} for alpha, text in zip(alphas, texts)],
-        }
+        return GeneratedBatch(
+            index=batch["index"],
+            image=images,
+            mask=None,  # a global edit: no anomaly mask
+            label=torch.ones(len(indices), dtype=torch.long),
+            generator=self.generator_name,
+            category=categories,
+            defect_type=[self.generator_name] * len(indices),
+            sources=[[p] for p in source["image_path"]],
+            params=[{"alpha": alpha, "t_edit": self.asyrp.t_edit, "seed": self.seed, "target_text": text,
+                     "t_boost": self.asyrp.t_boost} for alpha, text in zip(alphas, texts)],
+        )
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Keep only the trainable DeltaH weights."""

@@ -2,8 +2,22 @@
 
 ``python train.py model=diffstyle`` skips fitting and runs prediction with the export callback: the set holds the
 S × C anomalies (label 1) and the held-out normals (label 0), so that it is a validation set on its own. The
-algorithm is :mod:`anomgen.generators.diffstyle`; this wrapper plans the requests, inverts each style / content image
-the first time a batch needs it (so each image is inverted once per process) and returns generated batches.
+algorithm and its hyperparameters are :mod:`anomgen.generators.diffstyle` (keyword arguments other than the split
+and the seed go to :class:`~anomgen.generators.diffstyle.DiffStyleConfig`).
+
+The plan (which support images are styles, contents and held-out normals) is a pure function of the support set and
+the split hyperparameters, :meth:`DiffStyleModel.predict_requests`. Two parties use it, and neither sets state in
+the other:
+
+- the model builds its own plan in :meth:`setup` for ``stage="predict"``, from ``trainer.datamodule.support``
+  (Lightning sets the datamodule up before the model), so ``predict_step`` always has the plan it needs;
+- the datamodule's ``predict_dataloader`` asks ``model.predict_requests(support)`` for the request dataset (the plan
+  itself: request ``i`` names the global index and the positions of its style / content / held-out images). The call
+  has no side effect; it returns an equal plan because it is the same pure function of the same support set.
+
+Each style / content image is inverted the first time a batch needs it (so once per process), and every random draw
+of sample ``i`` comes from ``sample_generator(seed, i)``, so the set is the same on 1 or N devices and with any
+batch size.
 """
 
 from __future__ import annotations
@@ -12,8 +26,15 @@ import torch
 from lightning.pytorch import LightningModule
 from torch import nn
 
+from anomgen.data.generation import GeneratedBatch
 from anomgen.data.record import GOOD
-from anomgen.generators.diffstyle import DiffStyle, DiffStylePlan, Inversion
+from anomgen.generators.diffstyle import (
+    N_CONTENT,
+    N_STYLE,
+    DiffStyle,
+    DiffStylePlan,
+    Inversion,
+)
 from anomgen.pixels import resize
 from anomgen.seeding import sample_generator
 
@@ -22,23 +43,31 @@ class DiffStyleModel(LightningModule):
     trainable = False  # train.py skips Trainer.fit
     generates = True
 
-    def __init__(self, unet: nn.Module, n_style: int = 10, n_content: int = 10, n_held_out: int | None = None,
-                 split_seed: int = 0, num_inference_steps: int = 50, t_edit: int = 400, t_boost: int = 200,
-                 gamma: float = 0.7, mix: str = "lerp", eta_boost: float = 1.0, seed: int = 0) -> None:
+    def __init__(self, unet: nn.Module, n_style: int = N_STYLE, n_content: int = N_CONTENT,
+                 n_held_out: int | None = None, split_seed: int = 0, seed: int = 0, **diffstyle) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["unet"])
-        self.generator = DiffStyle(unet, num_inference_steps, t_edit, t_boost, gamma, mix, eta_boost)
+        self.generator = DiffStyle(unet, **diffstyle)
         self.generator_name = self.generator.name
         size = getattr(getattr(unet, "config", None), "sample_size", None)
         self.image_size = None if size is None else ((size, size) if isinstance(size, int) else tuple(size))
         self.plan: DiffStylePlan | None = None
         self._inversions: dict[tuple[str, int], Inversion] = {}
 
-    def generation_requests(self, support) -> DiffStylePlan:
+    def predict_requests(self, support) -> DiffStylePlan:
+        """The generation requests over ``support``: a new :class:`DiffStylePlan`. Pure: the model keeps nothing."""
         hp = self.hparams
-        self.plan = DiffStylePlan(support, hp.n_style, hp.n_content, hp.n_held_out, seed=hp.split_seed)
+        return DiffStylePlan(support, hp.n_style, hp.n_content, hp.n_held_out, seed=hp.split_seed)
+
+    def setup(self, stage: str) -> None:
+        if stage != "predict":
+            return
+        support = getattr(getattr(self.trainer, "datamodule", None), "support", None)
+        if support is None:
+            raise RuntimeError("DiffStyleModel predicts from a datamodule's support set: run Trainer.predict with a "
+                               "datamodule that has a `support` dataset (datamodules.anomaly.AnomalyDataModule)")
+        self.plan = self.predict_requests(support)
         self._inversions = {}
-        return self.plan
 
     def _sized(self, image: torch.Tensor) -> torch.Tensor:
         """A [0, 1] image at the UNet's sample size."""
@@ -53,12 +82,13 @@ class DiffStyleModel(LightningModule):
                 self._inversions[(role, p)] = inv
         return [self._inversions[(role, p)] for p in positions]
 
-    def predict_step(self, batch: dict, batch_idx: int) -> dict:
+    def predict_step(self, batch: dict, batch_idx: int) -> GeneratedBatch:
         if self.plan is None:
-            raise RuntimeError("DiffStyleModel: no generation plan; predict through a datamodule whose "
-                               "predict_dataloader asks the model for generation_requests(support)")
-        indices = batch["index"].tolist()
-        pairs = [(i, s, c) for i, s, c in zip(indices, batch["style"].tolist(), batch["content"].tolist()) if s >= 0]
+            raise RuntimeError("DiffStyleModel: no generation plan; it is built in setup('predict') from the "
+                               "datamodule's support set (predict through Trainer.predict with a datamodule)")
+        requests = list(zip(batch["index"].tolist(), batch["style"].tolist(), batch["content"].tolist(),
+                            batch["held_out"].tolist()))
+        pairs = [(i, s, c) for i, s, c, _ in requests if s >= 0]
         generated = {}
         if pairs:
             styles = self._inverted("style", [s for _, s, _ in pairs])
@@ -66,25 +96,15 @@ class DiffStyleModel(LightningModule):
             gens = [sample_generator(self.hparams.seed, i) for i, _, _ in pairs]
             for (i, _, _), image in zip(pairs, self.generator.generate(styles, contents, gens).cpu()):
                 generated[i] = image
-        out = {"index": batch["index"], "generator": self.generator_name, "image": [], "mask": None, "label": [],
-               "category": [], "defect_type": [], "sources": [], "params": []}
-        for i, s, c, j in zip(indices, batch["style"].tolist(), batch["content"].tolist(), batch["held_out"].tolist()):
+        samples = []
+        for i, s, _, j in requests:
             if s >= 0:
-                fields = self.plan.anomaly_fields(i)
-                out["image"].append(generated[i])
-                out["label"].append(1)
-                out["category"].append(fields["category"])
-                out["defect_type"].append(self.generator_name)
-                out["sources"].append(fields["sources"])
-                out["params"].append({**self.generator.params, "seed": self.hparams.seed, "role": "anomaly"})
+                samples.append({"index": i, "image": generated[i], "label": 1, "defect_type": self.generator_name,
+                                **self.plan.anomaly_fields(i),
+                                "params": {**self.generator.params, "seed": self.hparams.seed, "role": "anomaly"}})
             else:
                 normal = self.plan.held_out[j]
-                out["image"].append(self._sized(normal["image"]))
-                out["label"].append(0)
-                out["category"].append(normal["category"])
-                out["defect_type"].append(GOOD)
-                out["sources"].append([normal["image_path"]])
-                out["params"].append({"role": "held_out"})
-        out["image"] = torch.stack(out["image"])
-        out["label"] = torch.tensor(out["label"])
-        return out
+                samples.append({"index": i, "image": self._sized(normal["image"]), "label": 0,
+                                "category": normal["category"], "defect_type": GOOD,
+                                "sources": [normal["image_path"]], "params": {"role": "held_out"}})
+        return GeneratedBatch.from_samples(self.generator_name, samples)

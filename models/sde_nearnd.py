@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from lightning.pytorch import LightningModule
 
+from anomgen.data.generation import GeneratedBatch
 from anomgen.diffusion import (
     EMA,
     dsm_loss,
@@ -102,22 +103,22 @@ class SDENearND(LightningModule):
         images = from_diffusion_range(x)
         return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
 
-    def predict_step(self, batch: dict, batch_idx: int) -> dict:
+    def predict_step(self, batch: dict, batch_idx: int) -> GeneratedBatch:
         indices = batch["index"].tolist()
         images = self.sample(indices)
         categories = list(batch["source"]["category"])
-        return {
-            "index": batch["index"],
-            "image": images,
-            "mask": None,
-            "label": torch.ones(len(indices), dtype=torch.long),
-            "generator": self.generator_name,
-            "category": categories,
-            "defect_type": [self.generator_name] * len(indices),
-            "sources": [[] for _ in indices],  # sampled from the model, not edited from a support image
-            "params": [{"seed": self.seed, "step": self.global_step, "sde": self.sde.kind,
-                        "fid": self.last_fid} for _ in indices],
-        }
+        return GeneratedBatch(
+            index=batch["index"],
+            image=images,
+            mask=None,
+            label=torch.ones(len(indices), dtype=torch.long),
+            generator=self.generator_name,
+            category=categories,
+            defect_type=[self.generator_name] * len(indices),
+            sources=[[] for _ in indices],  # sampled from the model, not edited from a support image
+            params=[{"seed": self.seed, "step": self.global_step, "sde": self.sde.kind, "fid": self.last_fid}
+                    for _ in indices],
+        )
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["ema"] = self.ema.state_dict()

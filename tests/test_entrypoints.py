@@ -92,7 +92,8 @@ def test_every_evaluate_only_experiment_runs_tiny(compose_config, tmp_path, expe
 
     cfg = compose_config("evaluate", [f"experiment={experiment}", "debug=tiny", "logger=csv"], run_dir=tmp_path / "e")
     _, run_dir = evaluate(cfg)
-    _check_selection_run(run_dir, json.loads((run_dir / "metrics.json").read_text()), list(cfg.selection.validation_sets))
+    saved = json.loads((run_dir / "metrics.json").read_text())
+    _check_selection_run(run_dir, saved, list(cfg.selection.validation_sets))
 
 
 def _check_selection_run(run_dir: Path, saved: dict, sets: list[str], prefix: str = "") -> None:

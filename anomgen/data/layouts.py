@@ -12,16 +12,15 @@ masks; the small integers 1 and 2 in VisA masks, as in the real VisA).
 from __future__ import annotations
 
 import csv
-import os
 import pickle
-import shutil
-import uuid
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from anomgen.files import atomic_dir
 
 CUB_CLASSES = ("001.Black_footed_Albatross", "002.Laysan_Albatross", "003.Sooty_Albatross")
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -366,22 +365,7 @@ def tiny_layout(name: str, root: str | Path) -> str:
         WRITERS[name](root)
         (root / MARKER).write_text(name + "\n")
         return str(root)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = root.parent / f".{root.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
+    with atomic_dir(root, exist_ok=True) as tmp:  # another caller may finish first: then its copy is used
         WRITERS[name](tmp)
         (tmp / MARKER).write_text(name + "\n")
-        if root.is_dir() and not any(root.iterdir()):
-            try:
-                root.rmdir()
-            except OSError:
-                pass
-        try:
-            os.rename(tmp, root)
-        except OSError:
-            if not (root / MARKER).is_file():  # not another caller's finished copy: a real failure
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return str(root)

@@ -287,8 +287,8 @@ class BackboneFeatures(nn.Module):
             if not path.is_file():
                 raise PretrainedNotFoundError(
                     f"backbone file {path} not found: train one with `python train.py model=vit_oe ...` (it writes "
-                    "<run dir>/backbone.pt) or `python train.py model=backbone_pretrain datamodule=classification ...` (the "
-                    "same), and pass it as "
+                    "<run dir>/backbone.pt) or `python train.py model=backbone_pretrain datamodule=classification "
+                    "...` (the same), and pass it as "
                     "detector.extractor.checkpoint")
             device = self.device_name
             if device == "auto":

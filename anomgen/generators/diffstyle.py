@@ -20,12 +20,16 @@ The whole algorithm, given a frozen ε-prediction UNet (guided-diffusion's Image
 Sample ``i`` of an S × C set is the pair (style ``i // C``, content ``i % C``); the held-out normals follow as
 samples S·C, S·C + 1, ... (label 0), so that the set is a validation set on its own. The cost is the minimum:
 S + C inversions and S·C generations (each generation step with t ≥ t_edit is one UNet pass over a batch of 2).
+
+The hyperparameters (steps, t_edit, t_boost, γ, mix, η_boost, the noise schedule) are declared once, with the paper's
+defaults, by :class:`DiffStyleConfig`; the Lightning wrapper and the selection-set builder forward their keyword
+arguments to it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -59,28 +63,58 @@ class CountingEps(nn.Module):
         return self.eps_model(x, t)
 
 
+@dataclass(frozen=True)
+class DiffStyleConfig:
+    """DiffStyle's hyperparameters, declared once; the defaults are the paper's (50 DDIM steps over the linear
+    1e-4 → 0.02 schedule of 1000 steps, h mixed at t ≥ 400 with γ = 0.7 by lerp, quality boosting at t ≤ 200).
+    The wrappers (``models.diffstyle.DiffStyleModel``, :class:`anomgen.selection.validation_sets.DiffStyleSets`)
+    forward their keyword arguments here."""
+
+    num_inference_steps: int = 50
+    t_edit: int = 400
+    t_boost: int = 200  # -1: no quality boosting
+    gamma: float = 0.7
+    mix: str = "lerp"  # "lerp" (the paper) | "slerp" (DiffStyle: content h rescaled to the style h's norm)
+    eta_boost: float = 1.0
+    num_train_timesteps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    beta_schedule: str = "linear"
+
+    def __post_init__(self) -> None:
+        if self.mix not in MIX_MODES:
+            raise ValueError(f"diffstyle: mix must be one of {MIX_MODES}, got {self.mix!r}")
+        if not 0.0 <= self.gamma <= 1.0:
+            raise ValueError(f"diffstyle: gamma must be in [0, 1], got {self.gamma}")
+        if self.t_boost >= self.t_edit:
+            raise ValueError(f"diffstyle: t_boost ({self.t_boost}) must be below t_edit ({self.t_edit})")
+
+
+#: the paper's partition of the support set: 10 style × 10 content images (5 × 5 for Flowers)
+N_STYLE = N_CONTENT = 10
+
+
 class DiffStyle:
-    """Invert once, mix h, generate: see the module docstring. ``unet`` stays frozen."""
+    """Invert once, mix h, generate: see the module docstring. ``unet`` stays frozen.
+
+    ``DiffStyle(unet, config)`` or ``DiffStyle(unet, t_edit=300, ...)`` (keyword arguments override ``config``'s
+    fields, see :class:`DiffStyleConfig`)."""
 
     name = NAME
 
-    def __init__(self, unet: nn.Module, num_inference_steps: int = 50, t_edit: int = 400, t_boost: int = 200,
-                 gamma: float = 0.7, mix: str = "lerp", eta_boost: float = 1.0, num_train_timesteps: int = 1000,
-                 beta_start: float = 1e-4, beta_end: float = 0.02, beta_schedule: str = "linear") -> None:
-        if mix not in MIX_MODES:
-            raise ValueError(f"diffstyle: mix must be one of {MIX_MODES}, got {mix!r}")
-        if not 0.0 <= gamma <= 1.0:
-            raise ValueError(f"diffstyle: gamma must be in [0, 1], got {gamma}")
-        if t_boost >= t_edit:
-            raise ValueError(f"diffstyle: t_boost ({t_boost}) must be below t_edit ({t_edit})")
+    def __init__(self, unet: nn.Module, config: DiffStyleConfig | None = None, **overrides) -> None:
+        config = replace(config or DiffStyleConfig(), **overrides)
+        self.config = config
         self.unet = unet.eval().requires_grad_(False)
-        self.schedule = DDIMSchedule(num_inference_steps, num_train_timesteps, beta_start, beta_end, beta_schedule)
-        if t_edit > max(self.schedule.timesteps):
-            raise ValueError(f"diffstyle: t_edit={t_edit} is above every timestep of the schedule "
+        self.schedule = DDIMSchedule(config.num_inference_steps, config.num_train_timesteps, config.beta_start,
+                                     config.beta_end, config.beta_schedule)
+        if config.t_edit > max(self.schedule.timesteps):
+            raise ValueError(f"diffstyle: t_edit={config.t_edit} is above every timestep of the schedule "
                              f"(max {max(self.schedule.timesteps)}); h would never be mixed")
         self.eps = CountingEps(EpsModel(self.unet))
         self.hspace = HSpace(self.unet)
-        self.t_edit, self.t_boost, self.gamma, self.mix, self.eta_boost = t_edit, t_boost, gamma, mix, eta_boost
+        self.t_edit, self.t_boost, self.gamma = config.t_edit, config.t_boost, config.gamma
+        self.mix, self.eta_boost = config.mix, config.eta_boost
 
     @property
     def params(self) -> dict:

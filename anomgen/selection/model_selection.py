@@ -31,6 +31,7 @@ from anomgen.data.record import ANOMALOUS, NORMAL
 from anomgen.detectors.knn import DISTANCES, KNNScorer
 from anomgen.detectors.pca import PCAReducer
 from anomgen.errors import DatasetError
+from anomgen.files import to_json
 from anomgen.metrics import auroc
 from anomgen.selection.evaluation import image_metrics
 from anomgen.selection.features import FeatureCache, dataset_entries, with_entries
@@ -349,16 +350,6 @@ def summarize(per_task_results: Sequence[Mapping], real_keys: Sequence[str] = RE
 # ------------------------------------------------------------------------------------------------------- selection
 
 
-def _json_safe(value):
-    if isinstance(value, float):
-        return None if math.isnan(value) or math.isinf(value) else value
-    if isinstance(value, Mapping):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
-
-
 @dataclass
 class SelectionResult:
     """Per-task results (:func:`score_task`) and their :func:`summarize` summary."""
@@ -378,9 +369,9 @@ class SelectionResult:
 
     def to_dict(self) -> dict:
         """Plain JSON data (NaN and infinities become ``None``)."""
-        return _json_safe({"candidates": [asdict(c) for c in self.candidates],
-                           "k_values": [k_label(k) for k in self.k_values],
-                           "tasks": self.tasks, "summary": self.summary})
+        return to_json({"candidates": [asdict(c) for c in self.candidates],
+                        "k_values": [k_label(k) for k in self.k_values],
+                        "tasks": self.tasks, "summary": self.summary})
 
 
 def select_models(tasks: Sequence[SelectionTask], candidates: Sequence[Candidate], extractors: Mapping[str, nn.Module],

@@ -23,18 +23,24 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from anomgen.data.generation import GeneratedBatch
 from anomgen.data.record import GOOD, NORMAL
 from anomgen.data.synthetic import is_complete_set, read_set_info, write_set
+from anomgen.generators.diffstyle import N_CONTENT, N_STYLE, DiffStyle, DiffStylePlan
 from anomgen.pixels import resize
 from anomgen.seeding import sample_generator
 
 
-def _held_out_samples(plan, size) -> Iterator[dict]:
-    for j in range(len(plan.held_out)):
-        record = plan.held_out[j]
-        yield {"image": resize(record["image"].unsqueeze(0), size)[0], "label": NORMAL, "generator": "real",
-               "category": record["category"], "defect_type": GOOD, "sources": [record["image_path"]],
-               "params": {"role": "held_out"}}
+def _held_out_samples(plan, size, start: int) -> Iterator[dict]:
+    """The held-out normals as samples ``start``, ``start + 1``, ... (after the anomalies)."""
+    records = [plan.held_out[j] for j in range(len(plan.held_out))]
+    n = len(records)
+    images = torch.cat([resize(r["image"].unsqueeze(0), size) for r in records])
+    yield from GeneratedBatch(
+        index=torch.arange(start, start + n), image=images, mask=None, label=torch.full((n,), NORMAL),
+        generator="real", category=[r["category"] for r in records],
+        defect_type=[GOOD] * n, sources=[[r["image_path"]] for r in records], params=[{"role": "held_out"}] * n,
+    ).rows()
 
 
 def _image_size(plan) -> tuple[int, int]:
@@ -58,12 +64,9 @@ class DiffStyleSets:
 
     name = "diffstyle"
 
-    def __init__(self, unet: nn.Module, num_inference_steps: int = 50, t_edit: int = 400, t_boost: int = 200,
-                 gamma: float = 0.7, mix: str = "lerp", eta_boost: float = 1.0, seed: int = 0,
-                 batch_size: int = 32) -> None:
-        from anomgen.generators.diffstyle import DiffStyle
-
-        self.generator = DiffStyle(unet, num_inference_steps, t_edit, t_boost, gamma, mix, eta_boost)
+    def __init__(self, unet: nn.Module, seed: int = 0, batch_size: int = 32, **diffstyle) -> None:
+        """``diffstyle``: :class:`~anomgen.generators.diffstyle.DiffStyleConfig` fields (t_edit, gamma, ...)."""
+        self.generator = DiffStyle(unet, **diffstyle)
         size = getattr(getattr(unet, "config", None), "sample_size", None)
         self.unet_size = None if size is None else ((size, size) if isinstance(size, int) else tuple(size))
         self.seed, self.batch_size = seed, batch_size
@@ -78,11 +81,15 @@ class DiffStyleSets:
         def samples() -> Iterator[dict]:
             for indices, images in self.generator.cross_product(stack(plan.style), stack(plan.content), self.seed,
                                                                 self.batch_size):
-                for i, image in zip(indices, resize(images, size)):
-                    yield {"image": image, "label": 1, "generator": self.name, "defect_type": self.name,
-                           **plan.anomaly_fields(i),
-                           "params": {**self.generator.params, "seed": self.seed, "role": "anomaly"}}
-            yield from _held_out_samples(plan, size)
+                fields = [plan.anomaly_fields(i) for i in indices]
+                yield from GeneratedBatch(
+                    index=torch.tensor(indices), image=resize(images, size), mask=None,
+                    label=torch.ones(len(indices), dtype=torch.long), generator=self.name,
+                    category=[f["category"] for f in fields], defect_type=[self.name] * len(indices),
+                    sources=[f["sources"] for f in fields],
+                    params=[{**self.generator.params, "seed": self.seed, "role": "anomaly"}] * len(indices),
+                ).rows()
+            yield from _held_out_samples(plan, size, plan.n_pairs)
 
         return _write(Path(out_dir), samples, {**info, "generator": self.name, **self.generator.params,
                                                "seed": self.seed})
@@ -106,10 +113,13 @@ class NoiseSets:
             for i in range(n):
                 shape = (1 if self.grey else 3, *size)
                 noise = torch.randn(shape, generator=sample_generator(self.seed, i)) * self.std + self.mean
-                yield {"image": noise.clamp(0, 1).expand(3, *size), "label": 1, "generator": self.name,
-                       "category": category, "defect_type": self.name, "sources": [],
-                       "params": {"mean": self.mean, "std": self.std, "seed": self.seed}}
-            yield from _held_out_samples(plan, size)
+                yield from GeneratedBatch(
+                    index=torch.tensor([i]), image=noise.clamp(0, 1).expand(3, *size)[None], mask=None,
+                    label=torch.ones(1, dtype=torch.long), generator=self.name, category=[category],
+                    defect_type=[self.name], sources=[[]],
+                    params=[{"mean": self.mean, "std": self.std, "seed": self.seed}],
+                ).rows()
+            yield from _held_out_samples(plan, size, n)
 
         return _write(Path(out_dir), samples, {**info, "generator": self.name, "n": n, "mean": self.mean,
                                                "std": self.std, "seed": self.seed})
@@ -134,19 +144,21 @@ class DatasetSets:
         category = plan.held_out[0]["category"]
 
         def samples() -> Iterator[dict]:
-            for i in chosen:
+            for position, i in enumerate(chosen):
                 record = self.dataset[i]
-                yield {"image": resize(record["image"].unsqueeze(0), size)[0], "label": 1, "generator": self.name,
-                       "category": category, "defect_type": self.name, "sources": [record["image_path"]],
-                       "params": {"seed": self.seed}}
-            yield from _held_out_samples(plan, size)
+                yield from GeneratedBatch(
+                    index=torch.tensor([position]), image=resize(record["image"].unsqueeze(0), size), mask=None,
+                    label=torch.ones(1, dtype=torch.long), generator=self.name, category=[category],
+                    defect_type=[self.name], sources=[[record["image_path"]]], params=[{"seed": self.seed}],
+                ).rows()
+            yield from _held_out_samples(plan, size, n)
 
         return _write(Path(out_dir), samples, {**info, "generator": self.name, "n": n, "seed": self.seed,
                                                "dataset": type(self.dataset).__name__})
 
 
-def selection_task(name: str, support, test_set, builders: dict, sets_dir: str | Path, n_style: int = 10,
-                   n_content: int = 10, n_held_out: int | None = None, seed: int = 0,
+def selection_task(name: str, support, test_set, builders: dict, sets_dir: str | Path, n_style: int = N_STYLE,
+                   n_content: int = N_CONTENT, n_held_out: int | None = None, seed: int = 0,
                    bank_without_sources: bool = False, info: dict | None = None):
     """One task of model / prompt selection: the support split by a :class:`DiffStylePlan`, every builder's
     validation set written under ``sets_dir/<builder name>``, and the banks: all of the support for real scoring,
@@ -155,7 +167,6 @@ def selection_task(name: str, support, test_set, builders: dict, sets_dir: str |
     a support larger than the split)."""
     from anomgen.data.synthetic import SyntheticSet
     from anomgen.data.tasks import TaskView
-    from anomgen.generators.diffstyle import DiffStylePlan
     from anomgen.selection.model_selection import SelectionTask
 
     plan = DiffStylePlan(support, n_style, n_content, n_held_out, seed=seed)

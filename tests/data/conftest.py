@@ -53,3 +53,13 @@ def cifar100_root(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def folder_root(tmp_path_factory) -> str:
     return layouts.write_folder(tmp_path_factory.mktemp("folder"), categories=("widget", "gadget"))
+
+
+@pytest.fixture
+def good_set(tmp_path):
+    """A finished synthetic set of two anomalies with masks and one normal (see synthetic_samples)."""
+    from synthetic_samples import INFO, make_sample
+
+    from anomgen.data.synthetic import write_set
+
+    return write_set(tmp_path / "set", [make_sample(0), make_sample(1), make_sample(2, label=0)], INFO)

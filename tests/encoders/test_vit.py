@@ -3,15 +3,11 @@ torchvision's own computation, freezing is exact, backbone files reload strictly
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from anomgen.data import Digits
 from anomgen.detectors import KNNDetector
 from anomgen.encoders import BackboneFeatures, ViTBackbone, build_vit
 from anomgen.encoders.vit import load_backbone, load_pretrained, save_backbone

@@ -141,3 +141,42 @@ def test_model_exports_a_validation_set_independent_of_batching(tmp_path):
     source = model.plan.held_out[0]["image"]
     assert (normal["image"] - source).abs().max() <= 1 / 255 + 1e-6
     assert sample_generator(0, 1).initial_seed() != sample_generator(0, 2).initial_seed()
+
+
+def test_config_declares_the_paper_defaults_once(unet):
+    from anomgen.generators.diffstyle import DiffStyleConfig
+    from anomgen.selection.validation_sets import DiffStyleSets
+    from models.diffstyle import DiffStyleModel
+
+    config = DiffStyleConfig()
+    assert (config.num_inference_steps, config.t_edit, config.t_boost, config.gamma, config.mix) == (
+        50, 400, 200, 0.7, "lerp")
+    ds = DiffStyle(unet, config, t_edit=300)  # keyword arguments override the config's fields
+    assert ds.config == DiffStyleConfig(t_edit=300) and ds.t_edit == 300 and ds.gamma == 0.7
+    assert DiffStyleModel(unet, gamma=0.5).generator.config == DiffStyleConfig(gamma=0.5)
+    assert DiffStyleSets(unet, t_boost=-1).generator.config == DiffStyleConfig(t_boost=-1)
+    for bad, pattern in (({"mix": "max"}, "mix"), ({"gamma": 1.5}, "gamma"), ({"t_boost": 500}, "t_boost")):
+        with pytest.raises(ValueError, match=pattern):
+            DiffStyleConfig(**bad)
+    with pytest.raises(TypeError, match="gama"):
+        DiffStyleModel(unet, gama=0.5)
+
+
+def test_predict_requests_is_pure_and_the_model_plans_in_setup(unet):
+    from types import SimpleNamespace
+
+    from anomgen.data import Digits
+    from anomgen.data.tasks import normal_class
+    from models.diffstyle import DiffStyleModel
+
+    support = normal_class(Digits(split="train"), "3")
+    model = DiffStyleModel(unet, n_style=2, n_content=3, n_held_out=2, num_inference_steps=8, t_edit=300,
+                           t_boost=100)
+    requests = model.predict_requests(support)
+    assert model.plan is None and len(requests) == 2 * 3 + 2  # nothing set on the model
+    with pytest.raises(RuntimeError, match="setup"):
+        model.predict_step({"index": torch.tensor([0])}, 0)
+    model.trainer = SimpleNamespace(datamodule=SimpleNamespace(support=support))
+    model.setup("predict")
+    assert [model.plan[i] for i in range(len(requests))] == [requests[i] for i in range(len(requests))]
+    assert [e.image_path for e in model.plan.style.entries] == [e.image_path for e in requests.style.entries]
