@@ -149,7 +149,7 @@ def evaluate_selection(cfg: DictConfig, run_dir: Path) -> tuple[dict, Path]:
     cache = FeatureCache(sel.get("cache_dir"))
     metrics: dict = {"selection/num_tasks": len(tasks)}
     files = save_set_grids(tasks[0], out_dir)
-    if sel.get("candidates"):
+    if sel.get("candidates") or sel.get("extractors"):
         metrics.update(model_selection(sel, tasks, cache, out_dir, files, cfg.datamodule.eval_batch_size))
     if sel.get("prompts"):
         metrics.update(prompt_selection(sel.prompts, tasks, cache, out_dir, files, cfg.seed))

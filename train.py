@@ -127,11 +127,13 @@ def run_pipeline(cfg: DictConfig, overrides: list[str]) -> tuple[dict, Path, boo
     is_zero = True
     for name, stage in stages.items():
         folder = Path(folders[name])
+        own = [pipeline.resolve_override(o, cfg) for o in stage.get("overrides") or []]
         if pipeline.stage_done(folder):
+            pipeline.check_same_stage(folder, name, own)
             log.info("stage %s: finished before (%s), skipped", name, folder)
         else:
             log.info("stage %s: %s in %s", name, stage.get("entry", "train"), folder)
-            own = [pipeline.resolve_override(o, cfg) for o in stage.get("overrides") or []]
+            pipeline.write_stage_overrides(folder, own)
             stage_cfg = compose_stage({**stage, "overrides": own}, overrides, run_dir, folder)
             if stage.get("entry", "train") == "evaluate":
                 from evaluate import evaluate

@@ -33,6 +33,7 @@ from anomgen.runtime import tiny_layout
 
 RUN_RECORD = "run.json"
 PIPELINE_RECORD = "pipeline.json"
+STAGE_RECORD = "stage.json"
 LATEST_TRAIN_RUN = "latest_train_run.txt"
 _NO_DEFAULT = object()
 
@@ -73,6 +74,22 @@ def stage_done(run_dir: str | Path) -> bool:
         return False
     paths = [v for v in record.get("outputs", {}).values() if isinstance(v, str) and v.startswith("/")]
     return all(Path(p).exists() for p in paths)
+
+
+def write_stage_overrides(run_dir: str | Path, overrides: list[str]) -> Path:
+    """``<run_dir>/stage.json``: the stage's own overrides (resolved), what :func:`check_same_stage` compares."""
+    return write_json(Path(run_dir) / STAGE_RECORD, {"overrides": list(overrides)})
+
+
+def check_same_stage(run_dir: str | Path, name: str, overrides: list[str]) -> None:
+    """A finished stage is reused only when it was made with the same overrides (e.g. a backbone cached for another
+    number of epochs or images is an error, not a silent reuse)."""
+    path = Path(run_dir) / STAGE_RECORD
+    made = json.loads(path.read_text())["overrides"] if path.is_file() else None
+    if made is not None and made != list(overrides):
+        changed = sorted(set(made) ^ set(overrides))
+        raise ValueError(f"stage {name!r}: {run_dir} was made with other settings ({', '.join(changed)}); delete "
+                         "that folder to run the stage again, or run the pipeline in another folder")
 
 
 def stage_dirs(pipeline_dir: str | Path) -> dict[str, str]:
@@ -146,6 +163,16 @@ def applicable_overrides(overrides: list[str], base: DictConfig, groups: set[str
     exists, so that ``model.*`` values reach the stages whose model has them. ``hydra.*`` is the pipeline's own."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
+    raw = OmegaConf.to_container(base, resolve=False)  # keys, whether or not their values resolve yet
+
+    def has(dotted: str) -> bool:
+        node = raw
+        for part in dotted.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return False
+            node = node[part]
+        return True
+
     keep, skip = [], []
     for text, override in zip(overrides, OverridesParser.create().parse_overrides(overrides)):
         key = override.key_or_group
@@ -156,8 +183,7 @@ def applicable_overrides(overrides: list[str], base: DictConfig, groups: set[str
             keep.append(text)
             continue
         probe = key.rsplit(".", 1)[0] if override.is_add() or override.is_force_add() else key
-        present = OmegaConf.select(base, probe, default=_NO_DEFAULT, throw_on_resolution_failure=False)
-        found = (probe == key and override.is_add()) or present is not _NO_DEFAULT
+        found = (probe == key and override.is_add()) or has(probe)
         (keep if found else skip).append(text)
     return keep, skip
 

@@ -55,12 +55,11 @@ def tiny_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("tiny-cache")
 
 
-@pytest.fixture
-def compose_config(tmp_path, tiny_cache):
-    """``compose_config("train", [overrides])`` -> a config as ``@hydra.main`` would pass it, run folder in tmp.
+def _compose_run(name: str, overrides: list[str], run_dir: Path, log_dir: Path, cache_dir: Path):
+    """A config as ``@hydra.main`` would pass it, with its run folder, log and cache folders given; returns
+    ``(config, the whole command line)`` (a pipeline passes the command line on to its stages).
 
-    Without an ``experiment=`` override the config starts from the bare groups (``~experiment``). The last command
-    line is ``compose_config.overrides`` (a pipeline passes it on to its stages: ``train(cfg, overrides)``)."""
+    Without an ``experiment=`` override the config starts from the bare groups (``~experiment``)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.hydra_config import HydraConfig
@@ -69,29 +68,43 @@ def compose_config(tmp_path, tiny_cache):
     from anomgen.pipeline import register_resolvers
 
     register_resolvers()
+    run_dir = Path(run_dir)
+    overrides = list(overrides or [])
+    if not any(o.startswith("experiment=") for o in overrides):
+        overrides.insert(0, "~experiment")  # the bare groups, not the default job (tested on its own)
+    overrides = [f"paths.log_dir={log_dir}", f"paths.cache_dir={cache_dir}", *overrides]
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose(config_name=name, overrides=overrides, return_hydra_config=True)
+    GlobalHydra.instance().clear()
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(run_dir)
+        cfg.hydra.job.num = 0
+    HydraConfig.instance().set_config(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(run_dir)
+        del cfg["hydra"]
+    return cfg, overrides
+
+
+@pytest.fixture(scope="session")
+def compose_run():
+    """:func:`_compose_run`, for fixtures of a wider scope than a test's ``tmp_path``."""
+    return _compose_run
+
+
+@pytest.fixture
+def compose_config(tmp_path, tiny_cache):
+    """``compose_config("train", [overrides])`` -> a config as ``@hydra.main`` would pass it, run folder in tmp
+    (:func:`_compose_run`). The last command line is ``compose_config.overrides``: ``train(cfg, overrides)``."""
 
     def _compose(name: str, overrides: list[str] | None = None, run_dir: Path | None = None):
-        run_dir = Path(run_dir or tmp_path / f"{name}-run")
-        overrides = list(overrides or [])
-        if not any(o.startswith("experiment=") for o in overrides):
-            overrides.insert(0, "~experiment")  # the bare groups, not the default job (tested on its own)
-        overrides = [f"paths.log_dir={tmp_path / 'logs'}", f"paths.cache_dir={tiny_cache}", *overrides]
-        _compose.overrides = overrides  # the command line, for train(cfg, overrides) of a pipeline
-        GlobalHydra.instance().clear()
-        with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-            cfg = compose(config_name=name, overrides=overrides, return_hydra_config=True)
-        with open_dict(cfg):
-            cfg.hydra.runtime.output_dir = str(run_dir)
-            cfg.hydra.job.num = 0
-        HydraConfig.instance().set_config(cfg)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        with open_dict(cfg):
-            cfg.paths.output_dir = str(run_dir)
-            del cfg["hydra"]
+        cfg, _compose.overrides = _compose_run(name, overrides, run_dir or tmp_path / f"{name}-run", tmp_path / "logs",
+                                              tiny_cache)
         return cfg
 
-    yield _compose
-    GlobalHydra.instance().clear()
+    return _compose
 
 
 @pytest.fixture

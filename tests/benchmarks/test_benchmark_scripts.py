@@ -130,9 +130,9 @@ def test_fitymi_class_runs(tmp_path, monkeypatch, stop_only):
 
     def fake_run_train(log_dir, *overrides):
         calls.append(overrides)
-        metrics = {f"summary/{d}/{k}": 0.5 for d in ("knn_pixels", "backbone_without_oe", "backbone_with_oe")
+        metrics = {f"evaluate/test/{d}/{k}": 0.5 for d in ("knn_pixels", "backbone_without_oe", "backbone_with_oe")
                    for k in fitymi_classes.KEYS}
-        return {**metrics, "train/fid": 40.0}, tmp_path  # no fid_bands folder: no band set was exported
+        return {**metrics, "sde/train/fid": 40.0}, tmp_path  # no sde/fid_bands folder: no band set was exported
 
     monkeypatch.setattr(fitymi_classes, "run_train", fake_run_train)
     row = fitymi_classes.run_class("fitymi_animals", "Cat", tmp_path, [[100.0, 200.0]], [], ["model.num_steps=5"],
