@@ -6,8 +6,8 @@ docs/results/performance.md.
 
 Real data: sklearn digits, every class as a normal class (T tasks), a Gaussian-noise validation set per task
 (exported by the ``model=noise_set`` generator); the candidates are kNN over raw pixels (k = 1, 3, 10), PCA-8 of raw
-pixels, 4×4 pixels and a random CNN (k = 3): six candidates over three extractors. Prints one JSON object per way (images passed through an extractor, seconds) and
-the ratios; both ways give the same AUROCs (checked).
+pixels, 4×4 pixels and a random CNN (k = 3): six candidates over three extractors. Prints one JSON object per way
+(images passed through an extractor, seconds) and the ratios; both ways give the same AUROCs (checked).
 
 ``--doc PAGE`` (e.g. ``--doc docs/results/performance.md``) also rewrites the page's block
 ``<!-- begin: selection_cost -->`` ... ``<!-- end: ... -->`` with the command and the table of this run; the rest of
@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 import torch
-
 
 ROOT = Path(__file__).resolve().parent.parent
 

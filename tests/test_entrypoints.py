@@ -269,7 +269,8 @@ def test_foreach_values_all_are_the_tasks_of_the_dataset(compose_config):
     mvtec = compose_config("train", ["experiment=noise_patch_mvtec", "debug=tiny"])
     assert task_values(mvtec.datamodule) == ["bottle"]  # the defects protocol: the categories
     assert foreach_spec({"key": "datamodule.normal_class", "values": "all"}, "s") == ("datamodule.normal_class", "all")
-    for bad in ({"key": "k"}, {"key": "k", "values": []}, {"key": "k", "values": "Dog"}, {"key": "k", "values": [1, 1]}):
+    for bad in ({"key": "k"}, {"key": "k", "values": []}, {"key": "k", "values": "Dog"},
+                {"key": "k", "values": [1, 1]}):
         with pytest.raises(ValueError, match="foreach"):
             foreach_spec(bad, "s")
 

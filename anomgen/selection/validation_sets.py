@@ -65,8 +65,8 @@ def selection_task(name: str, support: Dataset, test_set: Dataset, sets: Mapping
                              f"(n_style, n_content, n_held_out, split_seed) of the same support set")
     outside = sorted(set(normals[first]) - set(support_paths))
     if outside:
-        raise ValueError(f"selection task {name!r}: {len(outside)} held-out normal(s) of its sets are not in the task's "
-                         f"support set (e.g. {outside[0]}): the sets were made for another task")
+        raise ValueError(f"selection task {name!r}: {len(outside)} held-out normal(s) of its sets are not in the "
+                         f"task's support set (e.g. {outside[0]}): the sets were made for another task")
     held = set(normals[first])
     if bank_without_sources:
         held |= {s for dataset in read.values() for r in dataset.rows if r["label"] == ANOMALOUS
