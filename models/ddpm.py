@@ -37,7 +37,7 @@ class DDPMTraining(LightningModule):
         self.save_hyperparameters()
         torch.manual_seed(seed)  # the same initial weights for the same seed, whatever ran before
         self.unet = ddpm_unet(image_size, channels, **dict(unet or {}))
-        self.ema = copy.deepcopy(self.unet).eval().requires_grad_(False)
+        self.ema = copy.deepcopy(self.unet).requires_grad_(False)  # no dropout: its mode does not matter
         self.register_buffer("alpha_bars", alphas_cumprod(**DEFAULT_BETAS), persistent=False)
         self.stage_outputs: dict = {}
 
