@@ -167,13 +167,15 @@ def foreach_spec(spec: Any, stage: str) -> tuple[str, list | str]:
 
 def task_values(datamodule: DictConfig) -> list[str]:
     """Every task of a datamodule config: the dataset's categories for the ``defects`` protocol (one category per
-    task), else the classes its training split has images of (one normal class per task)."""
+    task), else the classes its training split has images of (one normal class per task), in the dataset's order."""
     from hydra.utils import instantiate
 
     dataset = instantiate(datamodule.dataset)(split=datamodule.get("train_split") or "train")
+    known = [str(c) for c in getattr(dataset, "available_categories", None) or []]
     if datamodule.get("protocol") == "defects":
-        return [str(c) for c in dataset.available_categories]
-    return list(dict.fromkeys(str(e.category) for e in dataset.entries))
+        return known
+    present = dict.fromkeys(str(e.category) for e in dataset.entries)
+    return [c for c in known if c in present] + [c for c in present if c not in known]  # the dataset's order
 
 
 def foreach_record(runs: Mapping[str, str]) -> tuple[dict, dict]:
