@@ -181,7 +181,7 @@ def selection_sets(sets: DictConfig) -> dict[str, dict[str, str]]:
                          "pipeline's foreach stages (selection.sets.diffstyle=${output:diffstyle.runs})")
     first = next(iter(out))
     for name, by_task in out.items():
-        if list(by_task) != list(out[first]):
+        if set(by_task) != set(out[first]):
             raise ValueError(f"selection.sets: {name!r} has tasks {list(by_task)}, {first!r} has {list(out[first])}")
     return out
 
