@@ -211,9 +211,22 @@ def applicable_overrides(overrides: list[str], base: DictConfig, groups: set[str
             continue
         probe = key.rsplit(".", 1)[0] if override.is_add() or override.is_force_add() else key
         present = OmegaConf.select(base, probe, default=_NO_DEFAULT, throw_on_resolution_failure=False)
-        found = (probe == key and override.is_add()) or present is not _NO_DEFAULT
+        found = (probe == key and override.is_add()) or present is not _NO_DEFAULT or _declared(base, probe)
         (keep if found else skip).append(text)
     return keep, skip
+
+
+def _declared(cfg: DictConfig, key: str) -> bool:
+    """``key`` is in ``cfg`` as written, even when its value cannot be resolved yet (``${output:...}`` of a stage
+    that this pipeline leaves out)."""
+    node: Any = cfg
+    for part in key.split("."):
+        if not OmegaConf.is_dict(node):
+            return False
+        node = node._get_node(part, throw_on_missing_key=False)
+        if node is None:
+            return False
+    return True
 
 
 def hydra_value(value: Any) -> str:
