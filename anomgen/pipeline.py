@@ -223,7 +223,10 @@ def _declared(cfg: DictConfig, key: str) -> bool:
     for part in key.split("."):
         if not OmegaConf.is_dict(node):
             return False
-        node = node._get_node(part, throw_on_missing_key=False)
+        try:
+            node = node._get_node(part, throw_on_missing_key=False)
+        except Exception:  # noqa: BLE001 - a struct config raises for an unknown key
+            return False
         if node is None:
             return False
     return True
