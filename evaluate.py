@@ -125,8 +125,10 @@ def log_detector_table(logger, metrics: dict) -> None:
 
 
 def evaluate_selection(cfg: DictConfig, run_dir: Path) -> tuple[dict, Path]:
-    """Synthetic validation for selection (``cfg.selection``): for every normal class in ``selection.tasks`` build
-    the validation sets (DiffStyle and baselines, sharing the held-out normals), then
+    """Synthetic validation for selection (``cfg.selection``) on validation sets made before (``selection.sets``: set
+    name -> {task -> run or set folder}, e.g. ``${output:diffstyle.runs}`` of a foreach stage): for every task (the
+    datamodule with ``selection.task_key`` set to the task) read its sets (DiffStyle and baselines, sharing the
+    held-out normals), then
 
     - model selection (``selection.candidates``): score every candidate detector on them and on the real test split
       and report how well synthetic AUROC ranks the candidates;
@@ -139,13 +141,13 @@ def evaluate_selection(cfg: DictConfig, run_dir: Path) -> tuple[dict, Path]:
 
     sel = cfg.selection
     out_dir = run_dir / "selection"
-    builders = {name: hydra.utils.instantiate(b) for name, b in sel.validation_sets.items()}
+    sets = selection_sets(sel.sets)
     tasks = []
-    for name, datamodule in selection_datamodules(cfg):
+    for name, datamodule in selection_datamodules(cfg, list(next(iter(sets.values())))):
         datamodule.setup("test")
-        tasks.append(selection_task(name, datamodule.support, datamodule.test_set, builders,
-                                    Path(sel.sets_dir) / name, **sel.split,
-                                    info={"dataset": datamodule.describe()["dataset"]}))
+        tasks.append(selection_task(name, datamodule.support, datamodule.test_set,
+                                    {set_name: by_task[name] for set_name, by_task in sets.items()},
+                                    bank_without_sources=sel.bank_without_sources))
     cache = FeatureCache(sel.get("cache_dir"))
     metrics: dict = {"selection/num_tasks": len(tasks)}
     files = save_set_grids(tasks[0], out_dir)
@@ -155,7 +157,7 @@ def evaluate_selection(cfg: DictConfig, run_dir: Path) -> tuple[dict, Path]:
         metrics.update(prompt_selection(sel.prompts, tasks, cache, out_dir, files, cfg.seed))
     flat = write_metrics(run_dir, metrics)
     report = {"task_name": cfg.task_name, "files": {k: str(v) for k, v in files.items()},
-              "feature_cache": cache.stats()}
+              "feature_cache": cache.stats(), "sets": sets}
     write_json(run_dir / "report.json", report)
     numbers = {k: v for k, v in json.loads(flat.read_text()).items() if isinstance(v, (int, float))}
     loggers = instantiate_group(cfg.get("logger"))
@@ -164,22 +166,37 @@ def evaluate_selection(cfg: DictConfig, run_dir: Path) -> tuple[dict, Path]:
         logger.log_metrics(numbers)
         log_selection_media(logger, files)
     finish_loggers(loggers)
+    outputs = {"metrics": str(flat.resolve()), "report": str((run_dir / "report.json").resolve())}
+    pipeline.write_run_record(run_dir, outputs, {"task": cfg.task_name})
     return {"selection": {k.removeprefix("selection/"): v for k, v in numbers.items()}}, run_dir
 
 
-def selection_datamodules(cfg: DictConfig):
-    """``(task name, datamodule)`` for every task of ``selection.tasks``: normal classes (one-vs-rest protocol) or
-    categories (defects protocol); ``all`` takes every class / category the dataset has."""
-    tasks = cfg.selection.tasks
-    if tasks == "all":
-        dataset = hydra.utils.instantiate(cfg.datamodule.dataset)(split="train")
-        tasks = (dataset.available_categories if cfg.datamodule.protocol == "defects"
-                 else list(dict.fromkeys(e.category for e in dataset.entries)))  # the classes it has images of
+def selection_sets(sets: DictConfig) -> dict[str, dict[str, str]]:
+    """``selection.sets`` as {set name: {task: folder}}; every set names the same tasks."""
+    resolved = OmegaConf.to_container(sets, resolve=True) if OmegaConf.is_config(sets) else dict(sets or {})
+    out = {name: {str(task): str(folder) for task, folder in by_task.items()}
+           for name, by_task in resolved.items() if by_task}
+    if not out:
+        raise ValueError("selection.sets is empty: give {set name: {task: run or set folder}}, e.g. the runs of the "
+                         "pipeline's foreach stages (selection.sets.diffstyle=${output:diffstyle.runs})")
+    first = next(iter(out))
+    for name, by_task in out.items():
+        if set(by_task) != set(out[first]):
+            raise ValueError(f"selection.sets: {name!r} has tasks {list(by_task)}, {first!r} has {list(out[first])}")
+    return out
+
+
+def selection_datamodules(cfg: DictConfig, tasks: list[str]):
+    """``(task, datamodule)`` for every task: the datamodule with ``selection.task_key`` (the override key the sets
+    were made by, e.g. ``datamodule.normal_class`` or ``datamodule.dataset.category``) set to the task."""
+    key = cfg.selection.task_key
+    if not key.startswith("datamodule."):
+        raise ValueError(f"selection.task_key must be a datamodule key (datamodule.normal_class, "
+                         f"datamodule.dataset.category), got {key!r}")
     for task in tasks:
-        if cfg.datamodule.protocol == "defects":
-            yield str(task), hydra.utils.instantiate(cfg.datamodule, dataset={"category": task})
-        else:
-            yield str(task), hydra.utils.instantiate(cfg.datamodule, normal_class=task)
+        datamodule_cfg = OmegaConf.create(OmegaConf.to_container(cfg.datamodule, resolve=True))
+        OmegaConf.update(datamodule_cfg, key.removeprefix("datamodule."), task)
+        yield task, hydra.utils.instantiate(datamodule_cfg)
 
 
 def model_selection(sel: DictConfig, tasks: list, cache, out_dir: Path, files: dict, batch_size: int) -> dict:

@@ -7,7 +7,8 @@
 
 A stage is one model, one datamodule, one Trainer: fit (when the model trains), then predict + export (when it
 generates). It records its outputs (checkpoint, synthetic set, backbone file ...) in ``<run>/run.json``. An
-experiment with a ``pipeline:`` runs its stages in order, each in ``<run>/<stage>`` (see :mod:`anomgen.pipeline`).
+experiment with a ``pipeline:`` runs its stages in order, each in ``<run>/<stage>``, a ``foreach`` stage once per value
+in ``<run>/<stage>/<value>`` (see :mod:`anomgen.pipeline`).
 The run folder is the last line printed.
 """
 
@@ -40,7 +41,7 @@ from anomgen.runtime import (  # noqa: E402
 pipeline.register_resolvers()
 log = logging.getLogger("anomgen")
 CONFIGS = ROOT / "configs"
-STAGE_KEYS = {"overrides", "entry", "bare", "dir"}
+STAGE_KEYS = {"overrides", "entry", "bare", "dir", "foreach"}
 
 
 def train(cfg: DictConfig, overrides: list[str] | None = None) -> tuple[dict, Path, bool]:
@@ -119,7 +120,7 @@ def run_pipeline(cfg: DictConfig, overrides: list[str]) -> tuple[dict, Path, boo
            or stage.get("entry", "train") not in ("train", "evaluate")]
     if bad:
         raise ValueError(f"pipeline stages {bad}: each stage is {{overrides: [...], entry: train|evaluate, "
-                         "bare: true|false, dir: optional folder}}")
+                         "bare: true|false, dir: optional folder, foreach: optional {key: ..., values: [...] | all}}}")
     folders = {name: str(Path(cfg.pipeline[name].get("dir") or run_dir / name).resolve()) for name in stages}
     write_json(run_dir / pipeline.PIPELINE_RECORD, {"stages": folders, "order": list(folders)})
     metrics: dict = {}
@@ -134,13 +135,11 @@ def run_pipeline(cfg: DictConfig, overrides: list[str]) -> tuple[dict, Path, boo
         else:
             log.info("stage %s: %s in %s", name, stage.get("entry", "train"), folder)
             pipeline.write_stage_overrides(folder, own)
-            stage_cfg = compose_stage({**stage, "overrides": own}, overrides, run_dir, folder)
-            if stage.get("entry", "train") == "evaluate":
-                from evaluate import evaluate
-
-                evaluate(stage_cfg)
+            if stage.get("foreach") is not None:
+                is_zero = run_foreach(name, {**stage, "overrides": own}, cfg, overrides, run_dir, folder)
             else:
-                _, _, is_zero = run_stage(stage_cfg)
+                is_zero = run_entry(compose_stage({**stage, "overrides": own}, overrides, run_dir, folder),
+                                    stage.get("entry", "train"))
         records[name] = pipeline.read_run_record(folder) or {}
         metrics_file = records[name].get("outputs", {}).get("metrics")
         if metrics_file and Path(metrics_file).is_file():
@@ -151,6 +150,44 @@ def run_pipeline(cfg: DictConfig, overrides: list[str]) -> tuple[dict, Path, boo
                                   {"task": cfg.task_name, "code_version": code_version(), "stages": folders})
         pipeline.point_latest_run(cfg.paths.log_dir, run_dir)
     return metrics, run_dir, is_zero
+
+
+def run_entry(stage_cfg: DictConfig, entry: str) -> bool:
+    """Run one composed stage (``train``: :func:`run_stage`, ``evaluate``: ``evaluate.evaluate``); whether rank 0."""
+    if entry == "evaluate":
+        from evaluate import evaluate
+
+        evaluate(stage_cfg)
+        return True
+    return run_stage(stage_cfg)[2]
+
+
+def run_foreach(name: str, stage: dict, cfg: DictConfig, overrides: list[str], run_dir: Path, folder: Path) -> bool:
+    """A ``foreach`` stage: the stage once per value in ``<folder>/<value>`` with ``KEY=value`` added to its own
+    overrides; finished values are skipped. Records ``VALUE.KEY`` outputs and ``runs`` in ``<folder>/run.json``."""
+    spec = OmegaConf.to_container(cfg.pipeline[name].foreach, resolve=True)  # e.g. values: ${selection_tasks}
+    key, values = pipeline.foreach_spec(spec, name)
+    if values == "all":
+        values = pipeline.task_values(compose_stage(stage, overrides, run_dir, folder).datamodule)
+        log.info("stage %s: foreach %s over all %d: %s", name, key, len(values), ", ".join(values))
+    runs: dict = {}
+    is_zero = True
+    for value in values:
+        sub = folder / str(value)
+        runs[str(value)] = str(sub)
+        if pipeline.stage_done(sub):
+            log.info("stage %s, %s=%s: finished before (%s), skipped", name, key, value, sub)
+            continue
+        log.info("stage %s, %s=%s: %s in %s", name, key, value, stage.get("entry", "train"), sub)
+        own = [*stage["overrides"], f"{key}={pipeline.hydra_value(value)}"]
+        is_zero = run_entry(compose_stage({**stage, "overrides": own}, overrides, run_dir, sub),
+                            stage.get("entry", "train"))
+    if is_zero:
+        outputs, metrics = pipeline.foreach_record(runs)
+        outputs["metrics"] = str(write_metrics(folder, metrics).resolve())
+        pipeline.write_run_record(folder, outputs, {"task": cfg.task_name, "code_version": code_version(),
+                                                    "foreach": {"key": key, "values": list(runs)}})
+    return is_zero
 
 
 def compose_stage(stage: dict, overrides: list[str], run_dir: Path, folder: Path) -> DictConfig:

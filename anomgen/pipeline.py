@@ -15,6 +15,19 @@ an earlier stage's output through the ``${output:STAGE.KEY}`` resolver, never th
 complete and whose outputs exist is skipped, so a pipeline rerun in the same folder (``hydra.run.dir=<run>``) resumes
 where it stopped.
 
+A stage with ``foreach: {key: KEY, values: [...] | all}`` runs once per value, in ``<stage folder>/<value>``, with the
+extra override ``KEY=value`` (e.g. one synthetic validation set per normal class)::
+
+    pipeline:
+      diffstyle: {foreach: {key: datamodule.normal_class, values: [Dog, Cat]}, overrides: [model=diffstyle]}
+      evaluate: {entry: evaluate}     # reads ${output:diffstyle.runs}: {Dog: <folder>, Cat: <folder>}
+
+``values: all`` takes every task of the stage's dataset (:func:`task_values`: the categories for the defects protocol,
+the classes present for one-vs-rest). Finished values are skipped like stages, so a rerun resumes at the first
+unfinished value. The stage's ``run.json`` records ``VALUE.KEY`` for every output of every value (e.g.
+``Dog.synthetic_set``, read as ``${output:diffstyle.Dog.synthetic_set}``) and ``runs: {value: folder}``; its
+``metrics.json`` holds ``VALUE/KEY`` for every metric of every value.
+
 Outside a pipeline ``${output:KEY}`` reads the last ``train.py`` run under ``paths.log_dir`` (for a pipeline run, its
 stages' outputs are there as ``STAGE.KEY``; a plain key is the last stage's that has it).
 """
@@ -153,6 +166,47 @@ def pipeline_outputs(stage_records: Mapping[str, Mapping]) -> dict:
             out[f"{name}.{key}"] = value
             out[key] = value
     return out
+
+
+# -- foreach stages ------------------------------------------------------------------------------------------------
+def foreach_spec(spec: Any, stage: str) -> tuple[str, list | str]:
+    """``(key, values)`` of a stage's resolved ``foreach`` mapping; ``values`` is a list or ``"all"``."""
+    if not isinstance(spec, Mapping) or set(spec) != {"key", "values"} or not isinstance(spec["key"], str):
+        raise ValueError(f"pipeline stage {stage!r}: foreach is {{key: <override key, e.g. datamodule.normal_class>, "
+                         f"values: [...] | all}}, got {spec!r}")
+    values = spec["values"]
+    if values != "all" and (isinstance(values, (str, Mapping)) or not isinstance(values, (list, tuple)) or not values):
+        raise ValueError(f"pipeline stage {stage!r}: foreach.values is a non-empty list or 'all', got {values!r}")
+    if values != "all" and len({str(v) for v in values}) != len(values):
+        raise ValueError(f"pipeline stage {stage!r}: foreach.values has repeated values: {list(values)}")
+    return spec["key"], values
+
+
+def task_values(datamodule: DictConfig) -> list[str]:
+    """Every task of a datamodule config: the dataset's categories for the ``defects`` protocol (one category per
+    task), else the classes its training split has images of (one normal class per task), in the dataset's order."""
+    from hydra.utils import instantiate
+
+    dataset = instantiate(datamodule.dataset)(split=datamodule.get("train_split") or "train")
+    known = [str(c) for c in getattr(dataset, "available_categories", None) or []]
+    if datamodule.get("protocol") == "defects":
+        return known
+    present = dict.fromkeys(str(e.category) for e in dataset.entries)
+    return [c for c in known if c in present] + [c for c in present if c not in known]  # the dataset's order
+
+
+def foreach_record(runs: Mapping[str, str]) -> tuple[dict, dict]:
+    """The outputs (``VALUE.KEY`` and ``runs``) and metrics (``VALUE/KEY``) of a foreach stage from its value runs."""
+    outputs: dict = {}
+    metrics: dict = {}
+    for value, folder in runs.items():
+        record = read_run_record(folder) or {}
+        for key, path in (record.get("outputs") or {}).items():
+            outputs[f"{value}.{key}"] = path
+        metrics_file = (record.get("outputs") or {}).get("metrics")
+        if metrics_file and Path(metrics_file).is_file():
+            metrics.update({f"{value}/{k}": v for k, v in json.loads(Path(metrics_file).read_text()).items()})
+    return {**outputs, "runs": dict(runs)}, metrics
 
 
 # -- composing a stage -----------------------------------------------------------------------------------------------

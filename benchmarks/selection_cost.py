@@ -4,10 +4,10 @@ docs/results/performance.md.
 
     python benchmarks/selection_cost.py --tasks 10
 
-Real data: sklearn digits, every class as a normal class (T tasks), a Gaussian-noise validation set per task; the
-candidates are kNN over raw pixels (k = 1, 3, 10), PCA-8 of raw pixels, 4×4 pixels and a random CNN (k = 3): six
-candidates over three extractors. Prints one JSON object per way (images passed through an extractor, seconds) and
-the ratios; both ways give the same AUROCs (checked).
+Real data: sklearn digits, every class as a normal class (T tasks), a Gaussian-noise validation set per task
+(exported by the ``model=noise_set`` generator); the candidates are kNN over raw pixels (k = 1, 3, 10), PCA-8 of raw
+pixels, 4×4 pixels and a random CNN (k = 3): six candidates over three extractors. Prints one JSON object per way
+(images passed through an extractor, seconds) and the ratios; both ways give the same AUROCs (checked).
 
 ``--doc PAGE`` (e.g. ``--doc docs/results/performance.md``) also rewrites the page's block
 ``<!-- begin: selection_cost -->`` ... ``<!-- end: ... -->`` with the command and the table of this run; the rest of
@@ -24,14 +24,38 @@ from pathlib import Path
 
 import torch
 
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def noise_set(normal: str, out: Path):
+    """The Gaussian-noise validation set of one digits task (5 × 5 anomalies, 20 held-out normals), exported as
+    ``train.py model=noise_set`` exports it: ``(normal, datamodule, set folder)``."""
+    import sys
+
+    if str(ROOT) not in sys.path:  # models/, callbacks/, datamodules/ are folders of the repository
+        sys.path.insert(0, str(ROOT))
+    from lightning.pytorch import Trainer
+
+    from anomgen.data import Digits
+    from callbacks.export import SyntheticSetExport
+    from datamodules.anomaly import AnomalyDataModule
+    from models.baseline_sets import NoiseSetModel
+
+    datamodule = AnomalyDataModule(Digits, normal_class=normal, validation="none", eval_batch_size=64)
+    export = SyntheticSetExport(str(out))
+    Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+            callbacks=[export]).predict(NoiseSetModel(n_style=5, n_content=5, n_held_out=20), datamodule=datamodule,
+                                        return_predictions=False)
+    datamodule.setup("test")
+    return normal, datamodule, out
+
 
 def main(argv=None) -> list[dict]:
     from anomgen.data import Digits
-    from anomgen.data.tasks import normal_class, one_vs_rest
     from anomgen.encoders import DownsampledPixels, RandomConvFeatures, RawPixels
     from anomgen.selection.features import FeatureCache
     from anomgen.selection.model_selection import candidates_from_config, select_models
-    from anomgen.selection.validation_sets import NoiseSets, selection_task
+    from anomgen.selection.validation_sets import selection_task
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", type=int, default=10)
@@ -46,12 +70,11 @@ def main(argv=None) -> list[dict]:
                                          "pixels_pca8": {"extractor": "pixels", "k": 3, "reducer": "pca:8"},
                                          "down4_k3": {"extractor": "down4", "k": 3},
                                          "random_cnn_k3": {"extractor": "random_cnn", "k": 3}})
-    train, test = Digits(split="train"), Digits(split="test")
-    classes = train.available_categories[: args.tasks]
+    classes = Digits(split="train").available_categories[: args.tasks]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        tasks = [selection_task(c, normal_class(train, c), one_vs_rest(test, c), {"noise": NoiseSets(seed=0)},
-                                Path(tmp) / c, n_style=5, n_content=5, n_held_out=20) for c in classes]
+        tasks = [selection_task(c, dm.support, dm.test_set, {"noise": folder})
+                 for c, dm, folder in (noise_set(c, Path(tmp) / c) for c in classes)]
 
         def run(name: str, per_candidate_task: bool) -> tuple[dict, dict]:
             caches = []

@@ -63,7 +63,9 @@ class SyntheticSetExport(Callback):
         trainer.strategy.barrier("synthetic_set_export:written")
         if trainer.is_global_zero:
             shards = [shard_path(self.dirpath, rank) for rank in range(trainer.world_size)]
-            info = {"checkpoint": trainer.ckpt_path, "world_size": trainer.world_size, **self.set_info}
+            # the model may add what it alone knows (e.g. the split of a validation set: ``set_info``)
+            info = {"checkpoint": trainer.ckpt_path, "world_size": trainer.world_size,
+                    **(getattr(pl_module, "set_info", None) or {}), **self.set_info}
             info.setdefault("generator", getattr(pl_module, "generator_name", type(pl_module).__name__))
             merge_shards(shards, self.dirpath, info, overwrite=self.overwrite)
         trainer.strategy.barrier("synthetic_set_export:merged")

@@ -1,7 +1,9 @@
 """``model=diffstyle``: a DiffStyle synthetic validation set from the support set (inference only).
 
 ``python train.py model=diffstyle`` skips fitting and runs prediction with the export callback: the set holds the
-S × C anomalies (label 1) and the held-out normals (label 0), so that it is a validation set on its own. The
+S × C anomalies (label 1, generated at the UNet's size and resized to the task's) and the held-out normals (label 0,
+unchanged), so that it is a validation set on its own; ``set.json`` records the split. The baseline sets of a task
+(``models/baseline_sets.py``) hold the same held-out normals. The
 algorithm and its hyperparameters are :mod:`anomgen.generators.diffstyle` (keyword arguments other than the split
 and the seed go to :class:`~anomgen.generators.diffstyle.DiffStyleConfig`).
 
@@ -27,7 +29,6 @@ from lightning.pytorch import LightningModule
 from torch import nn
 
 from anomgen.data.generation import GeneratedBatch
-from anomgen.data.record import GOOD
 from anomgen.generators.diffstyle import (
     N_CONTENT,
     N_STYLE,
@@ -52,6 +53,7 @@ class DiffStyleModel(LightningModule):
         size = getattr(getattr(unet, "config", None), "sample_size", None)
         self.image_size = None if size is None else ((size, size) if isinstance(size, int) else tuple(size))
         self.plan: DiffStylePlan | None = None
+        self._task_size: tuple[int, int] | None = None
         self._inversions: dict[tuple[str, int], Inversion] = {}
 
     def predict_requests(self, support) -> DiffStylePlan:
@@ -67,7 +69,13 @@ class DiffStyleModel(LightningModule):
             raise RuntimeError("DiffStyleModel predicts from a datamodule's support set: run Trainer.predict with a "
                                "datamodule that has a `support` dataset (datamodules.anomaly.AnomalyDataModule)")
         self.plan = self.predict_requests(support)
+        self._task_size = self.plan.image_size()
         self._inversions = {}
+
+    @property
+    def set_info(self) -> dict:
+        """What the export adds to ``set.json``: the split (the baselines of the task record the same one)."""
+        return {} if self.plan is None else {"split": self.plan.split}
 
     def _sized(self, image: torch.Tensor) -> torch.Tensor:
         """A [0, 1] image at the UNet's sample size."""
@@ -97,14 +105,12 @@ class DiffStyleModel(LightningModule):
             for (i, _, _), image in zip(pairs, self.generator.generate(styles, contents, gens).cpu()):
                 generated[i] = image
         samples = []
-        for i, s, _, j in requests:
-            if s >= 0:
-                samples.append({"index": i, "image": generated[i], "label": 1, "defect_type": self.generator_name,
+        for i, s, _, _ in requests:
+            if s >= 0:  # generated at the UNet's size, exported at the task's
+                image = resize(generated[i].unsqueeze(0), self._task_size)[0]
+                samples.append({"index": i, "image": image, "label": 1, "defect_type": self.generator_name,
                                 **self.plan.anomaly_fields(i),
                                 "params": {**self.generator.params, "seed": self.hparams.seed, "role": "anomaly"}})
             else:
-                normal = self.plan.held_out[j]
-                samples.append({"index": i, "image": self._sized(normal["image"]), "label": 0,
-                                "category": normal["category"], "defect_type": GOOD,
-                                "sources": [normal["image_path"]], "params": {"role": "held_out"}})
+                samples.append(self.plan.held_out_sample(i))
         return GeneratedBatch.from_samples(self.generator_name, samples)

@@ -33,10 +33,7 @@ TOP = len(LAYERS)
 FORBIDDEN = {("generators", "detectors")}
 
 #: edges that are known to break the order, each with why it is still there
-KNOWN_EXCEPTIONS = {
-    # validation_sets.py is being replaced by train.py stages
-    ("anomgen/selection/validation_sets.py", "generators"),
-}
+KNOWN_EXCEPTIONS: set[tuple[str, str]] = set()
 
 
 def _modules() -> dict[str, Path]:

@@ -4,7 +4,8 @@ Synthetic validation edits a *frozen* diffusion model that was trained on data o
 guided-diffusion's ImageNet model). Offline, :func:`ensure_ddpm` trains a small ``UNet2DModel`` on a shipped dataset
 disjoint from the task (sklearn digits for Animal-MNIST tasks, by default) with the DDPM schedule that DDIM then
 samples (linear betas 1e-4 → 0.02, T = 1000), and saves it as a diffusers folder that
-:func:`anomgen.diffusion.unets.load_diffusion_unet` reads. Later runs reuse the folder.
+:func:`anomgen.diffusion.unets.load_diffusion_unet` reads. Later runs reuse the folder. In a pipeline the same training
+runs as a stage (``model=ddpm``, ``models/ddpm.py``), whose ``unet`` output later stages load.
 
     python -m anomgen.diffusion.ddpm --dataset digits --image-size 28 --steps 1500 --out .cache/ddpm/digits_28
 """

@@ -22,8 +22,7 @@ samples S·C, S·C + 1, ... (label 0), so that the set is a validation set on it
 S + C inversions and S·C generations (each generation step with t ≥ t_edit is one UNet pass over a batch of 2).
 
 The hyperparameters (steps, t_edit, t_boost, γ, mix, η_boost, the noise schedule) are declared once, with the paper's
-defaults, by :class:`DiffStyleConfig`; the Lightning wrapper and the selection-set builder forward their keyword
-arguments to it.
+defaults, by :class:`DiffStyleConfig`; the Lightning wrapper forwards its keyword arguments to it.
 """
 
 from __future__ import annotations
@@ -35,6 +34,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from anomgen.data.record import GOOD
 from anomgen.diffusion.ddim import DDIMSchedule, EpsModel, ddim_invert
 from anomgen.diffusion.hspace import MIX_MODES, HSpace, edited_generation, mix_h
 from anomgen.pixels import from_diffusion_range, to_diffusion_range
@@ -67,8 +67,7 @@ class CountingEps(nn.Module):
 class DiffStyleConfig:
     """DiffStyle's hyperparameters, declared once; the defaults are the paper's (50 DDIM steps over the linear
     1e-4 → 0.02 schedule of 1000 steps, h mixed at t ≥ 400 with γ = 0.7 by lerp, quality boosting at t ≤ 200).
-    The wrappers (``models.diffstyle.DiffStyleModel``, :class:`anomgen.selection.validation_sets.DiffStyleSets`)
-    forward their keyword arguments here."""
+    The wrapper (``models.diffstyle.DiffStyleModel``) forwards its keyword arguments here."""
 
     num_inference_steps: int = 50
     t_edit: int = 400
@@ -202,6 +201,7 @@ class DiffStylePlan(Dataset):
         #: support images in no part of the set (with ``n_held_out`` below the rest): a detector's bank may use them
         self.unused = TaskView(rest, range(n_held_out, len(rest)), name="unused")
         self.n_pairs = n_style * n_content
+        self.seed, self.support_size = seed, len(support)
         self._style_entries, self._content_entries = self.style.entries, self.content.entries
 
     def anomaly_fields(self, index: int) -> dict:
@@ -210,6 +210,25 @@ class DiffStylePlan(Dataset):
         style = self._style_entries[index // len(self._content_entries)]
         content = self._content_entries[index % len(self._content_entries)]
         return {"category": style.category, "sources": [style.image_path, content.image_path]}
+
+    @property
+    def split(self) -> dict:
+        """The split's sizes and seed, as the set records them (``set.json``: ``split``)."""
+        return {"n_style": len(self.style), "n_content": len(self.content), "n_held_out": len(self.held_out),
+                "split_seed": self.seed, "support_size": self.support_size}
+
+    def image_size(self) -> tuple[int, int]:
+        """The task's image size (the held-out normals'): every set of the task is exported at it."""
+        return tuple(self.held_out[0]["image"].shape[-2:])
+
+    def held_out_sample(self, index: int) -> dict:
+        """Request ``index >= S·C`` as a sample of :meth:`GeneratedBatch.from_samples`: held-out normal
+        ``index - S·C``, passed through unchanged (label 0). Every set of the task writes these same rows."""
+        if not self.n_pairs <= index < len(self):
+            raise IndexError(f"request {index} is not a held-out normal (they are {self.n_pairs} .. {len(self) - 1})")
+        normal = self.held_out[index - self.n_pairs]
+        return {"index": index, "image": normal["image"], "label": 0, "category": normal["category"],
+                "defect_type": GOOD, "sources": [normal["image_path"]], "params": {"role": "held_out"}}
 
     def __len__(self) -> int:
         return self.n_pairs + len(self.held_out)

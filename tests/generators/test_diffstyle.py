@@ -145,7 +145,6 @@ def test_model_exports_a_validation_set_independent_of_batching(tmp_path):
 
 def test_config_declares_the_paper_defaults_once(unet):
     from anomgen.generators.diffstyle import DiffStyleConfig
-    from anomgen.selection.validation_sets import DiffStyleSets
     from models.diffstyle import DiffStyleModel
 
     config = DiffStyleConfig()
@@ -154,7 +153,6 @@ def test_config_declares_the_paper_defaults_once(unet):
     ds = DiffStyle(unet, config, t_edit=300)  # keyword arguments override the config's fields
     assert ds.config == DiffStyleConfig(t_edit=300) and ds.t_edit == 300 and ds.gamma == 0.7
     assert DiffStyleModel(unet, gamma=0.5).generator.config == DiffStyleConfig(gamma=0.5)
-    assert DiffStyleSets(unet, t_boost=-1).generator.config == DiffStyleConfig(t_boost=-1)
     for bad, pattern in (({"mix": "max"}, "mix"), ({"gamma": 1.5}, "gamma"), ({"t_boost": 500}, "t_boost")):
         with pytest.raises(ValueError, match=pattern):
             DiffStyleConfig(**bad)
