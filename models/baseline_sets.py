@@ -6,61 +6,32 @@ of the same :class:`~anomgen.generators.diffstyle.DiffStylePlan` (the same suppo
 The anomalies are :mod:`anomgen.generators.baselines`: Gaussian noise, or images of another dataset. Every set is
 exported at the task's image size and records its split in ``set.json``.
 
-The plan is a pure function of the support set, as for DiffStyle: the datamodule asks
-``model.predict_requests(support)`` for the requests, the model builds its own copy in ``setup("predict")``. The
-randomness of anomaly ``i`` comes from ``sample_generator(seed, i)`` (noise) or from one permutation seeded by
-``seed`` (the other dataset's images), so a set is the same on 1 or N processes.
+The plan is the one of :mod:`models.split_plan`, as for DiffStyle. The randomness of anomaly ``i`` comes from
+``sample_generator(seed, i)`` (noise) or from one permutation seeded by ``seed`` (the other dataset's images), so a
+set is the same on 1 or N processes.
 """
 
 from __future__ import annotations
 
 import torch
-from lightning.pytorch import LightningModule
 from torch.utils.data import Dataset
 
 from anomgen.data.generation import GeneratedBatch
 from anomgen.generators.baselines import NOISE, OTHER_DATASET, GaussianNoise, OtherDatasetImages
-from anomgen.generators.diffstyle import N_CONTENT, N_STYLE, DiffStylePlan
+from anomgen.generators.diffstyle import N_CONTENT, N_STYLE
 from anomgen.seeding import sample_generator
+from models.split_plan import SplitPlanned
 
 
-class HeldOutSetModel(LightningModule):
+class HeldOutSetModel(SplitPlanned):
     """The DiffStyle split of the support set, with anomalies made by :meth:`anomaly` (a subclass's)."""
 
-    trainable = False  # train.py skips Trainer.fit
-    generates = True  # train.py runs Trainer.predict with the export callback
     generator_name = "baseline"
 
     def __init__(self, n_style: int = N_STYLE, n_content: int = N_CONTENT, n_held_out: int | None = None,
                  split_seed: int = 0, seed: int = 0) -> None:
-        super().__init__()
-        self.n_style, self.n_content, self.n_held_out = n_style, n_content, n_held_out
-        self.split_seed, self.seed = split_seed, seed
-        self.plan: DiffStylePlan | None = None
-        self._task_size: tuple[int, int] | None = None
-
-    def predict_requests(self, support: Dataset) -> DiffStylePlan:
-        """The requests over ``support``: the DiffStyle set's plan. Pure: the model keeps nothing."""
-        return DiffStylePlan(support, self.n_style, self.n_content, self.n_held_out, seed=self.split_seed)
-
-    def setup(self, stage: str) -> None:
-        if stage != "predict":
-            return
-        support = getattr(getattr(self.trainer, "datamodule", None), "support", None)
-        if support is None:
-            raise RuntimeError(f"{type(self).__name__} predicts from a datamodule's support set: run Trainer.predict "
-                               "with a datamodule that has a `support` dataset (datamodules.anomaly.AnomalyDataModule)")
-        self.plan = self.predict_requests(support)
-        self._task_size = self.plan.image_size()
-        self.plan_ready()
-
-    def plan_ready(self) -> None:
-        """Called once the plan is built (what a subclass derives from it)."""
-
-    @property
-    def set_info(self) -> dict:
-        """What the export adds to ``set.json``: the split (the same as the task's DiffStyle set's)."""
-        return {} if self.plan is None else {"split": self.plan.split}
+        super().__init__(n_style, n_content, n_held_out, split_seed)
+        self.seed = seed
 
     def anomaly(self, index: int) -> tuple[torch.Tensor, list[str], dict]:
         """Anomaly ``index`` (< S·C) at the task's size: (3 × H × W image in [0, 1], sources, params)."""

@@ -25,7 +25,6 @@ batch size.
 from __future__ import annotations
 
 import torch
-from lightning.pytorch import LightningModule
 from torch import nn
 
 from anomgen.data.generation import GeneratedBatch
@@ -33,49 +32,26 @@ from anomgen.generators.diffstyle import (
     N_CONTENT,
     N_STYLE,
     DiffStyle,
-    DiffStylePlan,
     Inversion,
 )
 from anomgen.pixels import resize
 from anomgen.seeding import sample_generator
+from models.split_plan import SplitPlanned
 
 
-class DiffStyleModel(LightningModule):
-    trainable = False  # train.py skips Trainer.fit
-    generates = True
-
+class DiffStyleModel(SplitPlanned):
     def __init__(self, unet: nn.Module, n_style: int = N_STYLE, n_content: int = N_CONTENT,
                  n_held_out: int | None = None, split_seed: int = 0, seed: int = 0, **diffstyle) -> None:
-        super().__init__()
+        super().__init__(n_style, n_content, n_held_out, split_seed)
         self.save_hyperparameters(ignore=["unet"])
         self.generator = DiffStyle(unet, **diffstyle)
         self.generator_name = self.generator.name
         size = getattr(getattr(unet, "config", None), "sample_size", None)
         self.image_size = None if size is None else ((size, size) if isinstance(size, int) else tuple(size))
-        self.plan: DiffStylePlan | None = None
-        self._task_size: tuple[int, int] | None = None
         self._inversions: dict[tuple[str, int], Inversion] = {}
 
-    def predict_requests(self, support) -> DiffStylePlan:
-        """The generation requests over ``support``: a new :class:`DiffStylePlan`. Pure: the model keeps nothing."""
-        hp = self.hparams
-        return DiffStylePlan(support, hp.n_style, hp.n_content, hp.n_held_out, seed=hp.split_seed)
-
-    def setup(self, stage: str) -> None:
-        if stage != "predict":
-            return
-        support = getattr(getattr(self.trainer, "datamodule", None), "support", None)
-        if support is None:
-            raise RuntimeError("DiffStyleModel predicts from a datamodule's support set: run Trainer.predict with a "
-                               "datamodule that has a `support` dataset (datamodules.anomaly.AnomalyDataModule)")
-        self.plan = self.predict_requests(support)
-        self._task_size = self.plan.image_size()
-        self._inversions = {}
-
-    @property
-    def set_info(self) -> dict:
-        """What the export adds to ``set.json``: the split (the baselines of the task record the same one)."""
-        return {} if self.plan is None else {"split": self.plan.split}
+    def plan_ready(self) -> None:
+        self._inversions = {}  # each style / content image of the new plan is inverted once
 
     def _sized(self, image: torch.Tensor) -> torch.Tensor:
         """A [0, 1] image at the UNet's sample size."""
