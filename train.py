@@ -210,7 +210,7 @@ def compose_stage(stage: dict, overrides: list[str], run_dir: Path, folder: Path
         with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
             return compose(config_name=entry, overrides=[*extra, *placed])
 
-    groups_only = [o for o in overrides if o.split("=", 1)[0].split("@")[0].lstrip("+~/") in groups]
+    groups_only = pipeline.group_choices(overrides, groups)
     base = _compose(groups_only)
     keep, skip = pipeline.applicable_overrides(overrides, base, groups)
     if skip:

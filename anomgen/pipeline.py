@@ -210,13 +210,27 @@ def foreach_record(runs: Mapping[str, str]) -> tuple[dict, dict]:
 
 
 # -- composing a stage -----------------------------------------------------------------------------------------------
+def _parsed(overrides: list[str]) -> list:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    return OverridesParser.create().parse_overrides(overrides)
+
+
+def _is_group_choice(override, groups: set[str]) -> bool:
+    return override.key_or_group.split("@")[0].lstrip("/") in groups or override.package is not None
+
+
+def group_choices(overrides: list[str], groups: set[str]) -> list[str]:
+    """The overrides among ``overrides`` that choose (or delete) an option of a config group in ``groups``
+    (``datamodule=mvtec``, ``~experiment``, ``+debug=tiny``), in their order."""
+    return [text for text, override in zip(overrides, _parsed(overrides)) if _is_group_choice(override, groups)]
+
+
 def applicable_overrides(overrides: list[str], base: DictConfig, groups: set[str]) -> tuple[list[str], list[str]]:
     """Split the user's command-line ``overrides`` into those that apply to a stage whose config (composed without
     them) is ``base``, and those that do not. Group choices (``datamodule=mvtec``, ``debug=tiny``) apply to every stage;
     a value (``model.sde.kind=ve``, ``+trainer.fast_dev_run=true``) applies where its key (for ``+``: its parent)
     exists, so that ``model.*`` values reach the stages whose model has them. ``hydra.*`` is the pipeline's own."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     raw = OmegaConf.to_container(base, resolve=False)  # keys, whether or not their values resolve yet
 
     def has(dotted: str) -> bool:
@@ -228,12 +242,12 @@ def applicable_overrides(overrides: list[str], base: DictConfig, groups: set[str
         return True
 
     keep, skip = [], []
-    for text, override in zip(overrides, OverridesParser.create().parse_overrides(overrides)):
+    for text, override in zip(overrides, _parsed(overrides)):
         key = override.key_or_group
         if key.startswith("hydra.") or key == "hydra":
             skip.append(text)
             continue
-        if key.split("@")[0].lstrip("/") in groups or override.package is not None:
+        if _is_group_choice(override, groups):
             keep.append(text)
             continue
         probe = key.rsplit(".", 1)[0] if override.is_add() or override.is_force_add() else key

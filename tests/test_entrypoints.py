@@ -317,6 +317,17 @@ def test_a_pipeline_override_reaches_only_the_stages_that_have_its_key(compose_c
     assert OmegaConf.select(oe, "model.sde", default=None) is None
 
 
+def test_group_choices_are_told_from_values_by_the_override_grammar():
+    """The one helper that says which overrides choose a group (the base every stage is composed from)."""
+    from anomgen.pipeline import group_choices
+
+    groups = {p.name for p in (ROOT / "configs").iterdir() if p.is_dir()}
+    overrides = ["debug=tiny", "+datamodule@foo=mvtec", "~experiment", "model.sde.kind=vp", "datamodule.normal_class=5",
+                 "hydra.run.dir=x", "+logger=csv", "experimentx=1"]
+    assert group_choices(overrides, groups) == ["debug=tiny", "+datamodule@foo=mvtec", "~experiment",
+                                                "+logger=csv"]
+
+
 def test_pipeline_resumes_after_being_killed_between_stages(fitymi_digits_run, tiny_cache, compose_run):
     """A rerun in the same folder skips the finished stages (their files untouched) and runs the rest; the figures
     equal those of the uninterrupted run (each stage seeds itself). (Last of the tests on the shared run: it kills
