@@ -230,7 +230,10 @@ class WinCLIPEncoder(nn.Module):
 
     @torch.no_grad()
     def encode(self, inputs: Tensor) -> WinCLIPFeatures:
-        """The embeddings of images already resized and normalised for the model (B × 3 × h × w)."""
+        """The embeddings of images already resized and normalised for the model (B × 3 × h × w).
+
+        Uses open_clip's (3.3) ``VisionTransformer._embeds`` and ``_pool``, so that the image embedding and the patch
+        tokens are exactly what ``encode_image`` (with ``output_tokens``) gives, whatever the pooling of the model."""
         visual = self.model.visual
         tokens = visual._embeds(inputs)  # B × (1 + P) × width: as the tokens enter the transformer (after ln_pre)
         pooled, patches = visual._pool(visual.transformer(tokens))
@@ -322,7 +325,7 @@ class WinCLIP:
         return self._text[class_name]
 
     def fit(self, batches: Iterable[dict]) -> WinCLIP:
-        """WinCLIP+: the images of ``batches`` (K normal images) become the few-shot memory. Zero-shot
+        """WinCLIP+: the images of ``batches`` (K normal images) become the few-shot memory (replacing any). Zero-shot
         (``few_shot=False``): nothing is kept."""
         if not self.few_shot:
             return self
