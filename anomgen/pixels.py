@@ -58,11 +58,12 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     return (images.clamp(0.0, 1.0) * 255.0).round().to(torch.uint8)
 
 
-def resize(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bilinear, antialiased resize of [0, 1] images, clamped to [0, 1]."""
+def resize(images: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
+    """Antialiased resize of [0, 1] images (``mode``: ``"bilinear"`` or ``"bicubic"``, the interpolation CLIP
+    models were trained with), clamped to [0, 1]."""
     if tuple(images.shape[-2:]) == tuple(size):
         return images
-    return F.interpolate(images, size=size, mode="bilinear", antialias=True, align_corners=False).clamp(0.0, 1.0)
+    return F.interpolate(images, size=size, mode=mode, antialias=True, align_corners=False).clamp(0.0, 1.0)
 
 
 def resize_shorter(images: torch.Tensor, shorter: int) -> torch.Tensor:

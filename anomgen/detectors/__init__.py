@@ -1,5 +1,5 @@
-"""Anomaly detectors: kNN feature bank, CLIP zero-shot, SSDO; the PCA post-transform of their features and the
-squashing scaler that turns scores into probabilities.
+"""Anomaly detectors: kNN feature bank, CLIP zero-shot, WinCLIP / WinCLIP+, SSDO; the PCA post-transform of their
+features and the squashing scaler that turns scores into probabilities.
 
 The feature extractors they use live in :mod:`anomgen.encoders`.
 """
@@ -10,6 +10,7 @@ from anomgen.detectors.knn_detector import KNNDetector
 from anomgen.detectors.pca import PCAReducer
 from anomgen.detectors.squashing import SquashingScaler
 from anomgen.detectors.ssdo import SSDO
+from anomgen.detectors.winclip import WinCLIP
 
 __all__ = [
     "SSDO",
@@ -18,4 +19,5 @@ __all__ = [
     "KNNScorer",
     "PCAReducer",
     "SquashingScaler",
+    "WinCLIP",
 ]
