@@ -312,20 +312,28 @@ def tiny_text_to_image(kind: str = "sd", resolution: int = 32, prediction_type: 
 
 
 def build_text_to_image(source: str | os.PathLike | None = None, prediction_type: str | None = None,
-                        open_clip_model: nn.Module | None = None, tiny: dict | None = None,
+                        resolution: int | None = None, tiny: dict | None = None,
+                        open_clip_model: nn.Module | None = None,
                         torch_dtype: torch.dtype | None = None) -> TextToImageStack:
-    """The stack of a ``text_to_image`` config entry: :func:`load_text_to_image` (``source``, ``prediction_type``)
-    when ``source`` is given, else :func:`tiny_text_to_image` (``**tiny``, ``prediction_type`` or ε, sharing the token
-    table of ``open_clip_model`` when given). A loaded stack ignores ``open_clip_model``: load the classifier
-    separately (SD 2.x's text encoder is the one of open_clip ViT-H-14 / laion2b_s32b_b79k)."""
+    """The stack of a ``text_to_image`` config entry (``configs/pretrained/{paper,tiny}.yaml``:
+    ``build_text_to_image(**cfg.pretrained.text_to_image, open_clip_model=clip)``).
+
+    With ``source``: :func:`load_text_to_image` (``source``, ``prediction_type`` checked against the scheduler;
+    ``resolution`` is the run's image size and is not checked against the model's native ``stack.resolution``;
+    ``open_clip_model`` is ignored: load the classifier separately, SD 2.x's text encoder is that of open_clip
+    ViT-H-14 / laion2b_s32b_b79k). Without: :func:`tiny_text_to_image` with ``**tiny``, ``resolution`` (default 32),
+    ``prediction_type`` (default ε) and ``open_clip_model`` (its token table shared with the text encoder)."""
     if source is not None:
         return load_text_to_image(source, prediction_type=prediction_type, torch_dtype=torch_dtype)
     kwargs = dict(tiny or {})
-    kwargs.setdefault("prediction_type", prediction_type or "epsilon")
-    if prediction_type is not None and kwargs["prediction_type"] != prediction_type:
-        raise ValueError(f"build_text_to_image: prediction_type {prediction_type!r} and tiny.prediction_type "
-                         f"{kwargs['prediction_type']!r} differ")
-    return tiny_text_to_image(open_clip_model=open_clip_model, **kwargs)
+    for key, value in (("prediction_type", prediction_type), ("resolution", resolution)):
+        if value is not None and kwargs.setdefault(key, value) != value:
+            raise ValueError(f"build_text_to_image: {key}={value!r} and tiny.{key}={kwargs[key]!r} differ")
+    stack = tiny_text_to_image(open_clip_model=open_clip_model, **kwargs)
+    if torch_dtype is not None:
+        for module in stack.modules().values():
+            module.to(torch_dtype)
+    return stack
 
 
 def to_pipeline(stack: TextToImageStack, scheduler=None):

@@ -4,6 +4,7 @@ the training step (latents, ε / v targets, masked loss) against computations wr
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -219,3 +220,23 @@ def test_sampling_scheduler_keeps_the_schedule(sd_v):
     assert torch.equal(ddim.alphas_cumprod, sd_v.noise_scheduler.alphas_cumprod)
     with pytest.raises(ValueError, match="no scheduler 'NoSuchScheduler'"):
         sd_v.sampling_scheduler("NoSuchScheduler")
+
+
+def test_the_pretrained_config_entries_build():
+    from omegaconf import OmegaConf
+
+    from anomgen.encoders.clip_text import TINY_OPEN_CLIP_CONFIG, load_open_clip
+
+    configs = Path(__file__).resolve().parents[2] / "configs" / "pretrained"
+    tiny = OmegaConf.to_container(OmegaConf.load(configs / "tiny.yaml"))
+    assert tiny["adp_clip"]["config"] == TINY_OPEN_CLIP_CONFIG  # the yaml repeats the code's constant
+    clip = load_open_clip(**tiny["adp_clip"])
+    stack = build_text_to_image(**tiny["text_to_image"], open_clip_model=clip)
+    assert stack.open_clip_model is clip and stack.resolution == tiny["text_to_image"]["resolution"]
+    assert stack.prediction_type == "v_prediction"
+    assert torch.equal(stack.text_encoder.get_input_embeddings().weight, clip.token_embedding.weight)
+    paper = OmegaConf.load(configs / "paper.yaml")
+    assert paper.text_to_image.prediction_type == "v_prediction" and paper.text_to_image.resolution == 768
+    assert (paper.adp_clip.model_name, paper.adp_clip.pretrained) == ("ViT-H-14", "laion2b_s32b_b79k")
+    with pytest.raises(ValueError, match="resolution=64 and tiny.resolution=32 differ"):
+        build_text_to_image(resolution=64, tiny={"resolution": 32})
