@@ -46,10 +46,14 @@ KINDS = ("sd", "ldm")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 #: the sub-folders of a diffusers folder, per kind: (vae, text encoder)
 _FOLDERS = {"sd": ("vae", "text_encoder"), "ldm": ("vqvae", "bert")}
-#: what a hub download of a diffusers repo fetches: configs, tokenizer files and non-variant weights (not the
-#: single-file checkpoints at the top, nor fp16 / ema variants)
-HUB_PATTERNS = ["model_index.json", "*/*.json", "*/*.txt", "*/diffusion_pytorch_model.safetensors",
-                "*/model.safetensors", "*/diffusion_pytorch_model.bin", "*/pytorch_model.bin"]
+#: the components a stack reads from a diffusers folder (SD: vae, text_encoder; LDM: vqvae, bert)
+_COMPONENTS = ("unet", "vae", "vqvae", "text_encoder", "bert", "tokenizer", "scheduler")
+#: what a hub download of a diffusers repo fetches first: the components' configs, tokenizer files and non-variant
+#: safetensors weights (not the single-file checkpoints at the top, fp16 / ema variants, or the safety checker)
+HUB_PATTERNS = ["model_index.json"] + [f"{c}/{name}" for c in _COMPONENTS for name in (
+    "*.json", "*.txt", "diffusion_pytorch_model.safetensors", "model.safetensors")]
+#: fetched only for a component that has no safetensors weights
+HUB_BIN_PATTERNS = ["diffusion_pytorch_model.bin", "pytorch_model.bin"]
 #: Stable Diffusion's (and LDM txt2img's) training schedule
 SD_SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
                "beta_schedule": "scaled_linear", "clip_sample": False, "steps_offset": 1}
@@ -188,7 +192,10 @@ def load_text_to_image(source: str | os.PathLike, prediction_type: str | None = 
         if not (folder / sub).is_dir():
             raise PretrainedNotFoundError(f"{source} ({folder}) is no text-to-image diffusers folder: it has no {sub}/ "
                                           f"(expected unet/, {vae_dir}/, {text_dir}/, tokenizer/, scheduler/)")
-    for sub in ("unet", vae_dir, text_dir):
+    without = [sub for sub in ("unet", vae_dir, text_dir) if not _weights_present(folder / sub)]
+    if without and not Path(source).expanduser().exists():  # a hub repo of .bin weights only
+        folder = resolve(source, allow_patterns=[f"{sub}/{name}" for sub in without for name in HUB_BIN_PATTERNS])
+    for sub in without:
         if not _weights_present(folder / sub):
             raise PretrainedNotFoundError(f"{source}: {folder / sub} holds no weights file")
     scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
@@ -210,8 +217,9 @@ def load_text_to_image(source: str | os.PathLike, prediction_type: str | None = 
         text_encoder = _strict(LDMBertModel.from_pretrained(folder / text_dir, output_loading_info=True),
                                f"{source}/{text_dir}")
         tokenizer = BertTokenizer.from_pretrained(folder / "tokenizer")
-    if tokenizer.model_max_length > 10_000:  # a tokenizer config without model_max_length: the pipelines' 77
-        tokenizer.model_max_length = 77
+    context = int(text_encoder.config.max_position_embeddings)
+    if kind == "ldm" or tokenizer.model_max_length > context:  # LDM's pipeline pads BERT ids to 77 whatever its config
+        tokenizer.model_max_length = context
     stack = TextToImageStack(
         unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, noise_scheduler=scheduler,
         prediction_type=found, scaling_factor=float(vae.config.scaling_factor),

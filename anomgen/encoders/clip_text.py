@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from anomgen.encoders.clip import open_clip_architecture
 from anomgen.files import atomic_dir, write_atomic
 from anomgen.pretrained import load_state_dict_strict, open_clip_weights
 
@@ -175,7 +176,8 @@ def load_open_clip(model_name: str, pretrained: str | os.PathLike | None = None,
     if open_clip.get_model_config(model_name) is None:
         raise ValueError(f"open_clip has no model config {model_name!r} (and none was given as `config`)")
     weights = None if pretrained is None else str(open_clip_weights(model_name, pretrained))
-    return open_clip.create_model(model_name, pretrained=weights).eval()
+    architecture = open_clip_architecture(model_name, None if pretrained is None else str(pretrained))
+    return open_clip.create_model(architecture, pretrained=weights).eval()
 
 
 def _text_tower(open_clip_model: nn.Module) -> nn.Module:

@@ -84,6 +84,13 @@ def test_a_saved_diffusers_folder_loads_back_strictly(kind, sd_v, tmp_path):
     assert type(loaded.text_encoder).__name__ == ("CLIPTextModel" if kind == "sd" else "LDMBertModel")
     for name in ("unet", "vae", "text_encoder"):
         assert _state_equal(getattr(loaded, name), getattr(stack, name)), name
+    if kind == "sd":  # hub checkpoints written by transformers 4 name the keys text_model.* and keep position_ids
+        from safetensors.torch import load_file, save_file
+
+        weights = folder / "text_encoder" / "model.safetensors"
+        old = {f"text_model.{k}": v for k, v in load_file(weights).items()}
+        save_file({**old, "text_model.embeddings.position_ids": torch.arange(77)[None]}, weights)
+        assert _state_equal(load_text_to_image(folder).text_encoder, stack.text_encoder)
     with torch.no_grad():
         assert torch.equal(loaded.tokenize(PROMPTS), stack.tokenize(PROMPTS))
         assert torch.allclose(loaded.encode_prompts(PROMPTS), stack.encode_prompts(PROMPTS), atol=1e-6)
