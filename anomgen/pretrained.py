@@ -39,8 +39,12 @@ def _how_to_supply(model_id: str) -> str:
     )
 
 
-def resolve(model_id: str | os.PathLike, filename: str | None = None, revision: str | None = None) -> Path:
-    """Return a local path for ``model_id`` (a folder, or the file ``filename`` inside the repo)."""
+def resolve(model_id: str | os.PathLike, filename: str | None = None, revision: str | None = None,
+            allow_patterns: list[str] | None = None) -> Path:
+    """Return a local path for ``model_id`` (a folder, or the file ``filename`` inside the repo).
+
+    ``allow_patterns`` (glob patterns of repo files, for a folder) limits what a hub download fetches, e.g. the
+    configs and safetensors weights of a diffusers repo without its single-file checkpoints."""
     model_id = str(model_id)
     looked: list[str] = []
     local = Path(model_id).expanduser()
@@ -65,7 +69,8 @@ def resolve(model_id: str | os.PathLike, filename: str | None = None, revision: 
     download = (
         (lambda **kw: huggingface_hub.hf_hub_download(model_id, filename, revision=revision, **kw))
         if filename
-        else (lambda **kw: huggingface_hub.snapshot_download(model_id, revision=revision, **kw))
+        else (lambda **kw: huggingface_hub.snapshot_download(model_id, revision=revision,
+                                                             allow_patterns=allow_patterns, **kw))
     )
     try:
         return Path(download(local_files_only=True))

@@ -1,4 +1,8 @@
-"""Reusable diffusion pieces: SDEs, their samplers and the EMA of weights (more modules live next to these)."""
+"""Reusable diffusion pieces: SDEs, their samplers and the EMA of weights (more modules live next to these).
+
+The text-to-image layer is imported from its modules (they keep diffusers and transformers out of this import):
+:mod:`anomgen.diffusion.text2image` (the stack: load, tiny, training step, memory settings) and
+:mod:`anomgen.diffusion.textual_inversion` (placeholder concepts trained in the token table)."""
 
 from anomgen.diffusion.ema import EMA
 from anomgen.diffusion.sde import (

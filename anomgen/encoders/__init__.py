@@ -5,6 +5,8 @@
 - :mod:`~anomgen.encoders.handcrafted`: :class:`HOGFeatures`, :class:`RandomConvFeatures` (no trained weights);
 - :mod:`~anomgen.encoders.torchvision_features`: :class:`TorchvisionFeatures` (ResNets and ViTs, head removed);
 - :mod:`~anomgen.encoders.clip`: :class:`OpenCLIPImageEncoder` (CLIP, SigLIP image and text embeddings);
+- :mod:`~anomgen.encoders.clip_text`: the CLIP text side shared with the text-to-image stack (offline
+  ``CLIPTokenizer``, the SD 2.x text-encoder conversion, embedding injection, end-token pooling, concept files);
 - :mod:`~anomgen.encoders.inception`: :class:`InceptionFeatures` (torch-fidelity's FID Inception-v3);
 - :mod:`~anomgen.encoders.vit`: the FITYMI :class:`ViTBackbone` (:func:`build_vit`, save / load) and
   :class:`BackboneFeatures`, the feature extractor that reads a saved backbone;
