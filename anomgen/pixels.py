@@ -8,6 +8,8 @@ too.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -18,6 +20,9 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 #: the kinds of train-time augmentation of :func:`augment_batch`
 AUGMENTATIONS = ("pad_crop", "resize_crop")
+#: torchvision's ``RandomResizedCrop`` defaults: the crop's share of the image area, its aspect-ratio range (w / h)
+CROP_SCALE = (0.08, 1.0)
+CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 
 
 def to_diffusion_range(images: torch.Tensor) -> torch.Tensor:
@@ -126,3 +131,45 @@ def augment_batch(
         flips = (torch.rand(n, generator=generator) < 0.5).to(images.device)
         images = torch.where(flips[:, None, None, None], images.flip(-1), images)
     return images
+
+
+def random_resized_crop_box(height: int, width: int, scale: tuple[float, float] = CROP_SCALE,
+                            ratio: tuple[float, float] = CROP_RATIO,
+                            generator: torch.Generator | None = None) -> tuple[int, int, int, int]:
+    """The ``(top, left, h, w)`` box of a random resized crop of an ``height`` × ``width`` image: torchvision's
+    ``RandomResizedCrop.get_params`` (area share in ``scale``, log-uniform aspect ratio w / h in ``ratio``, ten tries,
+    then the centre crop of the clamped ratio), with every draw from ``generator``. With torch's global generator in
+    the same state as ``generator``, the box is torchvision's."""
+    if not 0.0 < scale[0] <= scale[1]:
+        raise ValueError(f"crop scale must satisfy 0 < min <= max, got {tuple(scale)}")
+    if not 0.0 < ratio[0] <= ratio[1]:
+        raise ValueError(f"crop ratio must satisfy 0 < min <= max, got {tuple(ratio)}")
+    area = height * width
+    log_ratio = torch.log(torch.tensor(ratio))
+    for _ in range(10):
+        target_area = area * torch.empty(1).uniform_(scale[0], scale[1], generator=generator).item()
+        aspect = torch.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1], generator=generator)).item()
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(0, height - h + 1, size=(1,), generator=generator).item())
+            left = int(torch.randint(0, width - w + 1, size=(1,), generator=generator).item())
+            return top, left, h, w
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        w, h = int(round(height * max(ratio))), height
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def resized_crop(images: torch.Tensor, box: tuple[int, int, int, int], size: tuple[int, int]) -> torch.Tensor:
+    """The ``(top, left, h, w)`` box of [0, 1] images (C × H × W or B × C × H × W), resized to ``size`` by
+    :func:`resize` (bilinear, antialiased: torchvision's ``RandomResizedCrop`` interpolation)."""
+    top, left, h, w = box
+    crop = images[..., top : top + h, left : left + w]
+    batch = crop if crop.dim() == 4 else crop.unsqueeze(0)
+    out = resize(batch, tuple(size))
+    return out if images.dim() == 4 else out[0]

@@ -162,7 +162,7 @@ def register_open_clip_config(model_name: str, config: Mapping[str, Any],
 
 
 def load_open_clip(model_name: str, pretrained: str | os.PathLike | None = None,
-                   config: Mapping[str, Any] | None = None) -> nn.Module:
+                   config: Mapping[str, Any] | None = None, seed: int = 0) -> nn.Module:
     """The full open_clip model ``model_name`` in eval mode (ADP's classifier: ViT-H-14, ``laion2b_s32b_b79k``).
 
     ``pretrained`` is an open_clip tag or a weights file, found by :func:`anomgen.pretrained.open_clip_weights`
@@ -177,7 +177,9 @@ def load_open_clip(model_name: str, pretrained: str | os.PathLike | None = None,
         raise ValueError(f"open_clip has no model config {model_name!r} (and none was given as `config`)")
     weights = None if pretrained is None else str(open_clip_weights(model_name, pretrained))
     architecture = open_clip_architecture(model_name, None if pretrained is None else str(pretrained))
-    return open_clip.create_model(architecture, pretrained=weights).eval()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return open_clip.create_model(architecture, pretrained=weights).eval()
 
 
 def _text_tower(open_clip_model: nn.Module) -> nn.Module:
