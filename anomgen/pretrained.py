@@ -27,6 +27,20 @@ ENV_DIR = "ANOMGEN_PRETRAINED_DIR"
 FILE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".safetensors")
 
 
+def plain_entry(entry: Mapping | None) -> dict:
+    """A ``pretrained.*`` config entry as plain Python containers (Hydra passes DictConfigs; open_clip and diffusers
+    want dicts)."""
+    try:
+        from omegaconf import DictConfig, OmegaConf
+    except ImportError:  # pragma: no cover - omegaconf ships with hydra
+        DictConfig = ()
+    if entry is None:
+        return {}
+    if DictConfig and isinstance(entry, DictConfig):
+        return OmegaConf.to_container(entry, resolve=True)
+    return dict(entry)
+
+
 def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
 

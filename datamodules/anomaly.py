@@ -99,7 +99,10 @@ class AnomalyDataModule(LightningDataModule):
         train_transform: Callable | None = None,
         outlier_exposure_set: str | None = None,
         outlier_exposure_target: str | None = None,
+        train_repeats: int = 1,
     ) -> None:
+        """``train_repeats``: the training loader passes over its data that many times per epoch (a few-shot support
+        set of K images would otherwise make epochs of one step, each with its own validation and checkpoint)."""
         super().__init__()
         if protocol not in PROTOCOLS:
             raise ValueError(f"datamodule.protocol must be one of {PROTOCOLS}, got {protocol!r}")
@@ -126,6 +129,9 @@ class AnomalyDataModule(LightningDataModule):
         self.train_transform = train_transform
         self.outlier_exposure_set = outlier_exposure_set
         self.outlier_exposure_target = outlier_exposure_target
+        if int(train_repeats) < 1:
+            raise ValueError(f"datamodule.train_repeats must be >= 1, got {train_repeats}")
+        self.train_repeats = int(train_repeats)
         self.train_normals = self.val_normals = self.support = self.test_set = self.val_set = None
 
     # -- building the splits -------------------------------------------------------------------------------------
@@ -195,6 +201,8 @@ class AnomalyDataModule(LightningDataModule):
                                       image_size=self.support[0]["image"].shape[-2:])
         if self.train_transform is not None:
             data = TransformedView(data, self.train_transform)
+        if self.train_repeats > 1:
+            data = ConcatDataset([data] * self.train_repeats)
         return self._loader(data, shuffle=True, batch_size=self.batch_size)
 
     def val_dataloader(self) -> DataLoader | list:

@@ -53,27 +53,15 @@ def build_edit_stack(text_to_image: Mapping, clip: Mapping | None = None, concep
     """The stack of a ``pretrained.text_to_image`` entry, its sampling scheduler, and the concept file ``concept``
     loaded into its tokenizer and text encoder. ``clip`` (a ``pretrained.adp_clip`` entry) is used only by a tiny stack
     (``source: null``): its text encoder is converted from that open_clip model, as ADP's classifier shares it."""
-    from anomgen.diffusion.text2image import build_text_to_image
+    from anomgen.diffusion.text2image import build_with_classifier
     from anomgen.diffusion.textual_inversion import TextualInversion
-    from anomgen.encoders.clip_text import load_open_clip
 
-    entry, clip = _plain(text_to_image), _plain(clip)
-    open_clip_model = load_open_clip(**clip) if clip is not None and entry.get("source") is None else None
-    stack = build_text_to_image(**entry, open_clip_model=open_clip_model)
+    stack, _ = build_with_classifier(text_to_image, clip, need_classifier=False)
     learned = TextualInversion.load(concept, stack.tokenizer, stack.text_encoder) if concept else None
     return EditStack(unet=stack.unet, vae=stack.vae,
                      scheduler=stack.sampling_scheduler(scheduler) if scheduler else stack.noise_scheduler,
                      text_encoder=stack.text_encoder, tokenizer=stack.tokenizer, scaling_factor=stack.scaling_factor,
                      concept=learned)
-
-
-def _plain(entry: Mapping | None) -> dict | None:
-    """A config entry as plain Python containers (Hydra passes DictConfigs)."""
-    from omegaconf import DictConfig, OmegaConf
-
-    if entry is None:
-        return None
-    return OmegaConf.to_container(entry, resolve=True) if isinstance(entry, DictConfig) else dict(entry)
 
 
 @torch.no_grad()

@@ -21,7 +21,7 @@ The functions here take embeddings; :class:`ADPDetector` runs CLIP and adds the 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +43,8 @@ TEMPLATES: tuple[str, ...] = (
 DEFAULT_TAU = 0.01
 
 
-def state_prompts(concept: str, templates: Sequence[str] = TEMPLATES, states: Sequence[str] = STATES) -> list[list[str]]:
+def state_prompts(concept: str, templates: Sequence[str] = TEMPLATES,
+                  states: Sequence[str] = STATES) -> list[list[str]]:
     """The prompts of each state of ``concept``: ``[[T(S_n(c)) for T], [T(S_a(c)) for T]]``."""
     if not templates:
         raise ValueError("ADP needs at least one prompt template")
@@ -109,3 +110,139 @@ def anomaly_concept_loss(pseudo_anomaly_probabilities: Tensor, alpha: float, gam
     """The pseudo-anomaly term of Eq. 4 as a loss: α · mean_j (P(S_n(c) | x̃_j) − γ)⁺ (pseudo-anomalies not judged
     normal beyond the margin γ)."""
     return alpha * (pseudo_anomaly_probabilities[:, 0] - gamma).clamp(min=0).mean()
+
+
+class ADPDetector:
+    """ADP's detector (Eq. 5–7) with the WinCLIP-style few-shot patch score; higher scores are more anomalous.
+
+    ``concepts``: ``{name: concept file}`` (the concept stages' ``concept`` outputs, diffusers' format), scored by the
+    open_clip classifier ``clip`` (``pretrained.adp_clip``: ``model_name``, ``pretrained``, ``config``) through the
+    shared token table (:class:`~anomgen.encoders.clip_text.ConceptTextEncoder`). ``label_word``: ADP_ℓ adds the
+    class word ℓ as one more concept with its own weight w(ℓ) (underscores read as spaces).
+
+    :meth:`fit` on the K normal shots computes each concept's w(c) (Eq. 5) from P_CLIP on the shots and on the
+    pseudo-anomalies of the synthetic set ``pseudo_anomalies`` (the self-tuning stage's output), then the prototypes
+    p_n, p_a (Eq. 6); the shots also become the few-shot patch memory. One concept and no pseudo-anomalies is the
+    ablation "that concept alone" (its w cancels). The image score is
+    ``(1 − patch_weight) · (1 − ADP(x)) + patch_weight · max few-shot map`` (WinCLIP+'s rule of combining with equal
+    weights at 0.5 *(check: the paper does not state it)*; ``patch_weight: 0`` leaves ADP alone). The patch score's
+    CLIP is ``patch_clip`` (``model_name``, ``pretrained``; WinCLIP's ViT-B-16-plus-240 by default *(check)*).
+    """
+
+    def __init__(self, concepts: Mapping[str, str], clip: Mapping, pseudo_anomalies: str | None = None,
+                 label_word: str | None = None, templates: Sequence[str] | None = None, tau: float = DEFAULT_TAU,
+                 patch_weight: float = 0.5, patch_clip: Mapping | None = None, scales: Sequence[int] = (2, 3),
+                 device: str = "auto", name: str = "adp") -> None:
+        from anomgen.encoders.clip_text import ConceptTextEncoder, load_concepts, load_open_clip, text_width
+        from anomgen.pretrained import plain_entry
+
+        if not concepts:
+            raise ValueError(f"{name}: give at least one concept file (concepts: {{name: path}})")
+        if not 0.0 <= patch_weight <= 1.0:
+            raise ValueError(f"{name}: patch_weight must be in [0, 1], got {patch_weight}")
+        if len(concepts) + bool(label_word) > 1 and not pseudo_anomalies:
+            raise ValueError(f"{name}: weighting {len(concepts) + bool(label_word)} concepts needs pseudo_anomalies "
+                             "(a synthetic set) for w(c) (Eq. 5)")
+        self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available()
+                                   else "cpu" if device == "auto" else device)
+        self.name, self.tau, self.templates = name, float(tau), tuple(templates or TEMPLATES)
+        self.patch_weight = float(patch_weight)
+        self.pseudo_anomalies = pseudo_anomalies
+        clip = plain_entry(clip)
+        self.model = load_open_clip(**clip).to(self.device).eval()
+        width = text_width(self.model)
+        vectors = {}
+        self.placeholders: dict[str, str] = {}
+        for concept_name, path in concepts.items():
+            loaded = load_concepts(path, width=width)
+            if len(loaded) != 1:
+                raise ValueError(f"{name}: concept file {path} holds {len(loaded)} concepts; expected one")
+            placeholder, v = next(iter(loaded.items()))
+            if placeholder in vectors:
+                raise ValueError(f"{name}: concepts {concept_name!r} and another use the same placeholder "
+                                 f"{placeholder!r}")
+            vectors[placeholder] = v
+            self.placeholders[str(concept_name)] = placeholder
+        if label_word:
+            self.placeholders["label"] = str(label_word).replace("_", " ")
+        self.text = ConceptTextEncoder(self.model, vectors)
+        self.patch = None
+        if self.patch_weight > 0:
+            from anomgen.detectors.winclip import WinCLIPEncoder
+
+            patch_clip = plain_entry(patch_clip)
+            self.patch = WinCLIPEncoder(patch_clip.get("model_name", "ViT-B-16-plus-240"),
+                                        patch_clip.get("pretrained", "laion400m_e31"), scales,
+                                        config=patch_clip.get("config")).to(self.device).eval()
+        self.weights: dict[str, float] = {}
+        self.prototypes: Tensor | None = None
+        self.memory = None
+
+    def state_embeddings(self) -> dict[str, Tensor]:
+        """G_s(c) (2 × D) of every concept (and of the label word)."""
+        return {n: averaged_state_embeddings(self.text.encode, word, self.templates)
+                for n, word in self.placeholders.items()}
+
+    @torch.no_grad()
+    def image_features(self, images: Tensor) -> Tensor:
+        from anomgen.encoders.clip import embed_images
+
+        return embed_images(self.model, images.to(self.device))
+
+    def _features(self, batches: Iterable[dict]) -> tuple[Tensor, list[Tensor]]:
+        feats, images = [], []
+        for batch in batches:
+            images.append(batch["image"])
+            feats.append(self.image_features(batch["image"]))
+        if not feats:
+            raise ValueError(f"{self.name}: no images")
+        return torch.cat(feats), images
+
+    @torch.no_grad()
+    def fit(self, batches: Iterable[dict]) -> ADPDetector:
+        """The K normal shots: w(c) of every concept, the prototypes and the few-shot patch memory."""
+        from anomgen.detectors.winclip import WinCLIPFeatures
+
+        shots, images = self._features(batches)
+        states = self.state_embeddings()
+        if len(states) == 1:
+            self.weights = {next(iter(states)): 1.0}
+        else:
+            pseudo = self._pseudo_anomaly_features(images[0].shape[-2:])
+            self.weights = {n: float(concept_weight(state_probabilities(shots, g, self.tau),
+                                                    state_probabilities(pseudo, g, self.tau)))
+                            for n, g in states.items()}
+        self.prototypes = prototypes(list(states.values()), list(self.weights.values()))
+        if self.patch is not None:
+            self.memory = WinCLIPFeatures.cat([self.patch(x) for x in images])
+        return self
+
+    def _pseudo_anomaly_features(self, size) -> Tensor:
+        from anomgen.data.synthetic import SyntheticSet
+
+        pseudo = SyntheticSet(self.pseudo_anomalies, image_size=tuple(size), labels=(1,))
+        if len(pseudo) == 0:
+            raise ValueError(f"{self.name}: the pseudo-anomaly set {self.pseudo_anomalies} holds no images")
+        chunks = [torch.stack([pseudo[j]["image"] for j in range(i, min(i + 32, len(pseudo)))])
+                  for i in range(0, len(pseudo), 32)]
+        return torch.cat([self.image_features(c) for c in chunks])
+
+    @torch.no_grad()
+    def score(self, batches: Iterable[dict]) -> Tensor:
+        """Anomaly scores (N, float64, CPU) of every record batch in ``batches``."""
+        from anomgen.detectors.winclip import few_shot_patch_scores
+
+        if self.prototypes is None:
+            raise ValueError(f"{self.name}: call fit on the normal shots first")
+        scores = []
+        for batch in batches:
+            images = batch["image"]
+            s = 1.0 - normal_probability(self.image_features(images), self.prototypes, self.tau).double()
+            if self.patch is not None:
+                maps = few_shot_patch_scores(self.patch(images), self.memory, self.patch.windows,
+                                             self.patch.grid_size)
+                s = (1 - self.patch_weight) * s + self.patch_weight * maps.amax(dim=(-2, -1)).to(s.device)
+            scores.append(s.cpu())
+        if not scores:
+            raise ValueError(f"{self.name}: no images to score")
+        return torch.cat(scores)

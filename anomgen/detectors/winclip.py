@@ -33,7 +33,7 @@ corrects the oracle before comparing.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -184,14 +184,21 @@ class WinCLIPEncoder(nn.Module):
     ``model_name`` / ``pretrained`` as :class:`~anomgen.encoders.OpenCLIPImageEncoder` takes them (an open_clip tag,
     a weights file, or ``None`` for random weights), or ``clip``: an encoder already built (shared, not changed).
     ``scales``: the window sizes in patches. The model must be an open_clip ``VisionTransformer`` image tower.
+    ``config``: an open_clip model config registered under ``model_name`` first (``pretrained=tiny``'s tiny ViT).
     """
 
     def __init__(self, model_name: str = "ViT-B-16-plus-240", pretrained: str | None = "laion400m_e31",
-                 scales: Sequence[int] = SCALES, clip=None) -> None:
+                 scales: Sequence[int] = SCALES, clip=None, config: Mapping | None = None) -> None:
         super().__init__()
         from open_clip.transformer import VisionTransformer
 
         from anomgen.encoders.clip import OpenCLIPImageEncoder
+
+        if config is not None and clip is None:  # a model config in open_clip's format (tiny random models)
+            from anomgen.encoders.clip_text import register_open_clip_config
+            from anomgen.pretrained import plain_entry
+
+            register_open_clip_config(model_name, plain_entry(config))
 
         self.clip = clip if clip is not None else OpenCLIPImageEncoder(model_name, pretrained).eval()
         visual = self.clip.model.visual
@@ -295,17 +302,17 @@ class WinCLIP:
     (WinCLIP+); without it :meth:`fit` does nothing and scores are zero-shot, as they are before any fit.
     ``model_name`` / ``pretrained``: the open_clip model and its weights (found as
     :class:`~anomgen.encoders.OpenCLIPImageEncoder` finds them; ``None``: random). ``device``: ``"auto"`` (CUDA when
-    available) or a torch device.
+    available) or a torch device. ``config``: an open_clip model config registered under ``model_name`` (tiny models).
     """
 
     def __init__(self, class_name: str | None = None, model_name: str = "ViT-B-16-plus-240",
                  pretrained: str | None = "laion400m_e31", scales: Sequence[int] = SCALES, few_shot: bool = True,
                  temperature: float = TEMPERATURE, device: str | torch.device = "auto",
-                 name: str = "winclip") -> None:
+                 name: str = "winclip", config: Mapping | None = None) -> None:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
-        self.encoder = WinCLIPEncoder(model_name, pretrained, scales).to(self.device).eval()
+        self.encoder = WinCLIPEncoder(model_name, pretrained, scales, config=config).to(self.device).eval()
         self.class_name = class_name
         self.few_shot = few_shot
         self.temperature = float(temperature)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -342,6 +342,24 @@ def build_text_to_image(source: str | os.PathLike | None = None, prediction_type
         for module in stack.modules().values():
             module.to(torch_dtype)
     return stack
+
+
+def build_with_classifier(text_to_image: Mapping, clip: Mapping | None = None,
+                          need_classifier: bool = True) -> tuple[TextToImageStack, nn.Module | None]:
+    """(stack, open_clip model) of a ``pretrained.text_to_image`` entry and a ``pretrained.adp_clip`` entry (plain
+    dicts or DictConfigs). A tiny stack (``source: null``) converts its text encoder from that open_clip model, so that
+    the two share the token table as SD 2.x and ViT-H/14 do (a tiny stack without ``clip`` makes its own tiny one). The
+    open_clip model is returned when ``need_classifier`` (ADP's classifier g), else ``None``."""
+    from anomgen.encoders.clip_text import load_open_clip
+    from anomgen.pretrained import plain_entry
+
+    entry, clip = plain_entry(text_to_image), plain_entry(clip)
+    tiny = entry.get("source") is None
+    if need_classifier and not clip:
+        raise ValueError("ADP's classifier needs an open_clip entry (pretrained.adp_clip), got none")
+    classifier = load_open_clip(**clip) if clip and (tiny or need_classifier) else None
+    stack = build_text_to_image(**entry, open_clip_model=classifier if tiny else None)
+    return stack, classifier if need_classifier else None
 
 
 def to_pipeline(stack: TextToImageStack, scheduler=None):

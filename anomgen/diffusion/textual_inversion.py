@@ -21,14 +21,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from anomgen.encoders.clip_text import encode_with_embeddings, load_concepts, save_concepts, tokenize
+from anomgen.encoders.clip_text import (
+    encode_with_embeddings,
+    expand_placeholder,
+    load_concepts,
+    placeholder_tokens,
+    save_concepts,
+    tokenize,
+)
 
-
-def placeholder_tokens(placeholder: str, num_vectors: int) -> list[str]:
-    """The tokens of an n-vector concept as diffusers names them: ``[p, p_1, …, p_{n-1}]``."""
-    if num_vectors < 1:
-        raise ValueError(f"num_vectors must be at least 1, got {num_vectors}")
-    return [placeholder] + [f"{placeholder}_{i}" for i in range(1, num_vectors)]
+__all__ = ["TextualInversion", "placeholder_tokens"]
 
 
 class TextualInversion:
@@ -160,9 +162,7 @@ class TextualInversion:
     def expand(self, prompt: str) -> str:
         """``prompt`` with each mention of the placeholder replaced by the n tokens ``p p_1 … p_{n-1}`` (diffusers'
         ``maybe_convert_prompt``). Name the placeholder once per use; do not expand it yourself."""
-        if self.num_vectors == 1:
-            return prompt
-        return re.sub(re.escape(self.placeholder) + r"(?!_\d)", " ".join(self.tokens), prompt)
+        return expand_placeholder(prompt, self.placeholder, self.num_vectors)
 
     def input_ids(self, prompts: str | Sequence[str]) -> torch.Tensor:
         """Token ids (B × 77) of the expanded prompts, on the text encoder's device. A prompt that no longer fits

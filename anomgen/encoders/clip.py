@@ -37,6 +37,25 @@ def open_clip_architecture(model_name: str, pretrained: str | None) -> str:
     return twin
 
 
+def image_preprocessing(model: nn.Module) -> tuple[tuple[int, int], tuple, tuple]:
+    """(input size, mean, std) of an open_clip model's image tower (OpenAI's statistics when it names none)."""
+    visual = model.visual
+    size = getattr(visual, "image_size", 224)
+    size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+    mean = getattr(visual, "image_mean", None) or (0.48145466, 0.4578275, 0.40821073)
+    std = getattr(visual, "image_std", None) or (0.26862954, 0.26130258, 0.27577711)
+    return size, mean, std
+
+
+def embed_images(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """L2-normalised image embeddings (B × D, float32) of an open_clip ``model`` for [0, 1] RGB images B × 3 × H × W:
+    bicubic resize to the model's input size, its normalisation, ``encode_image``. Gradients flow to the images."""
+    size, mean, std = image_preprocessing(model)
+    if tuple(images.shape[-2:]) != size:
+        images = F.interpolate(images, size=size, mode="bicubic", align_corners=False).clamp(0, 1)
+    return F.normalize(model.encode_image(normalize(images, mean, std)).float(), dim=-1)
+
+
 class OpenCLIPImageEncoder(nn.Module):
     """L2-normalised image embeddings of an open_clip model (CLIP, SigLIP: EAP's ViT-B-16-SigLIP by default).
 
@@ -54,19 +73,12 @@ class OpenCLIPImageEncoder(nn.Module):
         #: the architecture built: ``model_name``, or its ``-quickgelu`` twin for weights trained with QuickGELU
         self.model_name = open_clip_architecture(model_name, None if pretrained is None else str(pretrained))
         self.model = open_clip.create_model(self.model_name, pretrained=weights).eval()
-        visual = self.model.visual
-        size = getattr(visual, "image_size", 224)
-        self.image_size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
-        self.mean = getattr(visual, "image_mean", None) or (0.48145466, 0.4578275, 0.40821073)
-        self.std = getattr(visual, "image_std", None) or (0.26862954, 0.26130258, 0.27577711)
+        self.image_size, self.mean, self.std = image_preprocessing(self.model)
         self._tokenizer = None
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """The embeddings with gradients flowing back to the images (a CLIP loss on generated images)."""
-        if tuple(images.shape[-2:]) != self.image_size:
-            images = F.interpolate(images, size=self.image_size, mode="bicubic", align_corners=False).clamp(0, 1)
-        features = self.model.encode_image(normalize(images, self.mean, self.std))
-        return F.normalize(features.float(), dim=-1)
+        return embed_images(self.model, images)
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:

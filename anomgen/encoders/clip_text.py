@@ -23,8 +23,9 @@ import gzip
 import hashlib
 import json
 import os
+import re
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -195,6 +196,11 @@ def _text_tower(open_clip_model: nn.Module) -> nn.Module:
     if getattr(tower, "cls_emb", None) is not None:
         raise TypeError(f"{type(open_clip_model).__name__}: text towers with a class token are not supported")
     return tower
+
+
+def text_width(open_clip_model: nn.Module) -> int:
+    """The width of an open_clip model's token table (the width a learned concept for it must have)."""
+    return int(_text_tower(open_clip_model).token_embedding.embedding_dim)
 
 
 def end_token_positions(input_ids: torch.Tensor, eot_id: int = CLIP_EOT_ID) -> torch.Tensor:
@@ -435,3 +441,89 @@ def load_concepts(path: str | os.PathLike, width: int | None = None) -> dict[str
                              f"text encoder expects width {int(width)}: it was learned for another text encoder")
         concepts[str(token)] = value.float()
     return concepts
+
+
+# ------------------------------------------------------------------------------------------ learned concepts in CLIP
+
+
+def placeholder_tokens(placeholder: str, num_vectors: int) -> list[str]:
+    """The tokens of an n-vector concept as diffusers names them: ``[p, p_1, …, p_{n-1}]``."""
+    if num_vectors < 1:
+        raise ValueError(f"num_vectors must be at least 1, got {num_vectors}")
+    return [placeholder] + [f"{placeholder}_{i}" for i in range(1, num_vectors)]
+
+
+def expand_placeholder(prompt: str, placeholder: str, num_vectors: int) -> str:
+    """``prompt`` with each mention of ``placeholder`` replaced by its n tokens ``p p_1 … p_{n-1}`` (diffusers'
+    ``maybe_convert_prompt``)."""
+    if num_vectors == 1:
+        return prompt
+    return re.sub(re.escape(placeholder) + r"(?!_\d)", " ".join(placeholder_tokens(placeholder, num_vectors)), prompt)
+
+
+class ConceptTextEncoder:
+    """open_clip text features of prompts that name learned concepts (ADP's classifier g on "damaged <c_a>").
+
+    ``concepts``: ``{placeholder: vectors (n × width)}`` as :func:`load_concepts` reads them; each becomes n tokens
+    added to a :func:`clip_tokenizer` (ids from 49408 on). The ids of a prompt are embedded from the model's own token
+    table, and the added ids from the concept vectors; features are pooled at the end token
+    (:func:`encode_text_open_clip`). The model is not changed. A placeholder that is already a token, a concept of
+    another width than the model's text tower and a prompt that no longer fits the context once expanded are errors
+    naming them."""
+
+    def __init__(self, open_clip_model: nn.Module, concepts: Mapping[str, torch.Tensor] | None = None) -> None:
+        self.model = open_clip_model
+        tower = _text_tower(open_clip_model)
+        self.table = tower.token_embedding
+        self.context_length = int(tower.positional_embedding.shape[0])
+        self.tokenizer = clip_tokenizer(self.context_length)
+        width = self.table.embedding_dim
+        vocab = self.tokenizer.get_vocab()
+        self.num_vectors: dict[str, int] = {}
+        rows = []
+        for placeholder, vectors in (concepts or {}).items():
+            vectors = torch.as_tensor(vectors).detach().float()
+            if vectors.dim() != 2 or vectors.shape[1] != width:
+                raise ValueError(f"concept {placeholder!r} has vectors of shape {tuple(vectors.shape)}; the open_clip "
+                                 f"text tower takes n × {width}")
+            tokens = placeholder_tokens(placeholder, len(vectors))
+            clash = [t for t in tokens if t in vocab]
+            if clash:
+                raise ValueError(f"concept placeholder {clash[0]!r} is already a token of the CLIP vocabulary (id "
+                                 f"{vocab[clash[0]]}): learn the concept under another placeholder")
+            self.tokenizer.add_tokens(tokens)
+            vocab = self.tokenizer.get_vocab()
+            self.num_vectors[placeholder] = len(vectors)
+            rows.append(vectors)
+        self.first_added = self.table.num_embeddings
+        self.added = torch.cat(rows) if rows else torch.zeros(0, width)
+
+    def expand(self, prompt: str) -> str:
+        for placeholder, n in self.num_vectors.items():
+            prompt = expand_placeholder(prompt, placeholder, n)
+        return prompt
+
+    def input_ids(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Token ids (B × context length) of the expanded prompts."""
+        return tokenize(self.tokenizer, [self.expand(p) for p in prompts], max_length=self.context_length)
+
+    def token_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
+        weight = self.table.weight
+        own = input_ids.clamp(max=self.first_added - 1).to(weight.device)
+        embeds = torch.nn.functional.embedding(own, weight)
+        extra = input_ids >= self.first_added
+        if extra.any():
+            added = self.added.to(device=weight.device, dtype=weight.dtype)
+            embeds = embeds.clone()
+            embeds[extra.to(weight.device)] = added[(input_ids[extra] - self.first_added).to(weight.device)]
+        return embeds
+
+    @torch.no_grad()
+    def encode(self, prompts: Sequence[str]) -> torch.Tensor:
+        """L2-normalised text features (N × D, float32) of ``prompts``."""
+        if isinstance(prompts, str) or not prompts:
+            raise ValueError(f"encode takes a non-empty list of prompts, got {prompts!r}")
+        ids = self.input_ids(list(prompts))
+        device = self.table.weight.device
+        return encode_text_open_clip(self.model, ids.to(device), self.token_embeddings(ids),
+                                     normalize=True).float()
