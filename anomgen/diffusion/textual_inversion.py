@@ -23,6 +23,7 @@ from torch import nn
 
 from anomgen.encoders.clip_text import (
     encode_with_embeddings,
+    existing_token_id,
     expand_placeholder,
     load_concepts,
     placeholder_tokens,
@@ -52,11 +53,11 @@ class TextualInversion:
         self.text_encoder = text_encoder
         self.placeholder = placeholder
         self.tokens = placeholder_tokens(placeholder, int(num_vectors))
-        vocab = tokenizer.get_vocab()
         for token in self.tokens:
-            if token in vocab:
+            known = existing_token_id(tokenizer, token)
+            if known is not None:
                 raise ValueError(f"placeholder token {token!r} is already a token of the tokenizer's vocabulary (id "
-                                 f"{vocab[token]}): choose another placeholder, e.g. '<{placeholder.strip('<>')}-x>'")
+                                 f"{known}): choose another placeholder, e.g. '<{placeholder.strip('<>')}-x>'")
         init = self._initial_vectors(initializer)  # before adding: the word's own tokens
         added = tokenizer.add_tokens(self.tokens)
         if added != len(self.tokens):

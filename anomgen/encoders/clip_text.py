@@ -453,6 +453,18 @@ def placeholder_tokens(placeholder: str, num_vectors: int) -> list[str]:
     return [placeholder] + [f"{placeholder}_{i}" for i in range(1, num_vectors)]
 
 
+def existing_token_id(tokenizer, word: str) -> int | None:
+    """The id of ``word`` when the tokenizer already has it as one token (``"object"`` is ``object</w>`` in CLIP's
+    vocabulary, a special token is itself), else ``None``: a placeholder must be a new token, or every prompt that
+    uses the word would get the concept instead."""
+    vocab = tokenizer.get_vocab()
+    for form in (word, f"{word}</w>"):
+        if form in vocab:
+            return int(vocab[form])
+    ids = tokenizer(word, add_special_tokens=False).input_ids
+    return int(ids[0]) if len(ids) == 1 else None
+
+
 def expand_placeholder(prompt: str, placeholder: str, num_vectors: int) -> str:
     """``prompt`` with each mention of ``placeholder`` replaced by its n tokens ``p p_1 … p_{n-1}`` (diffusers'
     ``maybe_convert_prompt``)."""
@@ -478,7 +490,6 @@ class ConceptTextEncoder:
         self.context_length = int(tower.positional_embedding.shape[0])
         self.tokenizer = clip_tokenizer(self.context_length)
         width = self.table.embedding_dim
-        vocab = self.tokenizer.get_vocab()
         self.num_vectors: dict[str, int] = {}
         rows = []
         for placeholder, vectors in (concepts or {}).items():
@@ -487,12 +498,12 @@ class ConceptTextEncoder:
                 raise ValueError(f"concept {placeholder!r} has vectors of shape {tuple(vectors.shape)}; the open_clip "
                                  f"text tower takes n × {width}")
             tokens = placeholder_tokens(placeholder, len(vectors))
-            clash = [t for t in tokens if t in vocab]
-            if clash:
-                raise ValueError(f"concept placeholder {clash[0]!r} is already a token of the CLIP vocabulary (id "
-                                 f"{vocab[clash[0]]}): learn the concept under another placeholder")
+            for token in tokens:
+                known = existing_token_id(self.tokenizer, token)
+                if known is not None:
+                    raise ValueError(f"concept placeholder {token!r} is already a token of the CLIP vocabulary (id "
+                                     f"{known}): learn the concept under another placeholder")
             self.tokenizer.add_tokens(tokens)
-            vocab = self.tokenizer.get_vocab()
             self.num_vectors[placeholder] = len(vectors)
             rows.append(vectors)
         self.first_added = self.table.num_embeddings

@@ -99,3 +99,153 @@ def test_bad_shapes_and_weights_are_refused():
         adp.prototypes([torch.zeros(2, 4)], [1.0, 2.0])
     with pytest.raises(ValueError, match="positive sum"):
         adp.prototypes([torch.zeros(2, 4)], [0.0])
+
+
+# -- the detector on a tiny open_clip model ----------------------------------------------------------------------------
+
+def _tiny_clip_entry():
+    from anomgen.encoders.clip_text import TINY_OPEN_CLIP_CONFIG, TINY_OPEN_CLIP_NAME
+
+    return {"model_name": TINY_OPEN_CLIP_NAME, "pretrained": None, "config": dict(TINY_OPEN_CLIP_CONFIG)}
+
+
+def _substituted_text_features(model, word_vectors: dict[str, torch.Tensor], prompts: list[str]) -> torch.Tensor:
+    """Independent route: put each concept's vector in place of an existing word's row of a copy of the model's token
+    table, then open_clip's own tokenizer and encode_text (argmax pooling is fine: no added ids)."""
+    import copy
+
+    import open_clip
+
+    clone = copy.deepcopy(model)
+    tokenizer = open_clip.get_tokenizer("ViT-B-32")
+    for word, vector in word_vectors.items():
+        ids = tokenizer([word])[0]
+        (row,) = ids[1:2].tolist()  # one BPE token
+        with torch.no_grad():
+            clone.token_embedding.weight[row] = vector
+    return torch.nn.functional.normalize(clone.encode_text(tokenizer(prompts)).float(), dim=-1)
+
+
+def test_concept_text_encoder_equals_open_clip_with_the_vector_in_the_table(tmp_path):
+    from anomgen.encoders.clip_text import ConceptTextEncoder, load_open_clip
+
+    model = load_open_clip(**_tiny_clip_entry())
+    vector = torch.randn(32, generator=torch.Generator().manual_seed(0))
+    encoder = ConceptTextEncoder(model, {"<c-n>": vector[None]})
+    ours = encoder.encode(["a photo of flawless <c-n>.", "a dark photo of damaged <c-n>."])
+    theirs = _substituted_text_features(model, {"zebra": vector}, ["a photo of flawless zebra.",
+                                                                   "a dark photo of damaged zebra."])
+    assert torch.allclose(ours, theirs, atol=1e-5)
+    plain = encoder.encode(["a photo of flawless zebra."])
+    assert (plain - ours[:1]).abs().max() > 1e-3  # the concept's vector is what differs
+
+    with pytest.raises(ValueError, match=r"'object' is already a token"):
+        ConceptTextEncoder(model, {"object": vector[None]})
+    with pytest.raises(ValueError, match=r"shape \(1, 16\).*n × 32"):
+        ConceptTextEncoder(model, {"<c-x>": torch.zeros(1, 16)})
+
+
+def test_adp_detector_single_concept_is_p_clip_of_that_concept(tmp_path):
+    """One concept, no patch score: the score is 1 − P_CLIP(S_n(c) | x) with template-averaged text embeddings,
+    computed here through open_clip's own encode_text on a table holding the vector."""
+    from anomgen.encoders.clip import embed_images
+    from anomgen.encoders.clip_text import load_open_clip, save_concepts
+
+    vector = torch.randn(32, generator=torch.Generator().manual_seed(1))
+    path = save_concepts(tmp_path / "c.safetensors", {"<c-n>": vector[None]})
+    templates = ("a photo of {}.", "a close-up photo of {}.")
+    detector = adp.ADPDetector({"c_n": str(path)}, _tiny_clip_entry(), templates=templates, tau=0.05,
+                               patch_weight=0.0, device="cpu")
+    images = torch.rand(5, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    detector.fit([{"image": images[:2]}])
+    scores = detector.score([{"image": images[:3]}, {"image": images[3:]}])
+
+    model = load_open_clip(**_tiny_clip_entry())
+    states = []
+    for state in ("flawless zebra", "damaged zebra"):
+        feats = _substituted_text_features(model, {"zebra": vector}, [t.format(state) for t in templates])
+        states.append(feats.mean(0))
+    with torch.no_grad():
+        f = embed_images(model, images)
+    cos = torch.stack([torch.nn.functional.cosine_similarity(f, s[None], dim=-1) for s in states], dim=1)
+    expected = 1 - (cos / 0.05).softmax(dim=1)[:, 0]
+    assert torch.allclose(scores.float(), expected, atol=1e-5)
+    assert detector.weights == {"c_n": 1.0}
+
+
+def test_adp_detector_weights_concepts_by_eq5_and_adds_the_patch_score(tmp_path):
+    from anomgen.encoders.clip_text import save_concepts
+
+    gen = torch.Generator().manual_seed(3)
+    c_n = save_concepts(tmp_path / "cn.safetensors", {"<c-n>": torch.randn(2, 32, generator=gen)})
+    c_a = save_concepts(tmp_path / "ca.safetensors", {"<c-a>": torch.randn(1, 32, generator=gen)})
+    pseudo_images = torch.rand(3, 3, 32, 32, generator=gen)
+    pseudo_dir = tmp_path / "pseudo"
+    _write_set(pseudo_dir, pseudo_images)
+    shots = torch.rand(2, 3, 32, 32, generator=gen)
+    queries = torch.rand(4, 3, 32, 32, generator=gen)
+    entry = _tiny_clip_entry()
+    winclip = {"model_name": "anomgen-tiny-winclip", "pretrained": None,
+               "config": {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8,
+                                                         "head_width": 16},
+                          "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2,
+                                       "layers": 1}}}
+    torch.manual_seed(0)
+    detector = adp.ADPDetector({"c_n": str(c_n), "c_a": str(c_a)}, entry, pseudo_anomalies=str(pseudo_dir),
+                               label_word="metal_nut", tau=0.05, patch_weight=0.3, patch_clip=winclip, device="cpu")
+    detector.fit([{"image": shots}])
+    scores = detector.score([{"image": queries}])
+
+    # Eq. 5 and 6 recomputed from the detector's own text embeddings and CLIP image features
+    states = detector.state_embeddings()
+    assert set(states) == {"c_n", "c_a", "label"} and detector.placeholders["label"] == "metal nut"
+    pseudo = detector.image_features(_read_set_images(pseudo_dir))
+    f_shots = detector.image_features(shots)
+    for name, g in states.items():
+        p_shots = adp.state_probabilities(f_shots, g, 0.05)
+        p_pseudo = adp.state_probabilities(pseudo, g, 0.05)
+        assert detector.weights[name] == pytest.approx(float(p_shots[:, 0].mean() + p_pseudo[:, 1].mean()), abs=1e-5)
+    w = torch.tensor([detector.weights[n] for n in states])
+    p = sum(wi * g for wi, g in zip(w, states.values())) / w.sum()
+    adp_score = 1 - adp.state_probabilities(detector.image_features(queries), p, 0.05)[:, 0].double()
+    from anomgen.detectors.winclip import few_shot_patch_scores
+
+    patch = few_shot_patch_scores(detector.patch(queries), detector.patch(shots), detector.patch.windows,
+                                  detector.patch.grid_size).amax(dim=(-2, -1))
+    assert torch.allclose(scores, 0.7 * adp_score + 0.3 * patch.double(), atol=1e-5)
+    # a shot itself has patch score 0: its score is 0.7 × (1 − ADP)
+    own = detector.score([{"image": shots[:1]}])
+    assert float(own[0]) == pytest.approx(0.7 * (1 - float(adp.state_probabilities(f_shots[:1], p, 0.05)[0, 0])),
+                                          abs=1e-5)
+
+
+def test_adp_detector_refuses_what_it_cannot_use(tmp_path):
+    from anomgen.encoders.clip_text import save_concepts
+
+    wide = save_concepts(tmp_path / "wide.safetensors", {"<c-w>": torch.zeros(1, 1024)})
+    with pytest.raises(ValueError, match=r"wide\.safetensors.*1024.*32"):
+        adp.ADPDetector({"c": str(wide)}, _tiny_clip_entry(), patch_weight=0.0, device="cpu")
+    ok = save_concepts(tmp_path / "ok.safetensors", {"<c-o>": torch.zeros(1, 32)})
+    with pytest.raises(ValueError, match="needs pseudo_anomalies"):
+        adp.ADPDetector({"c": str(ok)}, _tiny_clip_entry(), label_word="bottle", patch_weight=0.0, device="cpu")
+    with pytest.raises(ValueError, match="call fit"):
+        adp.ADPDetector({"c": str(ok)}, _tiny_clip_entry(), patch_weight=0.0, device="cpu").score(
+            [{"image": torch.rand(1, 3, 32, 32)}])
+
+
+def _write_set(folder, images):
+    from anomgen.data.generation import GeneratedBatch
+    from anomgen.data.synthetic import write_set
+
+    n = len(images)
+    write_set(folder, GeneratedBatch(index=torch.arange(n), image=images, mask=None,
+                                     label=torch.ones(n, dtype=torch.long), generator="sdedit", category=["x"] * n,
+                                     defect_type=["sdedit"] * n, sources=[[f"/s/{i}.png"] for i in range(n)],
+                                     params=[{}] * n), {"generator": "sdedit"})
+
+
+def _read_set_images(folder):
+    from anomgen.data.synthetic import SyntheticSet
+
+    s = SyntheticSet(folder, image_size=(32, 32), labels=(1,))
+    return torch.stack([s[i]["image"] for i in range(len(s))])

@@ -52,6 +52,9 @@ def test_bad_placeholders_and_prompts_are_errors(base):
     stack = _fresh(base)
     with pytest.raises(ValueError, match="'cat</w>' is already a token of the tokenizer's vocabulary"):
         TextualInversion(stack.tokenizer, stack.text_encoder, "cat</w>")
+    # a plain word is a token too (CLIP's vocabulary spells it "object</w>"): every prompt with it would change
+    with pytest.raises(ValueError, match=r"'object' is already a token of the tokenizer's vocabulary \(id \d+\)"):
+        TextualInversion(stack.tokenizer, stack.text_encoder, "object")
     TextualInversion(stack.tokenizer, stack.text_encoder, "<obj>")
     with pytest.raises(ValueError, match="'<obj>' is already a token"):
         TextualInversion(stack.tokenizer, stack.text_encoder, "<obj>")
