@@ -10,11 +10,18 @@ the held-out normals (never the test split) against that set's anomalies. The ru
 (flat keys ``<source>/<detector>/<metric>``, e.g. ``test/knn_pixels/image_AUROC``,
 ``synthetic/knn_pixels/image_AUROC``), ``report.md``, ``report.json`` and ``run.json``; its path is the last line
 printed.
+
+A detector with anomaly maps (``score_maps``; WinCLIP's ``predict`` gives scores and maps in one pass) also gets pixel
+metrics on a test split with masks (MVTec AD, VisA): ``test/<detector>/pixel_AUROC``, ``pixel_AP``, ``pixel_F1Max``,
+``pixel_F1Max_threshold`` and ``pixel_AUPRO`` (FPR up to ``pixel_metrics.fpr_limit``, 0.3). They are binned over the
+detector's ``map_range`` (memory bounded, ``pixel_metrics``) or exact; without any anomalous pixel they are null in
+metrics.json with ``pixel_undefined`` saying why. Synthetic sets get image metrics only.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import warnings
@@ -65,6 +72,25 @@ def named_detectors(cfg: DictConfig) -> dict:
     return out
 
 
+def pixel_metrics_for(detector, dataset, cfg: DictConfig | None, name: str):
+    """A :class:`~anomgen.selection.PixelMetrics` for ``detector`` on ``dataset`` (the test split), or ``None`` when
+    the detector has no maps or the dataset no masks. ``cfg`` (``pixel_metrics``): ``num_thresholds`` (binned mode,
+    over ``score_range`` or else the detector's ``map_range``; exact mode when neither is known, or with null) and
+    ``fpr_limit``."""
+    from anomgen.selection import PixelMetrics, dataset_has_masks, has_anomaly_maps
+
+    if not has_anomaly_maps(detector) or dataset_has_masks(dataset) is False:
+        return None
+    cfg = cfg or {}
+    num_thresholds = cfg.get("num_thresholds")
+    score_range = cfg.get("score_range") or getattr(detector, "map_range", None)
+    if num_thresholds is None or score_range is None:
+        num_thresholds = score_range = None
+    else:
+        score_range = tuple(float(v) for v in score_range)
+    return PixelMetrics(num_thresholds, score_range, fpr_limit=cfg.get("fpr_limit", 0.3), name=name)
+
+
 def evaluate(cfg: DictConfig) -> tuple[dict, Path]:
     import lightning as L
 
@@ -85,9 +111,13 @@ def evaluate(cfg: DictConfig) -> tuple[dict, Path]:
     for name, detector_cfg in named_detectors(cfg).items():
         detector = hydra.utils.instantiate(detector_cfg)
         detector.fit(datamodule.support_dataloader())
-        real, per_class = image_metrics(*score_dataset(detector, datamodule.test_set, batch_size))
-        metrics.setdefault("test", {})[name] = real
+        pixels = pixel_metrics_for(detector, datamodule.test_set, cfg.get("pixel_metrics"), name)
+        real, per_class = image_metrics(*score_dataset(detector, datamodule.test_set, batch_size, pixels=pixels))
         report["detectors"][name] = {"target": detector_cfg.get("_target_"), "test_per_out_class": per_class}
+        if pixels is not None and (pixel := pixels.compute()):
+            real.update(pixel)
+            report["detectors"][name]["test_pixel_metrics"] = pixels.describe()
+        metrics.setdefault("test", {})[name] = real
         for set_name, (dataset, anomalies) in validation.items():
             synth, _ = image_metrics(*score_dataset(detector, dataset, batch_size))
             metrics.setdefault(set_name, {})[name] = {**synth, "num_anomalies": len(anomalies),
@@ -102,7 +132,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict, Path]:
     numbers = {k: v for k, v in json.loads(flat.read_text()).items() if isinstance(v, (int, float))}
     for logger in loggers:
         logger.log_hyperparams(used_config(cfg, ("task_name", "tags", "seed", "datamodule", "detector", "detectors",
-                                                 "synthetic_sets", "paths")))
+                                                 "synthetic_sets", "pixel_metrics", "paths")))
         logger.log_metrics(numbers)
         if hasattr(logger, "log_table"):
             rows = [[d, k, v] for d, r in report["detectors"].items()
@@ -115,13 +145,24 @@ def evaluate(cfg: DictConfig) -> tuple[dict, Path]:
     return metrics, run_dir
 
 
+#: the pixel metrics of the summary table (when a detector has them)
+PIXEL_TABLE_KEYS = ("pixel_AUROC", "pixel_AP", "pixel_F1Max", "pixel_AUPRO")
+
+
 def log_detector_table(logger, metrics: dict) -> None:
-    """The detectors side by side (one row each): image AUROC one-vs-rest, one-vs-one mean and closest, per source."""
+    """The detectors side by side (one row each): image AUROC one-vs-rest, one-vs-one mean and closest, per source;
+    then the test split's pixel metrics when a detector has them (empty cells for the others)."""
     keys = ("image_AUROC", "image_AUROC_one_vs_one_mean", "image_AUROC_one_vs_one_closest")
-    columns = ["detector", *(f"{source}/{k}" for source in metrics for k in keys)]
-    rows = [[name, *(metrics[source].get(name, {}).get(k) for source in metrics for k in keys)]
+    columns = [(source, k) for source in metrics for k in keys]
+    columns += [("test", k) for k in PIXEL_TABLE_KEYS if any(k in values for values in metrics["test"].values())]
+    rows = [[name, *(_finite(metrics[source].get(name, {}).get(k)) for source, k in columns)]
             for name in metrics["test"]]
-    logger.log_table(key="summary/auroc", columns=columns, data=rows)
+    logger.log_table(key="summary/auroc", columns=["detector", *(f"{s}/{k}" for s, k in columns)], data=rows)
+
+
+def _finite(value):
+    """NaN (an undefined metric) as None, an empty cell."""
+    return None if isinstance(value, float) and math.isnan(value) else value
 
 
 def evaluate_selection(cfg: DictConfig, run_dir: Path) -> tuple[dict, Path]:
@@ -281,12 +322,27 @@ def render_report(report: dict) -> str:
 
     def fmt(values: dict, key: str) -> str:
         value = values.get(key, "–")
+        if isinstance(value, float) and math.isnan(value):
+            return "undefined"
         return f"{value:.4f}" if isinstance(value, float) else str(value)
 
     keys = dict.fromkeys(k for by_name in report["metrics"].values() for values in by_name.values() for k in values
-                         if k != "closest_out_class")
+                         if k not in ("closest_out_class", "pixel_undefined"))
     for key in keys:
         lines.append(f"| {key} | " + " | ".join(fmt(report["metrics"][s][n], key) for s, n in columns) + " |")
+    for name, detector in report["detectors"].items():
+        pixel = detector.get("test_pixel_metrics")
+        if pixel:
+            how = (f"binned, {pixel['num_thresholds']:,} thresholds over {tuple(pixel['score_range'])}"
+                   if pixel["mode"] == "binned" else "exact")
+            resized = (f"; maps of {tuple(pixel['maps_resized_from'])} resized bilinearly to the masks' size"
+                       if pixel["maps_resized_from"] else "")
+            lines += ["", f"Pixel metrics of `{name}` (test): {pixel['num_images']} images, {pixel['num_masks']} with "
+                      f"a mask file, {pixel['num_anomalous_pixels']:,} of {pixel['num_pixels']:,} pixels anomalous; "
+                      f"{how}; AUPRO up to FPR {pixel['fpr_limit']}{resized}."]
+            undefined = report["metrics"]["test"][name].get("pixel_undefined")
+            if undefined:
+                lines.append(f"**Undefined**: {undefined}.")
     for name, detector in report["detectors"].items():
         lines += ["", f"## `{name}`: real AUROC per out-class", "",
                   f"Closest out-class (real): `{report['metrics']['test'][name].get('closest_out_class')}`", "",

@@ -176,6 +176,136 @@ def test_evaluate_rejects_an_incomplete_set(compose_config, tmp_path):
                                 run_dir=tmp_path / "e"))
 
 
+WINCLIP_MVTEC = ["datamodule=mvtec", "debug=tiny", "detector=winclip_plus", "datamodule.k_shot=2", "logger=csv"]
+
+
+def test_evaluate_writes_pixel_metrics_of_winclip_plus_on_mvtec(compose_config, tmp_path):
+    """`python evaluate.py '~experiment' datamodule=mvtec debug=tiny detector=winclip_plus datamodule.k_shot=2`: the
+    tiny MVTec layout has masks, so WinCLIP+ (maps from the same pass as its scores) gets pixel metrics, equal to
+    sklearn / the MVTec AUPRO reference on the maps of the same detector run again here."""
+    import hydra
+    import lightning as L
+    import numpy as np
+    import torch
+    from pyaupro import auc_compute
+    from pyaupro._reference import compute_pro
+    from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
+
+    from anomgen.metrics import auroc, average_precision
+    from evaluate import evaluate
+
+    cfg = compose_config("evaluate", WINCLIP_MVTEC, run_dir=tmp_path / "e")
+    _, run_dir = evaluate(cfg)
+    saved = json.loads((run_dir / "metrics.json").read_text())
+    prefix = "test/winclip_plus/"
+    keys = ("pixel_AUROC", "pixel_AP", "pixel_F1Max", "pixel_F1Max_threshold", "pixel_AUPRO")
+    assert all(0.0 <= saved[prefix + k] <= 1.0 for k in keys) and 0.0 <= saved[prefix + "image_AUROC"] <= 1.0
+    pixel = json.loads((run_dir / "report.json").read_text())["detectors"]["winclip_plus"]["test_pixel_metrics"]
+    assert pixel["mode"] == "binned" and pixel["score_range"] == [0.0, 1.0] and pixel["num_masks"] == 4
+    report = (run_dir / "report.md").read_text()
+    assert "| pixel_AUPRO |" in report and "Pixel metrics of `winclip_plus` (test)" in report
+
+    # the same detector (same seed, same order of construction as evaluate), its maps of the test split
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule = hydra.utils.instantiate(cfg.datamodule)
+    datamodule.setup("test")
+    detector = hydra.utils.instantiate(cfg.detector).fit(datamodule.support_dataloader())
+    scores, maps = detector.predict(datamodule.test_dataloader())
+    masks = torch.stack([r["mask"] for r in datamodule.test_set])
+    labels = torch.tensor([r["label"] for r in datamodule.test_set])
+    assert maps.shape == masks.shape and masks.sum() > 0
+    assert saved[prefix + "image_AUROC"] == pytest.approx(roc_auc_score(labels.numpy(), scores.numpy()), abs=1e-12)
+    # evaluate's figures are binned (K = 10,000 over WinCLIP's [0, 1]): the same as the binned functions on these maps
+    binned = {"num_thresholds": cfg.pixel_metrics.num_thresholds, "score_range": (0.0, 1.0)}
+    assert saved[prefix + "pixel_AUROC"] == pytest.approx(auroc(maps, masks, **binned), abs=1e-12)
+    assert saved[prefix + "pixel_AP"] == pytest.approx(average_precision(maps, masks, **binned), abs=1e-12)
+    # ... and within binning's 1e-3 of independent exact computations
+    y, s = masks.flatten().numpy().astype(int), maps.flatten().double().numpy()
+    precision, recall, _ = precision_recall_curve(y, s)
+    fpr, pro = compute_pro(list(maps.double().numpy()), list(masks.numpy().astype(np.int32)))
+    expected = {"pixel_AUROC": roc_auc_score(y, s), "pixel_AP": average_precision_score(y, s),
+                "pixel_F1Max": float(np.max(2 * precision * recall / np.maximum(precision + recall, 1e-12))),
+                "pixel_AUPRO": float(auc_compute(torch.from_numpy(fpr).double(), torch.from_numpy(pro).double(),
+                                                 limit=0.3))}
+    for key, value in expected.items():
+        assert saved[prefix + key] == pytest.approx(value, abs=1e-3), key
+
+
+def test_evaluate_skips_pixel_metrics_for_a_detector_without_maps(compose_config, tmp_path):
+    """kNN on raw pixels has no maps: on MVTec (a test split with masks) it gets the image keys only, as before."""
+    from evaluate import evaluate
+
+    cfg = compose_config("evaluate", ["datamodule=mvtec", "debug=tiny", "detector=knn_pixels", "logger=none"],
+                         run_dir=tmp_path / "e")
+    metrics, run_dir = evaluate(cfg)
+    saved = json.loads((run_dir / "metrics.json").read_text())
+    assert set(metrics["test"]["knn_pixels"]) == {
+        "image_AUROC", "image_AP", "image_F1Max", "image_F1Max_threshold", "image_AUROC_one_vs_one_mean",
+        "image_AUROC_one_vs_one_closest", "closest_out_class"}
+    assert not [k for k in saved if "pixel_" in k]
+    report = json.loads((run_dir / "report.json").read_text())
+    assert "test_pixel_metrics" not in report["detectors"]["knn_pixels"]
+    text = (run_dir / "report.md").read_text()
+    assert "pixel_" not in text and "Pixel metrics" not in text
+
+
+def test_evaluate_says_pixel_metrics_are_undefined_when_no_mask_has_an_anomalous_pixel(compose_config, tmp_path):
+    """The tiny MVTec layout with every mask file blanked: WinCLIP's pixel metrics are null in metrics.json, with the
+    reason, and "undefined" in report.md; its image metrics are unchanged."""
+    import numpy as np
+    from PIL import Image
+
+    from evaluate import evaluate
+
+    layout = tmp_path / "mvtec"
+    shutil.copytree(compose_config("evaluate", WINCLIP_MVTEC).paths.mvtec_dir, layout)
+    for mask in layout.glob("*/ground_truth/*/*_mask.png"):
+        Image.fromarray(np.zeros_like(np.asarray(Image.open(mask)))).save(mask)
+    cfg = compose_config("evaluate", ["datamodule=mvtec", "debug=tiny", "detector=winclip", "logger=none",
+                                      f"paths.mvtec_dir={layout}"], run_dir=tmp_path / "e")
+    with pytest.warns(UserWarning, match="no anomalous pixel"):
+        _, run_dir = evaluate(cfg)
+    saved = json.loads((run_dir / "metrics.json").read_text())
+    prefix = "test/winclip/"
+    assert all(saved[prefix + k] is None for k in ("pixel_AUROC", "pixel_AP", "pixel_F1Max", "pixel_AUPRO"))
+    assert "no anomalous pixel (mask 1)" in saved[prefix + "pixel_undefined"]
+    assert 0.0 <= saved[prefix + "image_AUROC"] <= 1.0
+    report = (run_dir / "report.md").read_text()
+    assert "| pixel_AUROC | undefined |" in report and "**Undefined**: no anomalous pixel" in report
+
+
+def test_evaluate_report_and_table_show_pixel_metrics_and_when_they_are_undefined():
+    from evaluate import log_detector_table, render_report
+
+    image = {"image_AUROC": 0.9, "image_AUROC_one_vs_one_mean": 0.9, "image_AUROC_one_vs_one_closest": 0.8}
+    undefined = "no anomalous pixel (mask 1) in the 6 test masks (4 from mask files): pixel_AUROC ... are undefined"
+    metrics = {"test": {"knn": dict(image), "winclip": {**image, "pixel_AUROC": float("nan"), "pixel_AP": float("nan"),
+                                                        "pixel_F1Max": float("nan"), "pixel_AUPRO": float("nan"),
+                                                        "pixel_undefined": undefined}}}
+    pixel = {"mode": "binned", "num_thresholds": 10000, "score_range": [0.0, 1.0], "fpr_limit": 0.3, "num_images": 6,
+             "num_masks": 4, "num_pixels": 1000, "num_anomalous_pixels": 0, "maps_resized_from": [7, 7]}
+    report = {"task": {"dataset": "MVTecAD", "protocol": "defects", "normal_class": None, "support_size": 2},
+              "synthetic_sets": {}, "metrics": metrics,
+              "detectors": {"knn": {"test_per_out_class": {}},
+                            "winclip": {"test_per_out_class": {}, "test_pixel_metrics": pixel}}}
+    text = render_report(report)
+    assert "| pixel_AUPRO | – | undefined |" in text and f"**Undefined**: {undefined}." in text
+    assert "maps of (7, 7) resized bilinearly" in text and "| pixel_undefined |" not in text
+
+    class Logger:
+        def log_table(self, key, columns, data):
+            self.table = (key, columns, data)
+
+    logger = Logger()
+    log_detector_table(logger, metrics)
+    key, columns, data = logger.table
+    assert columns[-4:] == ["test/pixel_AUROC", "test/pixel_AP", "test/pixel_F1Max", "test/pixel_AUPRO"]
+    assert data[0][-4:] == [None] * 4 and data[1][-4:] == [None] * 4  # no maps; undefined (NaN) as empty cells
+    log_detector_table(logger, {"test": {"knn": dict(image)}})
+    assert logger.table[1] == ["detector", "test/image_AUROC", "test/image_AUROC_one_vs_one_mean",
+                               "test/image_AUROC_one_vs_one_closest"]
+
+
 def _run(script: str, *overrides: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
     return subprocess.run([sys.executable, str(ROOT / script), *overrides], cwd=cwd, env=env, capture_output=True,

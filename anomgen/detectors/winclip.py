@@ -305,6 +305,10 @@ class WinCLIP:
     available) or a torch device. ``config``: an open_clip model config registered under ``model_name`` (tiny models).
     """
 
+    #: every score and map value lies in [0, 1] (probabilities, (1 − cos) / 2, their harmonic and arithmetic means;
+    #: bilinear upsampling stays inside the range): the ``score_range`` of binned pixel metrics (evaluate.py)
+    map_range = (0.0, 1.0)
+
     def __init__(self, class_name: str | None = None, model_name: str = "ViT-B-16-plus-240",
                  pretrained: str | None = "laion400m_e31", scales: Sequence[int] = SCALES, few_shot: bool = True,
                  temperature: float = TEMPERATURE, device: str | torch.device = "auto",

@@ -1,6 +1,14 @@
 """Scoring detectors on real and synthetic validation data; model and prompt selection."""
 
-from anomgen.selection.evaluation import image_metrics, score_dataset
+from anomgen.selection.evaluation import (
+    PIXEL_KEYS,
+    PixelMetrics,
+    dataset_has_masks,
+    has_anomaly_maps,
+    image_metrics,
+    score_dataset,
+    scores_and_maps,
+)
 from anomgen.selection.features import FeatureCache
 from anomgen.selection.model_selection import (
     REAL_KEYS,
@@ -18,13 +26,17 @@ from anomgen.selection.prompts import PromptPool, prompt_aurocs, rank_aurocs, re
 from anomgen.selection.report import plot_real_vs_synthetic, render_selection_markdown, write_selection_report
 
 __all__ = [
+    "PIXEL_KEYS",
     "REAL_KEYS",
     "Candidate",
     "FeatureCache",
+    "PixelMetrics",
     "PromptPool",
     "SelectionResult",
     "SelectionTask",
     "candidates_from_config",
+    "dataset_has_masks",
+    "has_anomaly_maps",
     "image_metrics",
     "k_lowest_auroc",
     "plot_real_vs_synthetic",
@@ -35,6 +47,7 @@ __all__ = [
     "render_selection_markdown",
     "score_dataset",
     "score_task",
+    "scores_and_maps",
     "select_models",
     "select_prompts",
     "summarize",
