@@ -228,3 +228,34 @@ def test_fitymi_classes_refreshes_its_block_from_the_results_file(tmp_path, monk
     assert _outside_blocks(text) == _outside_blocks(PAGE) and "| the old table |" not in text
     assert f"--results {results}" in text.replace(" \\\n    ", " ") and "--doc" not in text
     assert "| Dog | 50.0 (2.0×) | 0.500 / 0.500 | 0.500 / 0.500 | 0.500 / 0.500 |" in text
+
+
+def test_adp_table_grid_resumes_and_makes_both_tables(tmp_path, monkeypatch):
+    """adp_table.py: one row per (category, K, seed), combinations already in the results file skipped; Table 1 is
+    mean ± std over seeds per category and K with the mean over categories, Table 2 the K = 4 ablation; plumbing rows
+    are labelled as such. (Each real run is a whole pipeline: the tiny one is tested in tests/models/test_adp.py.)"""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import adp_table
+
+    made = []
+
+    def fake_run_one(experiment, category, k, seed, tiny, extra, work):
+        made.append((category, k, seed))
+        base = {"bottle": 0.9, "cable": 0.7}[category] + 0.01 * seed
+        return {"experiment": experiment, "category": category, "k": k, "seed": seed, "plumbing": tiny, "extra": extra,
+                "image_AUROC": {d: base + 0.001 * i for i, d in enumerate(("winclip_plus", "adp", "adp_l", "ti",
+                                                                             "c_n", "c_a"))}}
+
+    monkeypatch.setattr(adp_table, "run_one", fake_run_one)
+    results = tmp_path / "rows.jsonl"
+    adp_table.main(["--categories", "bottle", "--shots", "4", "--seeds", "0", "1", "--tiny", "--results",
+                    str(results)])
+    text = adp_table.main(["--categories", "bottle", "cable", "--shots", "4", "--seeds", "0", "1", "--tiny",
+                           "--results", str(results)])
+    assert made == [("bottle", 4, 0), ("bottle", 4, 1), ("cable", 4, 0), ("cable", 4, 1)]
+    assert text.startswith("**Plumbing, not results:**")
+    # bottle: WinCLIP+ 90.0 and 91.0 over the seeds -> 90.5 ± 0.7; the mean over categories (90.5 + 70.5) / 2
+    assert "| 4 | bottle | 2 | 90.5 ± 0.7 | 90.6 ± 0.7 | 90.7 ± 0.7 |" in text
+    assert "| 4 | **mean** | | 80.5 | 80.6 | 80.7 |" in text
+    assert "| 4 | paper | 88.6 | 95.9 | 95.2 | 96.0 |" in text   # the paper's Table 2 (MVTec)
+    assert len(results.read_text().splitlines()) == 4
