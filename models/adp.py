@@ -14,8 +14,9 @@ the full open_clip model (``pretrained.adp_clip``, the classifier g) through the
 Only the placeholder rows of the token table change (the rest is restored bit for bit after every step). At the end
 rank 0 writes the concept in diffusers' textual-inversion format to ``<run dir>/concept.safetensors``: the stage's
 ``concept`` output (``pipe.load_textual_inversion`` reads it; so do ``model=sdedit``'s ``concept`` and
-``detector=adp``). The stack and the CLIP stay out of the module's parameters and checkpoints: the trained rows are
-the product, written as that file. Steps: ``trainer.max_steps``.
+``detector=adp``). The UNet, the VAE and the CLIP stay out of the module's parameters and checkpoints: the trained
+rows are the product, written as that file. The text encoder, whose table is trained, is a submodule, so that DDP
+averages its gradient over the ranks. Steps: ``trainer.max_steps``.
 
 α, γ, τ, the learning rate and the step count are in a supplement we do not have: the defaults (configs/model/
 adp_concept.yaml) are diffusers' textual-inversion example (AdamW, lr 5e-4, weight decay 1e-2) and CLIP's own
@@ -85,6 +86,9 @@ class ADPConcept(LightningModule):
             self.concept = TextualInversion(self.stack.tokenizer, self.stack.text_encoder, hp.placeholder,
                                             hp.num_vectors, initializer)
         self.concept.freeze_text_encoder()
+        # the text encoder holds the trained token table: a submodule, so that DDP averages its gradient over the
+        # ranks (one concept, not one per rank); the UNet, VAE and classifier stay out of the module and checkpoints
+        self.text_encoder = self.stack.text_encoder
 
         datamodule = self.trainer.datamodule
         datamodule.setup("fit")
@@ -108,7 +112,7 @@ class ADPConcept(LightningModule):
                     for i in range(0, len(pseudo), 16)])
 
     def on_fit_start(self) -> None:
-        """The stack and the classifier are no submodules (their weights stay out of checkpoints): moved here."""
+        """The UNet, VAE and classifier are no submodules (their weights stay out of checkpoints): moved here."""
         for module in (*self.stack.modules().values(), self.classifier):
             module.to(self.device)
         self.support_features = self.support_features.to(self.device)
@@ -180,6 +184,11 @@ class ADPConcept(LightningModule):
 
     # -- the product -------------------------------------------------------------------------------------------
     def on_fit_end(self) -> None:
+        if self.trainer.world_size > 1:  # one concept for every rank: the table's gradient was averaged
+            vectors = self.all_gather(self.concept.learned_embeddings().to(self.device))
+            if not torch.allclose(vectors, vectors[:1].expand_as(vectors), atol=1e-6):
+                raise RuntimeError("the ranks learned different concept vectors: the text encoder's token table was "
+                                   "not synchronised by the strategy")
         if self.trainer.is_global_zero:
             path = self.concept.save(Path(self.trainer.default_root_dir) / "concept.safetensors")
             self.stage_outputs = {"concept": str(path.resolve())}

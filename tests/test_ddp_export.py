@@ -97,3 +97,24 @@ def test_baseline_noise_set_is_the_same_on_two_processes(tmp_path):
     assert read_manifest(ddp) == rows
     for row in rows:
         assert (single / row["image"]).read_bytes() == (ddp / row["image"]).read_bytes(), row["id"]
+
+
+def test_adp_concept_stage_learns_one_concept_on_two_processes(tmp_path):
+    """The concept stage under 2-process DDP: the token table's gradient is averaged over the ranks (the stage checks
+    that every rank ends with the same vectors, and fails otherwise), and rank 0 writes the one concept file."""
+    from anomgen.encoders.clip_text import load_concepts
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    run = tmp_path / "run"
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), f"paths.log_dir={tmp_path / 'logs'}", "logger=none", "~experiment",
+         "model=adp_concept", "datamodule=mvtec", "debug=tiny", "callbacks=none", "trainer=ddp",
+         "trainer.accelerator=cpu", "trainer.devices=2", "trainer.max_epochs=-1", "+trainer.max_steps=3",
+         "trainer.limit_train_batches=1.0", "trainer.enable_checkpointing=false",
+         "datamodule.k_shot=2", "datamodule.validation=none", "datamodule.train_repeats=4", "datamodule.batch_size=2",
+         "datamodule.dataset.image_size=32", f"hydra.run.dir={run}"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-4000:]
+    record = json.loads((run / "run.json").read_text())
+    assert list(load_concepts(record["outputs"]["concept"])) == ["<adp-n>"]
