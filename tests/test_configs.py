@@ -40,9 +40,16 @@ def test_every_datamodule_instantiates_and_sets_up(compose_config, option):
 
 
 @pytest.mark.parametrize("group", ["model", "detector"])
-def test_every_model_and_detector_instantiates(compose_config, group):
+def test_every_model_and_detector_instantiates(compose_config, group, tmp_path):
+    import torch
+
+    from anomgen.encoders.clip_text import save_concepts
+
+    # what a config cannot hold by itself: the files an earlier stage writes (ADP's concepts, at the tiny CLIP width)
+    concept = save_concepts(tmp_path / "concept.safetensors", {"<c-n>": torch.zeros(1, 32)})
+    needs = {("detector", "adp"): [f"+detector.concepts.c_n='{concept}'"]}
     for option in config_options(group):
-        cfg = compose_config("train", [f"{group}={option}", "debug=tiny"])
+        cfg = compose_config("train", [f"{group}={option}", "debug=tiny", *needs.get((group, option), [])])
         obj = hydra.utils.instantiate(cfg[group])
         assert obj is not None
 
