@@ -42,7 +42,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from anomgen.files import write_atomic, write_json
-from anomgen.runtime import tiny_layout
+from anomgen.runtime import texture_task, tiny_layout
 
 RUN_RECORD = "run.json"
 PIPELINE_RECORD = "pipeline.json"
@@ -288,7 +288,7 @@ def resolve_override(text: str, cfg: DictConfig) -> str:
 
 
 def register_resolvers() -> None:
-    """``${output:...}`` (above) and ``${tiny_layout:...}`` (:func:`anomgen.runtime.tiny_layout`)."""
-    for name, fn in (("output", output_resolver), ("tiny_layout", tiny_layout)):
+    """``${output:...}`` (above), ``${tiny_layout:...}`` and ``${texture_task:...}`` (:mod:`anomgen.runtime`)."""
+    for name, fn in (("output", output_resolver), ("tiny_layout", tiny_layout), ("texture_task", texture_task)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)

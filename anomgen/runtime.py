@@ -4,6 +4,8 @@ Resolvers (registered by :func:`anomgen.pipeline.register_resolvers`, which the 
 
 - ``${tiny_layout:NAME,DIR}``: write (once) a tiny copy of dataset layout NAME under DIR and return its root; the
   ``debug=tiny`` profile points every dataset path at one.
+- ``${texture_task:DIR}``: write (once) the real-texture task of :mod:`anomgen.data.textures` (default settings) at
+  DIR and return it; ``paths.textures_dir`` defaults to one in the cache folder.
 - ``${output:KEY}``: an output of an earlier stage or run (:mod:`anomgen.pipeline`).
 """
 
@@ -21,6 +23,12 @@ def tiny_layout(name: str, directory: str) -> str:
     from anomgen.data import layouts
 
     return layouts.tiny_layout(name, Path(directory) / name)  # written atomically, reused once finished
+
+
+def texture_task(directory: str) -> str:
+    from anomgen.data.textures import write_texture_task
+
+    return write_texture_task(directory)  # written atomically, reused once finished (same settings)
 
 
 def flatten(metrics: Mapping, prefix: str = "", sep: str = "/") -> dict:

@@ -14,6 +14,7 @@ from anomgen.data.folder import Folder
 from anomgen.data.layouts import tiny_layout
 from anomgen.data.mvtec import MVTecAD, MVTecLayout
 from anomgen.data.record import RECORD_KEYS, Entry, make_record
+from anomgen.data.textures import write_texture_task
 from anomgen.data.visa import VisA
 
 __all__ = [
@@ -35,4 +36,5 @@ __all__ = [
     "read_image",
     "read_mask",
     "tiny_layout",
+    "write_texture_task",
 ]

@@ -8,7 +8,7 @@ A task never copies pixels: it is a :class:`TaskView` over a parsed dataset, a l
   "closest" out-class is the one where a detector does worst (:func:`closest_out_class`, chosen from scores).
 - Defect sets (MVTec AD, VisA, Folder): one category, its defect types are the out-classes (:func:`per_defect_type`).
 - Support sets: ``k_shot`` (K normals drawn by seed), ``split_support`` (style / content / held-out normals),
-  ``anomalydiffusion_split`` (first third of each defect type, by id, for training).
+  ``anomalydiffusion_split`` (first ⌊n/3⌋ of each defect type, by id, train; the rest test: disjoint).
 """
 
 from __future__ import annotations
@@ -169,16 +169,29 @@ def split_support(dataset, n_style: int, n_content: int, seed: int = 0) -> tuple
 
 
 def anomalydiffusion_split(dataset, train_fraction: float = 1 / 3) -> tuple[TaskView, TaskView]:
-    """AnomalyDiffusion's split of a defect set's anomalies: per defect type, the first third by id trains.
+    """AnomalyDiffusion's split of a defect set's anomalies, made disjoint: per defect type, the files sorted by id
+    (their paths: MVTec's zero-padded ``000.png`` ...), the first ``⌊n · train_fraction⌋`` train the generator and
+    the rest are test anomalies. The reference code puts image ``⌊n/3⌋`` on both sides; here no image is on both.
 
-    Ids are the image paths, sorted; normals are not part of this split (they go to neither side).
+    Normals are not part of this split (they go to neither side; every good test image stays a test image). A
+    defect type with too few anomalies for a disjoint split (nothing to train on, or nothing left to test: fewer
+    than 3 at one third) is a :class:`DatasetError` naming the type and its count.
     """
+    if not 0.0 < train_fraction < 1.0:
+        raise DatasetError(f"anomalydiffusion_split: train_fraction must be in (0, 1), got {train_fraction}")
     entries = _entries(dataset)
     train, test = [], []
     for d in dict.fromkeys(e.defect_type for e in entries if e.label == ANOMALOUS):
         idx = sorted((i for i, e in enumerate(entries) if e.label == ANOMALOUS and e.defect_type == d),
                      key=lambda i: entries[i].image_path)
-        n_train = int(np.ceil(len(idx) * train_fraction))
+        n_train = int(np.floor(len(idx) * train_fraction + 1e-9))  # ⌊n/3⌋, immune to 1/3's rounding
+        if n_train < 1 or n_train >= len(idx):
+            need = int(np.ceil(1 / train_fraction - 1e-9))
+            raise DatasetError(
+                f"anomalydiffusion_split: defect type {d!r} has {len(idx)} anomalous image(s); a disjoint split with "
+                f"train_fraction {train_fraction:.4g} gives {n_train} to train and {len(idx) - n_train} to test. "
+                f"It needs at least {need} images of each defect type (at least one on each side)"
+            )
         train += idx[:n_train]
         test += idx[n_train:]
     return (TaskView(dataset, train, name="anomalydiffusion-train"),

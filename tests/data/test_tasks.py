@@ -106,21 +106,31 @@ def test_per_defect_type_on_mvtec(mvtec_test):
 
 
 def test_anomalydiffusion_split_first_third_by_id(tmp_path):
-    root = layouts.write_mvtec(tmp_path, defects=("hole", "scratch"), n_per_defect=6, size=16)
+    root = layouts.write_mvtec(tmp_path, defects=("hole", "scratch"), n_per_defect=7, size=16)
     ds = MVTecAD(root, split="test")
     train, test = anomalydiffusion_split(ds)
     for view in (train, test):
         assert all(e.label == 1 for e in view.entries)  # normals go to neither side
     names = lambda view, d: sorted(Path(e.image_path).name for e in view.entries if e.defect_type == d)  # noqa: E731
-    for defect in ("hole", "scratch"):
+    for defect in ("hole", "scratch"):  # ⌊7/3⌋ = 2 train; the reference code's overlap image (002) only tests
         assert names(train, defect) == ["000.png", "001.png"]
-        assert names(test, defect) == ["002.png", "003.png", "004.png", "005.png"]
+        assert names(test, defect) == ["002.png", "003.png", "004.png", "005.png", "006.png"]
     assert set(train.indices).isdisjoint(test.indices)
     assert sorted(train.indices + test.indices) == [i for i, e in enumerate(ds.entries) if e.label == 1]
-    # a third of 4 rounds up: the training side is never empty for a defect type with images
-    root4 = layouts.write_mvtec(tmp_path / "four", defects=("hole",), n_per_defect=4, size=16)
-    train4, test4 = anomalydiffusion_split(MVTecAD(root4, split="test"))
-    assert len(train4) == 2 and len(test4) == 2
+    for n, n_train in ((3, 1), (5, 1), (6, 2), (9, 3)):  # ⌊n/3⌋ exactly, also where n/3 is a whole number
+        root_n = layouts.write_mvtec(tmp_path / f"n{n}", defects=("hole",), n_per_defect=n, size=16)
+        train_n, test_n = anomalydiffusion_split(MVTecAD(root_n, split="test"))
+        assert (len(train_n), len(test_n)) == (n_train, n - n_train)
+
+
+def test_anomalydiffusion_split_too_few_anomalies_is_one_clear_error(tmp_path):
+    root = layouts.write_mvtec(tmp_path, defects=("crack", "hole"), n_per_defect=3, size=16)
+    (Path(root) / "bottle" / "test" / "hole" / "002.png").unlink()  # hole: 2 images, ⌊2/3⌋ = 0 to train
+    with pytest.raises(DatasetError, match=r"defect type 'hole' has 2 anomalous image\(s\).* 0 to train and 2 to "
+                                           r"test.* at least 3"):
+        anomalydiffusion_split(MVTecAD(root, split="test"))
+    with pytest.raises(DatasetError, match="train_fraction must be in"):
+        anomalydiffusion_split(MVTecAD(root, split="test"), train_fraction=1.0)
 
 
 # -- support sets ------------------------------------------------------------------------------------------------------
