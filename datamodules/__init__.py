@@ -2,5 +2,6 @@
 
 from datamodules.anomaly import AnomalyDataModule
 from datamodules.classification import ClassificationDataModule
+from datamodules.localizer import LocalizerDataModule
 
-__all__ = ["AnomalyDataModule", "ClassificationDataModule"]
+__all__ = ["AnomalyDataModule", "ClassificationDataModule", "LocalizerDataModule"]

@@ -104,6 +104,10 @@ def _check_pipeline_run(cfg, metrics: dict, run_dir: Path) -> None:
         for name in ("knn_pixels", "backbone_without_oe", "backbone_with_oe"):
             assert 0.0 <= metrics[f"evaluate/test/{name}/image_AUROC"] <= 1.0
             assert 0.0 <= metrics[f"evaluate/synthetic/{name}/image_AUROC"] <= 1.0
+    elif "localizer" in cfg.pipeline:  # the U-Net localizer: its weights file, then pixel and image metrics
+        assert Path(record["outputs"]["localizer.checkpoint"]) == run_dir / "localizer" / "localizer.pt"
+        for key in ("pixel_AUROC", "pixel_AP", "pixel_F1Max", "pixel_AUPRO", "image_AUROC", "image_AP"):
+            assert 0.0 <= metrics[f"evaluate/test/unet_localizer/{key}"] <= 1.0
     else:
         sets = list(cfg.selection.sets)  # one foreach stage per set: a run per task, each with its set
         for name in sets:

@@ -1,5 +1,5 @@
-"""Anomaly detectors: kNN feature bank, CLIP zero-shot, WinCLIP / WinCLIP+, SSDO; the PCA post-transform of their
-features and the squashing scaler that turns scores into probabilities.
+"""Anomaly detectors: kNN feature bank, CLIP zero-shot, WinCLIP / WinCLIP+, SSDO, the U-Net localizer; the PCA
+post-transform of their features and the squashing scaler that turns scores into probabilities.
 
 The feature extractors they use live in :mod:`anomgen.encoders`.
 """
@@ -7,6 +7,7 @@ The feature extractors they use live in :mod:`anomgen.encoders`.
 from anomgen.detectors.clip_zero_shot import CLIPZeroShot
 from anomgen.detectors.knn import KNNScorer
 from anomgen.detectors.knn_detector import KNNDetector
+from anomgen.detectors.localizer import UNetLocalizer
 from anomgen.detectors.pca import PCAReducer
 from anomgen.detectors.squashing import SquashingScaler
 from anomgen.detectors.ssdo import SSDO
@@ -19,5 +20,6 @@ __all__ = [
     "KNNScorer",
     "PCAReducer",
     "SquashingScaler",
+    "UNetLocalizer",
     "WinCLIP",
 ]
