@@ -20,8 +20,13 @@ ALL_EXPERIMENTS = sorted(p.stem for p in (ROOT / "configs" / "experiment").glob(
 
 
 def _is_pipeline(name: str) -> bool:
+    """The experiment, or a shared part it takes (``- /fitymi: small``), defines ``pipeline:``."""
+    import re
+
     text = (ROOT / "configs" / "experiment" / f"{name}.yaml").read_text()
-    return "\npipeline:" in text or "- /fitymi:" in text or "- /selection:" in text
+    parts = [ROOT / "configs" / group / f"{option}.yaml" for group, option in
+             re.findall(r"^\s*- /(\w+): (\w+)\s*$", text, re.M)]
+    return any("\npipeline:" in t for t in [text, *(p.read_text() for p in parts if p.is_file())])
 
 
 PIPELINES = [e for e in ALL_EXPERIMENTS if _is_pipeline(e)]
@@ -75,7 +80,15 @@ def fitymi_digits_run(tmp_path_factory, tiny_cache, compose_run):
     return cfg, metrics, run_dir
 
 
-@pytest.mark.parametrize("experiment", [e for e in PIPELINES if e != "fitymi_digits"])
+#: pipelines run end to end by a test of their own (with more checks): not run a second time here
+OWN_END_TO_END_TEST = {
+    "fitymi_digits": "the shared fitymi_digits_run below",
+    "adp_mvtec": "tests/models/test_adp.py::test_adp_pipeline_runs_every_stage_offline",
+    "localizer_mvtec": "tests/models/test_unet_localizer.py::test_localizer_experiment_end_to_end",
+}
+
+
+@pytest.mark.parametrize("experiment", [e for e in PIPELINES if e not in OWN_END_TO_END_TEST])
 def test_every_pipeline_runs_fast_dev_run(compose_config, tmp_path, experiment):
     from train import train
 
@@ -104,6 +117,11 @@ def _check_pipeline_run(cfg, metrics: dict, run_dir: Path) -> None:
         for name in ("knn_pixels", "backbone_without_oe", "backbone_with_oe"):
             assert 0.0 <= metrics[f"evaluate/test/{name}/image_AUROC"] <= 1.0
             assert 0.0 <= metrics[f"evaluate/synthetic/{name}/image_AUROC"] <= 1.0
+    elif "cn" in cfg.pipeline:  # ADP: the concept files, then image AUROC of every detector
+        for stage in ("ti", "cn", "ca"):
+            assert Path(record["outputs"][f"{stage}.concept"]).is_file()
+        for name in ("winclip_plus", "ti", "c_n", "c_a", "adp", "adp_l"):
+            assert 0.0 <= metrics[f"evaluate/test/{name}/image_AUROC"] <= 1.0
     elif "localizer" in cfg.pipeline:  # the U-Net localizer: its weights file, then pixel and image metrics
         assert Path(record["outputs"]["localizer.checkpoint"]) == run_dir / "localizer" / "localizer.pt"
         for key in ("pixel_AUROC", "pixel_AP", "pixel_F1Max", "pixel_AUPRO", "image_AUROC", "image_AP"):
