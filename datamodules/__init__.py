@@ -2,5 +2,6 @@
 
 from datamodules.anomaly import AnomalyDataModule
 from datamodules.classification import ClassificationDataModule
+from datamodules.defect_types import DefectTypeDataModule
 
-__all__ = ["AnomalyDataModule", "ClassificationDataModule"]
+__all__ = ["AnomalyDataModule", "ClassificationDataModule", "DefectTypeDataModule"]
