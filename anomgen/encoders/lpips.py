@@ -2,17 +2,18 @@
 
 LPIPS is an ImageNet backbone (AlexNet, VGG-16 or SqueezeNet 1.1) whose unit-normalised activations are compared
 through learned 1×1 linear layers. The linear layers ship inside both implementations offered here; the backbone's
-ImageNet weights do not, and here they are never downloaded by the implementation itself:
+ImageNet weights do not, and the implementations' own download is never used:
 
 - ``backend="torchmetrics"``: the network of torchmetrics' ``LearnedPerceptualImagePatchSimilarity`` (its
   ``_NoTrainLpips``, a vendored copy of the reference code);
 - ``backend="lpips"``: the reference ``lpips`` package (``pip install lpips``), ``version="0.1"``.
 
-Either is built with a random backbone, then the backbone's torchvision weights are loaded into it from the local file
-that :func:`anomgen.pretrained.torchvision_weights` finds (``alexnet`` / ``vgg16`` / ``squeezenet1_1``
-``IMAGENET1K_V1``, a file path, or ``None`` for a random backbone, which is not LPIPS: for tests only). Offline and
-missing, that is one :class:`~anomgen.errors.PretrainedNotFoundError` naming the file, where to put it, and that any
-other distance module can be given to the metric instead.
+Either is built with a random backbone, then the backbone's torchvision weights are loaded into it from the file that
+:func:`anomgen.pretrained.torchvision_weights` finds (``alexnet`` / ``vgg16`` / ``squeezenet1_1`` ``IMAGENET1K_V1`` in
+``$ANOMGEN_PRETRAINED_DIR/`` or torch's hub cache, fetched into that cache only when not offline; a file path; or
+``None`` for a random backbone, which is not LPIPS: for tests only). Offline and missing, that is one
+:class:`~anomgen.errors.PretrainedNotFoundError` naming the file, where to put it, and that any other distance module
+can be given to the metric instead.
 """
 
 from __future__ import annotations
@@ -109,8 +110,8 @@ class LPIPSDistance(nn.Module):
             except PretrainedNotFoundError as err:
                 how = str(err).replace("as `pretrained`", "as LPIPSDistance(backbone=...)")
                 raise PretrainedNotFoundError(
-                    f"LPIPS (net={net!r}) needs its backbone's ImageNet weights ({arch}); none are local and none are "
-                    f"downloaded here. {how} Or give the metric another distance module (any nn.Module mapping two "
+                    f"LPIPS (net={net!r}) needs its backbone's ImageNet weights ({arch}). {how} Or give the metric "
+                    "another distance module (any nn.Module mapping two "
                     "B×3×H×W [0, 1] batches to B distances), e.g. anomgen.encoders.LPIPSDistance(backbone=None) for a "
                     "random-backbone stand-in in tests.") from None
         self.model = _build(backend, net)

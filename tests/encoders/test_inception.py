@@ -59,7 +59,7 @@ def test_inception_features_from_local_weights(random_inception_weights, no_loca
     assert not extractor.training
 
 
-def test_inception_logits_are_the_inception_score_classifier(random_inception_weights, no_local_weights):
+def test_inception_logits_are_the_inception_score_classifier(random_inception_weights, no_local_weights, one_thread):
     from anomgen.metrics import InceptionScore
 
     classifier = InceptionFeatures(random_inception_weights, feature="logits_unbiased")
