@@ -5,10 +5,10 @@
     python train.py experiment=noise_patch_digits
     python train.py experiment=fitymi_digits hydra.run.dir=logs/train/runs/<time>   # resume: finished stages skip
 
-A stage is one model, one datamodule, one Trainer: fit (when the model trains), then predict + export (when it
-generates). It records its outputs (checkpoint, synthetic set, backbone file ...) in ``<run>/run.json``. An
-experiment with a ``pipeline:`` runs its stages in order, each in ``<run>/<stage>``, a ``foreach`` stage once per value
-in ``<run>/<stage>/<value>`` (see :mod:`anomgen.pipeline`).
+A stage is one model, one datamodule, one Trainer: fit (when the model trains; then test, when it has
+``tests_after_fit``), then predict + export (when it generates). It records its outputs (checkpoint, synthetic set,
+backbone file ...) in ``<run>/run.json``. An experiment with a ``pipeline:`` runs its stages in order, each in
+``<run>/<stage>``, a ``foreach`` stage once per value in ``<run>/<stage>/<value>`` (see :mod:`anomgen.pipeline`).
 The run folder is the last line printed.
 """
 
@@ -87,6 +87,11 @@ def run_stage(cfg: DictConfig) -> tuple[dict, Path, bool]:
         metrics.update({k: v for k, v in trainer.callback_metrics.items()})
         checkpoint = getattr(trainer.checkpoint_callback, "last_model_path", None)
         outputs["checkpoint"] = str(Path(checkpoint).resolve()) if checkpoint and Path(checkpoint).is_file() else None
+        if getattr(model, "tests_after_fit", False):
+            # the model's own test, on the weights it selected while fitting (e.g. the defect-type classifier on the
+            # real held-out anomalies; it selected on held-out generated ones, never on the test split)
+            trainer.test(model, datamodule=datamodule, verbose=False)
+            metrics.update({k: v for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
     if generates:
         export.set_info.update(config=config, task=datamodule.describe(), code_version=version)
         # without fitting, ckpt_path says which weights generate (e.g. export again from a finished run)

@@ -272,13 +272,14 @@ def inception_weights(path: str | os.PathLike | None = None) -> Path:
         if candidate.is_file():
             return candidate
     raise PretrainedNotFoundError(
-        "Inception weights for FID/KID are unavailable offline: no "
+        "Inception weights for FID/KID/IS are unavailable offline: no "
         f"{INCEPTION_WEIGHTS_FILE} at {', '.join(str(c) for c in candidates)} (nothing is downloaded). Either supply "
         f"the file (torch-fidelity's Inception-v3, {INCEPTION_WEIGHTS_URL}) by copying it to ${ENV_DIR}/ or "
         f"{Path(torch.hub.get_dir()) / 'checkpoints'}/ or passing its path as "
         "`anomgen.encoders.InceptionFeatures(weights=...)`, or give FID/KID another feature extractor: "
         "`FID(feature_extractor=anomgen.encoders.RawPixels())` for small images (8×8 digits, 28×28 silhouettes), or "
-        "any nn.Module mapping [0, 1] images B×3×H×W to features B×D (e.g. anomgen.encoders.OpenCLIPImageEncoder)."
+        "any nn.Module mapping [0, 1] images B×3×H×W to features B×D (e.g. anomgen.encoders.OpenCLIPImageEncoder); "
+        "for the Inception Score, `InceptionScore(classifier=...)` with any nn.Module giving class logits B×C."
     )
 
 

@@ -7,7 +7,10 @@
 - :mod:`~anomgen.encoders.clip`: :class:`OpenCLIPImageEncoder` (CLIP, SigLIP image and text embeddings);
 - :mod:`~anomgen.encoders.clip_text`: the CLIP text side shared with the text-to-image stack (offline
   ``CLIPTokenizer``, the SD 2.x text-encoder conversion, embedding injection, end-token pooling, concept files);
-- :mod:`~anomgen.encoders.inception`: :class:`InceptionFeatures` (torch-fidelity's FID Inception-v3);
+- :mod:`~anomgen.encoders.inception`: :class:`InceptionFeatures` (torch-fidelity's FID Inception-v3; its logits are
+  the Inception Score's classifier);
+- :mod:`~anomgen.encoders.lpips`: :class:`LPIPSDistance` (LPIPS between paired images, for IC-LPIPS; torchmetrics'
+  or the ``lpips`` package's network with local backbone weights);
 - :mod:`~anomgen.encoders.vit`: the FITYMI :class:`ViTBackbone` (:func:`build_vit`, save / load) and
   :class:`BackboneFeatures`, the feature extractor that reads a saved backbone;
 - :mod:`~anomgen.encoders.base`: :func:`extract_features` runs any encoder over record batches.
@@ -19,6 +22,7 @@ from anomgen.encoders.base import extract_features
 from anomgen.encoders.clip import OpenCLIPImageEncoder
 from anomgen.encoders.handcrafted import HOGFeatures, RandomConvFeatures
 from anomgen.encoders.inception import InceptionFeatures
+from anomgen.encoders.lpips import LPIPSDistance
 from anomgen.encoders.raw import DownsampledPixels, RawPixels, raw_pixels
 from anomgen.encoders.torchvision_features import TorchvisionFeatures
 from anomgen.encoders.vit import BackboneFeatures, ViTBackbone, build_vit, load_backbone, save_backbone
@@ -28,6 +32,7 @@ __all__ = [
     "DownsampledPixels",
     "HOGFeatures",
     "InceptionFeatures",
+    "LPIPSDistance",
     "OpenCLIPImageEncoder",
     "RandomConvFeatures",
     "RawPixels",

@@ -1,4 +1,5 @@
-"""torch-fidelity's FID Inception-v3 as a feature extractor (the standard FID / KID feature space).
+"""torch-fidelity's FID Inception-v3 as a feature extractor (the standard FID / KID feature space) and as the
+Inception Score's classifier (its logits).
 
 Its weights are used only when they are already on this machine: :func:`anomgen.pretrained.inception_weights` finds
 the file (nothing is downloaded); this module builds the network.
@@ -13,7 +14,9 @@ from torch import nn
 
 from anomgen.pretrained import inception_weights
 
-INCEPTION_FEATURES = ("64", "192", "768", "2048")
+INCEPTION_FEATURES = ("64", "192", "768", "2048", "logits_unbiased", "logits")
+#: the width of each feature layer (the logits are 1008 wide: ImageNet's 1000 classes and 8 unused ones)
+INCEPTION_WIDTHS = {"64": 64, "192": 192, "768": 768, "2048": 2048, "logits_unbiased": 1008, "logits": 1008}
 
 
 class InceptionFeatures(nn.Module):
@@ -21,8 +24,10 @@ class InceptionFeatures(nn.Module):
 
     Images are rounded to 8-bit values (the network's expected input; one grey channel is repeated to three) and
     resized to 299×299 inside the network. ``feature`` picks the layer: "2048" (the standard FID pool features), "768",
-    "192" or "64". The weights come from :func:`anomgen.pretrained.inception_weights` (local only); the file is first
-    read with ``weights_only=True``, so a file that holds anything but tensors is refused.
+    "192" or "64", or the class logits for the Inception Score: "logits_unbiased" (what torch-fidelity and
+    torchmetrics compute IS from) or "logits" (with the bias), 1008 wide. The weights come from
+    :func:`anomgen.pretrained.inception_weights` (local only); the file is first read with ``weights_only=True``, so a
+    file that holds anything but tensors is refused.
     """
 
     def __init__(self, weights: str | os.PathLike | None = None, feature: str | int = "2048") -> None:
@@ -42,7 +47,7 @@ class InceptionFeatures(nn.Module):
         self.model = FeatureExtractorInceptionV3("inception-v3-compat", [feature],
                                                  feature_extractor_weights_path=str(path))
         self.model.eval()
-        self.num_features = int(feature)
+        self.num_features = INCEPTION_WIDTHS[feature]
         self.weights_path = path
 
     def train(self, mode: bool = True) -> InceptionFeatures:
@@ -59,4 +64,4 @@ class InceptionFeatures(nn.Module):
         return self.model(images)[0].reshape(images.shape[0], -1)
 
 
-__all__ = ["INCEPTION_FEATURES", "InceptionFeatures"]
+__all__ = ["INCEPTION_FEATURES", "INCEPTION_WIDTHS", "InceptionFeatures"]

@@ -5,8 +5,9 @@ torchmetrics classes are re-exported here, with :func:`anomaly_metrics` to build
 (``image_AUROC``, ``pixel_AUPRO``, ...). Every metric has an exact mode (default) and a binned, memory-bounded
 mode (``num_thresholds=K`` with ``score_range=(lo, hi)``).
 
-Generation quality (FID, KID, density and coverage of a generated set, in any feature space) lives in
-:mod:`anomgen.metrics.generation` and is re-exported here too.
+Generation quality (FID, KID, density and coverage of a generated set, in any feature space; Inception Score and
+IC-LPIPS, with :func:`generation_metrics` over a synthetic set folder) lives in :mod:`anomgen.metrics.generation` and
+is re-exported here too.
 """
 
 from anomgen.metrics.classification import AUROC, AveragePrecision, F1Max, F1MaxThreshold
@@ -23,11 +24,16 @@ from anomgen.metrics.functional import (
 from anomgen.metrics.generation import (
     FID,
     KID,
+    ClusterDiversity,
     DensityCoverage,
+    InceptionScore,
     density_coverage,
     feature_statistics,
     fid_from_features,
     frechet_distance,
+    generation_metrics,
+    ic_lpips,
+    inception_score_from_logits,
     kid_from_features,
 )
 from anomgen.metrics.localization import AUPRO
@@ -40,9 +46,11 @@ __all__ = [
     "KID",
     "METRICS",
     "AveragePrecision",
+    "ClusterDiversity",
     "DensityCoverage",
     "F1Max",
     "F1MaxThreshold",
+    "InceptionScore",
     "MissingClassError",
     "anomaly_metrics",
     "aupro",
@@ -53,6 +61,9 @@ __all__ = [
     "feature_statistics",
     "fid_from_features",
     "frechet_distance",
+    "generation_metrics",
+    "ic_lpips",
+    "inception_score_from_logits",
     "kid_from_features",
     "pro_curve",
 ]

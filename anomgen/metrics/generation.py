@@ -1,20 +1,29 @@
-"""Quality of a generated set against real images: FID, KID, density and coverage.
+"""Quality of a generated set: FID, KID, density and coverage against real images; Inception Score and IC-LPIPS.
 
 FITYMI stops training its score model early, when the FID of generated samples against the normal training images
 reaches a target (about 40 at low resolution, about 200 at high resolution); it reports the density and coverage
-(Naeem et al. 2020, k = 5) and the FID of the sets it generates. Everything here works in a feature space given by any
-``nn.Module`` that maps [0, 1] images (B × 3 × H × W) to features (B × D):
+(Naeem et al. 2020, k = 5) and the FID of the sets it generates. AnomalyDiffusion reports the Inception Score of its
+generated anomalies and their IC-LPIPS (diversity around the training anomalies). Everything here works with a network
+given as an ``nn.Module``; the metrics never build one themselves (encoders and metrics are sibling packages: neither
+imports the other):
 
-- :class:`anomgen.encoders.InceptionFeatures` (the standard FID feature space, from local torch-fidelity weights);
-- any other module, e.g. :class:`anomgen.encoders.RawPixels` for tiny images (8×8 digits, 28×28 silhouettes) or an
-  :class:`anomgen.encoders.OpenCLIPImageEncoder`.
+- a feature space, [0, 1] images (B × 3 × H × W) -> features (B × D), for FID / KID / density and coverage:
+  :class:`anomgen.encoders.InceptionFeatures` (the standard FID features, from local torch-fidelity weights), or
+  any other module, e.g. :class:`anomgen.encoders.RawPixels` for tiny images (8×8 digits, 28×28 silhouettes) or an
+  :class:`anomgen.encoders.OpenCLIPImageEncoder`;
+- a classifier, images -> class logits (B × C), for the Inception Score: ``InceptionFeatures(feature=
+  "logits_unbiased")`` (the standard one) or any classifier;
+- a distance, two image batches -> B distances, for IC-LPIPS: :class:`anomgen.encoders.LPIPSDistance`,
+  torchmetrics' ``LearnedPerceptualImagePatchSimilarity``, or any stand-in.
 
-The metrics take the feature module as an argument and never build one themselves (encoders and metrics are sibling
-packages: neither imports the other).
+In the configs, ``pretrained.fid_features``, ``pretrained.is_classifier`` and ``pretrained.lpips`` name them
+(``pretrained=tiny``: small random stand-ins).
 
-Plain functions take feature matrices: :func:`feature_statistics`, :func:`frechet_distance`, :func:`fid_from_features`,
-:func:`kid_from_features`, :func:`density_coverage`. :class:`FID` and :class:`KID` are torchmetrics metrics that take
-images (or features) batch by batch and sync across DDP processes.
+Plain functions take feature matrices (or images): :func:`feature_statistics`, :func:`frechet_distance`,
+:func:`fid_from_features`, :func:`kid_from_features`, :func:`density_coverage`, :func:`inception_score_from_logits`,
+:func:`ic_lpips`. :class:`FID`, :class:`KID` and :class:`InceptionScore` are torchmetrics metrics that take images (or
+features) batch by batch and sync across DDP processes. :func:`generation_metrics` computes IS and IC-LPIPS of a
+synthetic set folder against the generator's training anomalies.
 
 Numerics. Statistics are float64. :func:`frechet_distance` computes the trace term
 ``tr((Σ1 Σ2)^½)`` as ``Σ √λ`` over the eigenvalues λ of the symmetric positive semi-definite matrix
@@ -27,6 +36,7 @@ not finite, and its real part kept when the imaginary part is round-off.
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -39,12 +49,18 @@ from anomgen.errors import MetricError
 __all__ = [
     "FID",
     "KID",
+    "ClusterDiversity",
     "DensityCoverage",
+    "InceptionScore",
     "density_coverage",
     "feature_statistics",
     "fid_from_features",
     "frechet_distance",
+    "generation_metrics",
+    "ic_lpips",
+    "inception_score_from_logits",
     "kid_from_features",
+    "pair_distances",
 ]
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -300,38 +316,28 @@ def _num_features_of(extractor: nn.Module, input_size: tuple[int, ...] | None) -
     return None
 
 
-class _FeatureMetric(Metric):
-    """Shared by :class:`FID` and :class:`KID`: the feature extractor, update(images | features, real), and keeping
-    the real side across resets.
+class _ModuleMetric(Metric):
+    """A metric that runs a given network on images: the feature extractor of :class:`FID` and :class:`KID`, the
+    classifier of :class:`InceptionScore`.
 
-    The extractor is *not* a registered sub-module: it stays out of the metric's (and so the LightningModule's)
+    The network is *not* a registered sub-module: it stays out of the metric's (and so the LightningModule's)
     ``state_dict``, ``parameters()`` and ``train()``/``eval()`` switches, and is not wrapped by DDP. It still follows
     ``.to(device)`` / ``.cuda()`` of the metric or of the module that holds it, and is kept in evaluation mode.
     """
 
     is_differentiable = False
     full_state_update = False
-    _real_states: tuple[str, ...] = ()
+    _module_name = "feature_extractor"
+    _module_hint = ""
 
-    def __init__(self, feature_extractor: nn.Module, reset_real_features: bool, **kwargs: Any) -> None:
+    def __init__(self, module: nn.Module, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        if not isinstance(reset_real_features, bool):
-            raise TypeError(f"reset_real_features must be a bool, got {reset_real_features!r}")
-        self.reset_real_features = reset_real_features
-        if feature_extractor is None:
-            raise TypeError(
-                f"{type(self).__name__} needs a feature_extractor: anomgen.encoders.InceptionFeatures() for the "
-                "standard Inception-v3 feature space (local torch-fidelity weights), anomgen.encoders.RawPixels() for "
-                "small images (8×8 digits, 28×28 silhouettes), or any nn.Module mapping [0, 1] images B×3×H×W to "
-                "features B×D")
-        if not isinstance(feature_extractor, nn.Module):
-            raise TypeError(f"feature_extractor must be an nn.Module, got {type(feature_extractor).__name__}")
-        feature_extractor.eval()
-        self._extractor_box = (feature_extractor,)
-
-    @property
-    def feature_extractor(self) -> nn.Module:
-        return self._extractor_box[0]
+        if module is None:
+            raise TypeError(f"{type(self).__name__} needs a {self._module_name}: {self._module_hint}")
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"{self._module_name} must be an nn.Module, got {type(module).__name__}")
+        module.eval()
+        self._extractor_box = (module,)
 
     def _apply(self, fn, *args, **kwargs):
         this = super()._apply(fn, *args, **kwargs)
@@ -342,13 +348,38 @@ class _FeatureMetric(Metric):
 
     @torch.no_grad()
     def extract(self, images: Tensor) -> Tensor:
-        """Features (float64, B × D) of [0, 1] images (uint8 images are divided by 255 first)."""
+        """The network's outputs (float64, B × D) for [0, 1] images (uint8 images are divided by 255 first)."""
         if images.dtype == torch.uint8:
             images = images.float() / 255
-        feats = self.feature_extractor(images)
+        feats = self._extractor_box[0](images)
         if isinstance(feats, (tuple, list)):
             feats = feats[0]
         return feats.reshape(images.shape[0], -1).double()
+
+    def forward(self, *args: Any, **kwargs: Any) -> None:
+        """Same as :meth:`update` (a per-batch value of a set-level metric would mean nothing); returns None."""
+        self.update(*args, **kwargs)
+
+
+class _FeatureMetric(_ModuleMetric):
+    """Shared by :class:`FID` and :class:`KID`: the feature extractor, update(images | features, real), and keeping
+    the real side across resets."""
+
+    _real_states: tuple[str, ...] = ()
+    _module_hint = (
+        "anomgen.encoders.InceptionFeatures() for the standard Inception-v3 feature space (local torch-fidelity "
+        "weights), anomgen.encoders.RawPixels() for small images (8×8 digits, 28×28 silhouettes), or any nn.Module "
+        "mapping [0, 1] images B×3×H×W to features B×D")
+
+    def __init__(self, feature_extractor: nn.Module, reset_real_features: bool, **kwargs: Any) -> None:
+        if not isinstance(reset_real_features, bool):
+            raise TypeError(f"reset_real_features must be a bool, got {reset_real_features!r}")
+        super().__init__(feature_extractor, **kwargs)
+        self.reset_real_features = reset_real_features
+
+    @property
+    def feature_extractor(self) -> nn.Module:
+        return self._extractor_box[0]
 
     def _batch_features(self, images: Tensor | None, features: Tensor | None) -> Tensor:
         if (images is None) == (features is None):
@@ -361,10 +392,6 @@ class _FeatureMetric(Metric):
         if feats.dim() != 2:
             raise ValueError(f"{type(self).__name__}.update: features must be B × D, got {tuple(feats.shape)}")
         return feats
-
-    def forward(self, *args: Any, **kwargs: Any) -> None:
-        """Same as :meth:`update` (a per-batch value of a set-level distance would mean nothing); returns None."""
-        self.update(*args, **kwargs)
 
     def reset(self) -> None:
         """Clear the fake side; the real side too only when ``reset_real_features=True`` (see :meth:`reset_real`)."""
@@ -554,3 +581,294 @@ class KID(_FeatureMetric):
                                       self.coef0, self.seed)
         return (torch.tensor(mean, dtype=torch.float32, device=self.device),
                 torch.tensor(std, dtype=torch.float32, device=self.device))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Inception Score
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def inception_score_from_logits(logits: Any, splits: int = 10, seed: int | None = 0) -> tuple[float, float]:
+    """Inception Score of an N × C matrix of class logits: mean and std over splits of
+    ``exp(E_x KL(p(y|x) ‖ p(y)))``, with p(y|x) the softmax of a row and p(y) the mean of p(y|x) over the split.
+
+    As torchmetrics' ``InceptionScore`` (and so equal to it on the same logits and permutation): the rows are shuffled
+    first, then cut by ``torch.chunk(splits)`` (chunks of ⌈N / splits⌉ rows, so fewer than ``splits`` chunks when N
+    is not a multiple), and the std is the unbiased one (N − 1) over the chunks; 0 with a single chunk. ``seed``
+    fixes the shuffle (``None``: torch's global generator, torchmetrics' own behaviour). Computed in float64.
+    """
+    x = _features_2d(logits, "logits")
+    n = x.shape[0]
+    if int(splits) < 1:
+        raise ValueError(f"inception_score: splits must be >= 1, got {splits}")
+    if n < 2 * int(splits):
+        raise MetricError(f"inception_score: {n} samples for {splits} splits; each split needs at least 2 samples "
+                          "(lower splits)")
+    generator = None if seed is None else torch.Generator().manual_seed(int(seed))
+    x = x[torch.randperm(n, generator=generator).to(x.device)]
+    prob, log_prob = x.softmax(dim=1), x.log_softmax(dim=1)
+    scores = []
+    for p, log_p in zip(prob.chunk(int(splits)), log_prob.chunk(int(splits))):
+        marginal = p.mean(dim=0, keepdim=True)
+        scores.append((p * (log_p - marginal.log())).sum(dim=1).mean().exp())
+    values = torch.stack(scores)
+    std = float(values.std()) if len(values) > 1 else 0.0
+    return float(values.mean()), std
+
+
+class InceptionScore(_ModuleMetric):
+    """Inception Score of generated images under ``classifier`` (any module mapping [0, 1] images B×3×H×W to class
+    logits B × C): ``update(images)`` (or ``update(None, logits=L)``), ``compute()`` -> ``(mean, std)`` float32
+    scalar tensors, by :func:`inception_score_from_logits` (``splits``, ``seed``).
+
+    The standard IS classifier is Inception-v3's logits, ``anomgen.encoders.InceptionFeatures(feature=
+    "logits_unbiased")`` (local torch-fidelity weights only; ``pretrained.is_classifier`` in the configs). The state is
+    the logits (O(N·C) memory), gathered across DDP processes; the seeded shuffle makes every rank compute the same
+    value.
+    """
+
+    higher_is_better = True
+    _module_name = "classifier"
+    _module_hint = (
+        "anomgen.encoders.InceptionFeatures(feature='logits_unbiased') for the standard Inception Score (local "
+        "torch-fidelity weights), or any nn.Module mapping [0, 1] images B×3×H×W to class logits B×C")
+
+    def __init__(self, classifier: nn.Module, splits: int = 10, seed: int | None = 0, **kwargs: Any) -> None:
+        super().__init__(classifier, **kwargs)
+        if int(splits) < 1:
+            raise ValueError(f"InceptionScore: splits must be >= 1, got {splits}")
+        self.splits, self.seed = int(splits), seed
+        self.add_state("logits", [], dist_reduce_fx="cat")
+
+    @property
+    def classifier(self) -> nn.Module:
+        return self._extractor_box[0]
+
+    def update(self, images: Tensor | None, logits: Tensor | None = None) -> None:
+        if (images is None) == (logits is None):
+            raise ValueError("InceptionScore.update: give exactly one of images and logits=")
+        out = self.extract(images) if images is not None else _float64(logits, "logits").to(self.device)
+        if out.dim() != 2:
+            raise ValueError(f"InceptionScore.update: logits must be B × C, got {tuple(out.shape)}")
+        self.logits.append(out)
+
+    def compute(self) -> tuple[Tensor, Tensor]:
+        logits = self.logits if isinstance(self.logits, Tensor) else (torch.cat(self.logits) if self.logits else None)
+        if logits is None:
+            raise MetricError("InceptionScore has no samples")
+        mean, std = inception_score_from_logits(logits, self.splits, self.seed)
+        return (torch.tensor(mean, dtype=torch.float32, device=self.device),
+                torch.tensor(std, dtype=torch.float32, device=self.device))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# IC-LPIPS
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class ClusterDiversity(NamedTuple):
+    """What :func:`ic_lpips` found: ``value`` (the mean over the clusters of two or more images), ``per_cluster``
+    (NaN for a cluster of fewer than two), ``sizes`` (generated images per cluster, before any cap) and
+    ``assignment`` (each generated image's nearest centre)."""
+
+    value: float
+    per_cluster: list[float]
+    sizes: list[int]
+    assignment: Tensor
+
+
+def _module_device(module: Any) -> torch.device | None:
+    param = next(iter(module.parameters()), None) if isinstance(module, nn.Module) else None
+    return None if param is None else param.device
+
+
+def _as_images(images: Any, name: str) -> Tensor:
+    t = images if isinstance(images, Tensor) else torch.as_tensor(np.asarray(images))
+    if t.dim() != 4 or t.shape[1] != 3:
+        raise ValueError(f"{name}: expected images N × 3 × H × W, got shape {tuple(t.shape)}")
+    return t
+
+
+def _float_images(t: Tensor) -> Tensor:
+    return t.float() / 255 if t.dtype == torch.uint8 else t.float()
+
+
+def _call_distance(distance: Any, x: Tensor, y: Tensor) -> Tensor:
+    """B distances of the pairs (x[i], y[i]) under ``distance``: a module ``(x, y) -> B`` values, or torchmetrics'
+    ``LearnedPerceptualImagePatchSimilarity`` (its network is called on [0, 1] inputs, whatever its ``normalize``)."""
+    try:
+        from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
+    except ImportError:  # pragma: no cover - torchmetrics' image extras need torchvision
+        LearnedPerceptualImagePatchSimilarity = ()  # noqa: N806
+    if LearnedPerceptualImagePatchSimilarity and isinstance(distance, LearnedPerceptualImagePatchSimilarity):
+        out = distance.net(x, y, normalize=True)
+    else:
+        out = distance(x, y)
+    out = out.reshape(-1) if isinstance(out, Tensor) else torch.as_tensor(out).reshape(-1)
+    if out.numel() != x.shape[0]:
+        raise ValueError(f"the distance gave {out.numel()} values for {x.shape[0]} pairs; it must map two B×3×H×W "
+                         "batches to B distances")
+    return out.detach().double().cpu()
+
+
+@torch.no_grad()
+def pair_distances(distance: Any, a: Any, b: Any, pairs: Tensor, batch_size: int = 32) -> Tensor:
+    """Distances (float64, P) of the image pairs ``(a[i], b[j])`` for the rows ``(i, j)`` of ``pairs`` (P × 2),
+    ``batch_size`` pairs per call of ``distance``. Images are [0, 1] floats or uint8 (divided by 255)."""
+    a, b = _as_images(a, "a"), _as_images(b, "b")
+    if a.shape[-2:] != b.shape[-2:]:
+        raise ValueError(f"pair_distances: images of {tuple(a.shape[-2:])} and {tuple(b.shape[-2:])} pixels; resize "
+                         "one set to the other's size first")
+    if batch_size < 1:
+        raise ValueError(f"pair_distances: batch_size must be >= 1, got {batch_size}")
+    device = _module_device(distance)
+    if isinstance(distance, nn.Module):
+        distance.eval()
+    out = []
+    for start in range(0, len(pairs), batch_size):
+        rows = pairs[start : start + batch_size]
+        x, y = _float_images(a[rows[:, 0]]), _float_images(b[rows[:, 1]])
+        if device is not None:
+            x, y = x.to(device), y.to(device)
+        out.append(_call_distance(distance, x, y))
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
+
+
+def ic_lpips(generated: Any, centres: Any, distance: Any, max_per_cluster: int | None = 50, seed: int = 0,
+             batch_size: int = 32) -> ClusterDiversity:
+    """Intra-cluster LPIPS (Ojha et al. 2021; AnomalyDiffusion's diversity metric) of ``generated`` images
+    (N × 3 × H × W) around the ``centres`` (the k training anomalies, k × 3 × H × W), under ``distance``.
+
+    1. Each generated image joins the cluster of its nearest centre (smallest distance; ties: the first centre).
+    2. Per cluster, the mean distance over every unordered pair of its generated images (the centre itself is not a
+       member). A cluster of more than ``max_per_cluster`` images keeps that many, drawn by ``seed`` (Ojha et al.'s
+       reference keeps 50 at random; ``None`` keeps all).
+    3. The value is the mean over the clusters that hold at least two images (a cluster of 0 or 1 has no pair and is
+       left out, as in the reference); none such is a :class:`MetricError`.
+
+    ``distance`` maps two [0, 1] batches B×3×H×W to B distances: :class:`anomgen.encoders.LPIPSDistance`,
+    torchmetrics' ``LearnedPerceptualImagePatchSimilarity``, or any stand-in.
+    """
+    gen, ctr = _as_images(generated, "generated"), _as_images(centres, "centres")
+    n, k = gen.shape[0], ctr.shape[0]
+    if k < 1:
+        raise MetricError("ic_lpips: no training anomalies to cluster around")
+    if n < 2:
+        raise MetricError(f"ic_lpips: needs at least 2 generated images, got {n}")
+    if max_per_cluster is not None and int(max_per_cluster) < 2:
+        raise ValueError(f"ic_lpips: max_per_cluster must be >= 2 or None, got {max_per_cluster}")
+    cross = torch.cartesian_prod(torch.arange(n), torch.arange(k))  # (i, c), row-major: row i * k + c
+    to_centre = pair_distances(distance, gen, ctr, cross, batch_size).reshape(n, k)
+    assignment = to_centre.argmin(dim=1)  # the first minimum on ties
+    generator = torch.Generator().manual_seed(int(seed))
+    per_cluster, sizes = [], []
+    for c in range(k):
+        members = torch.nonzero(assignment == c).flatten()
+        sizes.append(int(members.numel()))
+        if max_per_cluster is not None and members.numel() > int(max_per_cluster):
+            keep = torch.randperm(members.numel(), generator=generator)[: int(max_per_cluster)]
+            members = members[keep.sort().values]
+        m = members.numel()
+        if m < 2:
+            per_cluster.append(float("nan"))
+            continue
+        i, j = torch.triu_indices(m, m, offset=1)
+        pairs = torch.stack([members[i], members[j]], dim=1)
+        per_cluster.append(float(pair_distances(distance, gen, gen, pairs, batch_size).mean()))
+    valid = [v for v in per_cluster if not math.isnan(v)]
+    if not valid:
+        raise MetricError(f"ic_lpips: no cluster holds two generated images (sizes {sizes}); generate more images")
+    return ClusterDiversity(float(np.mean(valid)), per_cluster, sizes, assignment)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A synthetic set against the training anomalies
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _stack_records(dataset: Any, size: tuple[int, int] | None = None) -> tuple[Tensor, list[str]]:
+    """Every record's image as uint8 N × 3 × H × W (resized to ``size`` when given) and its defect type."""
+    from anomgen.pixels import resize
+
+    images, types = [], []
+    for i in range(len(dataset)):
+        record = dataset[i]
+        image = record["image"]
+        if size is not None and tuple(image.shape[-2:]) != tuple(size):
+            image = resize(image[None], tuple(size))[0]
+        images.append((image.clamp(0, 1) * 255).round().to(torch.uint8))
+        types.append(str(record.get("defect_type", "")))
+    if not images:
+        return torch.zeros(0, 3, *(size or (1, 1)), dtype=torch.uint8), []
+    return torch.stack(images), types
+
+
+@torch.no_grad()
+def generation_metrics(
+    set_dir: Any,
+    train_anomalies: Any,
+    classifier: nn.Module | None = None,
+    distance: Any = None,
+    splits: int = 10,
+    per_defect_type: bool = True,
+    max_per_cluster: int | None = 50,
+    seed: int = 0,
+    batch_size: int = 32,
+    image_size: int | tuple[int, int] | None = None,
+) -> dict[str, float]:
+    """AnomalyDiffusion's generation metrics of a synthetic set: Inception Score and IC-LPIPS.
+
+    - ``set_dir``: a finished synthetic set; its anomalous samples (label 1) are the generated images.
+    - ``train_anomalies``: a dataset of records (``image``, ``defect_type``): the real anomalies the generator learnt
+      from, e.g. the first part of :func:`anomgen.data.tasks.anomalydiffusion_split` of the category's test split.
+      They are resized to the generated images' size.
+    - ``classifier``: the IS network (class logits, see :class:`InceptionScore`); ``None`` leaves IS out.
+    - ``distance``: the IC-LPIPS distance (see :func:`ic_lpips`); ``None`` leaves IC-LPIPS out.
+    - ``per_defect_type``: cluster each defect type's generated images around that type's training anomalies only
+      (the generator is conditioned on the type); ``ic_lpips`` is then the mean over the types, and
+      ``ic_lpips/<type>`` each type's value. ``False``: one clustering of every image around every training anomaly.
+    - ``image_size``: resize the generated images on reading (``None``: as stored).
+
+    Returns plain floats: ``num_generated``, ``inception_score``, ``inception_score_std``, ``ic_lpips``,
+    ``ic_lpips/<type>``.
+    """
+    from anomgen.data.synthetic import SyntheticSet
+
+    if classifier is None and distance is None:
+        raise ValueError("generation_metrics: give a classifier (Inception Score), a distance (IC-LPIPS), or both")
+    generated = SyntheticSet(set_dir, image_size=image_size, labels=(1,))
+    if len(generated) == 0:
+        raise MetricError(f"generation_metrics: the synthetic set {generated.root} has no anomalous sample")
+    gen_images, gen_types = _stack_records(generated)
+    out: dict[str, float] = {"num_generated": float(len(generated))}
+    if classifier is not None:
+        metric = InceptionScore(classifier, splits=splits, seed=seed)
+        device = _module_device(classifier)
+        for start in range(0, len(gen_images), batch_size):
+            batch = _float_images(gen_images[start : start + batch_size])
+            metric.update(batch if device is None else batch.to(device))
+        mean, std = metric.compute()
+        out["inception_score"], out["inception_score_std"] = float(mean), float(std)
+    if distance is not None:
+        centres, centre_types = _stack_records(train_anomalies, tuple(gen_images.shape[-2:]))
+        if len(centres) == 0:
+            raise MetricError("generation_metrics: no training anomalies to cluster around")
+        kwargs = {"max_per_cluster": max_per_cluster, "seed": seed, "batch_size": batch_size}
+        if not per_defect_type:
+            out["ic_lpips"] = ic_lpips(gen_images, centres, distance, **kwargs).value
+            return out
+        values = []
+        for defect in dict.fromkeys(gen_types):
+            own = [i for i, t in enumerate(centre_types) if t == defect]
+            if not own:
+                raise MetricError(f"generation_metrics: generated defect type {defect!r} has no training anomaly of "
+                                  f"that type (training types: {sorted(set(centre_types))})")
+            idx = torch.tensor([i for i, t in enumerate(gen_types) if t == defect])
+            try:
+                value = ic_lpips(gen_images[idx], centres[torch.tensor(own)], distance, **kwargs).value
+            except MetricError as err:
+                raise MetricError(f"defect type {defect!r}: {err}") from None
+            out[f"ic_lpips/{defect}"] = value
+            values.append(value)
+        out["ic_lpips"] = float(np.mean(values))
+    return out

@@ -57,3 +57,17 @@ def test_inception_features_from_local_weights(random_inception_weights, no_loca
     torch.testing.assert_close(extractor(grey), feats[:1])  # one grey channel is repeated to three
     extractor.train()
     assert not extractor.training
+
+
+def test_inception_logits_are_the_inception_score_classifier(random_inception_weights, no_local_weights, one_thread):
+    from anomgen.metrics import InceptionScore
+
+    classifier = InceptionFeatures(random_inception_weights, feature="logits_unbiased")
+    assert classifier.num_features == 1008
+    score = InceptionScore(classifier, splits=1)
+    score.update(torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)))
+    assert score.logits[0].shape == (2, 1008)
+    mean, std = score.compute()
+    assert 1.0 <= float(mean) <= 2.0 and float(std) == 0.0
+    with pytest.raises(ValueError, match="logits_unbiased"):
+        InceptionFeatures(random_inception_weights, feature="pool")
