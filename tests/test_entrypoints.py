@@ -83,7 +83,7 @@ def fitymi_digits_run(tmp_path_factory, tiny_cache, compose_run):
 #: pipelines run end to end by a test of their own (with more checks): not run a second time here
 OWN_END_TO_END_TEST = {
     "fitymi_digits": "the shared fitymi_digits_run below",
-    "adp_mvtec": "tests/models/test_adp.py::test_adp_pipeline_runs_every_stage_offline",
+    "adp_mvtec": "tests/models/test_adp_stages.py::test_adp_pipeline_runs_every_stage_offline",
     "localizer_mvtec": "tests/models/test_unet_localizer.py::test_localizer_experiment_end_to_end",
 }
 
