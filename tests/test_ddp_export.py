@@ -131,12 +131,13 @@ def test_anomalydiffusion_pairs_are_the_same_on_two_processes(tmp_path):
     from anomgen.generators.anomalydiffusion_masks import MaskEmbedding, save_mask_embedding
 
     types, info = ["broken", "crack"], {"category": "bottle"}  # the tiny MVTec layout's; the tiny LDM's width 32
-    torch.manual_seed(0)
-    embedding = save_anomaly_embedding(tmp_path / "embedding.safetensors", AnomalyEmbedding(
-        2, 32, 1, 1, init=torch.randn(32), resolution=32, encoder={"channels": (8, 8, 16, 16), "head_channels": 16},
-        type_names=types), info)
-    masks = save_mask_embedding(tmp_path / "masks.safetensors", MaskEmbedding(types, 32, 2, init=torch.randn(2, 32)),
-                                info)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        embedding = save_anomaly_embedding(tmp_path / "embedding.safetensors", AnomalyEmbedding(
+            2, 32, 1, 1, init=torch.randn(32), resolution=32,
+            encoder={"channels": (8, 8, 16, 16), "head_channels": 16}, type_names=types), info)
+        masks = save_mask_embedding(tmp_path / "masks.safetensors",
+                                    MaskEmbedding(types, 32, 2, init=torch.randn(2, 32)), info)
     common = ("model=anomalydiffusion", "debug=tiny", "logger=none", "datamodule.dataset.image_size=32",
               f"model.embedding={embedding}", f"model.masks={masks}", "model.num_per_type=3", "model.steps=3",
               "model.mask_steps=3", "model.mask_threshold=0.3", "trainer.limit_predict_batches=1.0")
