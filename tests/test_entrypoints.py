@@ -85,8 +85,8 @@ OWN_END_TO_END_TEST = {
     "fitymi_digits": "the shared fitymi_digits_run below",
     "adp_mvtec": "tests/models/test_adp.py::test_adp_pipeline_runs_every_stage_offline",
     "localizer_mvtec": "tests/models/test_unet_localizer.py::test_localizer_experiment_end_to_end",
-    "anomalydiffusion_mvtec": "tests/models/test_anomalydiffusion.py::test_the_pipeline_runs_every_stage_offline_and_"
-                              "exports_pairs_with_masks",
+    "anomalydiffusion_mvtec": "tests/models/test_anomalydiffusion_stages.py::"
+                              "test_the_pipeline_runs_every_stage_offline_and_exports_pairs_with_masks",
 }
 
 
