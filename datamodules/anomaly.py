@@ -12,6 +12,13 @@ Validation never comes from the test split unless ``validation="test"`` says so 
 The support set (what generators start from, and the kNN bank) is the training normals or ``k_shot`` of them.
 With ``outlier_exposure_set`` (a synthetic set folder) training batches hold the support normals (label 0) and that
 set's anomalies (label 1), each with a ``target`` for the head (see :class:`OutlierExposureSet`).
+
+Generators that learn from a few real anomalies (AnomalyDiffusion) take them from the test split, so the split is the
+datamodule's, made once for every stage of an experiment: with ``anomaly_train_fraction`` (``protocol="defects"``),
+:func:`anomgen.data.tasks.anomalydiffusion_split` gives ``anomaly_train`` (per defect type, the first fraction of
+the anomalies by file name, with their masks) and the test split keeps every good test image and only the other
+anomalies, so that no stage evaluates on what a generator learned from. ``train_on="anomaly_train"`` makes those
+anomalies the training data (the stages that learn from them); ``"support"`` (default) trains on the normals.
 Under DDP Lightning gives every loader a distributed sampler (an unrepeated one for prediction).
 """
 
@@ -29,6 +36,7 @@ from anomgen.data.record import GOOD, NORMAL
 
 PROTOCOLS = ("one_vs_rest", "defects")
 VALIDATION_SOURCES = ("holdout", "synthetic", "test", "none")
+TRAIN_SOURCES = ("support", "anomaly_train")
 
 
 class TransformedView(Dataset):
@@ -100,9 +108,14 @@ class AnomalyDataModule(LightningDataModule):
         outlier_exposure_set: str | None = None,
         outlier_exposure_target: str | None = None,
         train_repeats: int = 1,
+        anomaly_train_fraction: float | None = None,
+        train_on: str = "support",
     ) -> None:
         """``train_repeats``: the training loader passes over its data that many times per epoch (a few-shot support
-        set of K images would otherwise make epochs of one step, each with its own validation and checkpoint)."""
+        set of K images would otherwise make epochs of one step, each with its own validation and checkpoint).
+        ``anomaly_train_fraction``: the share of each defect type's test anomalies set aside as ``anomaly_train``
+        (AnomalyDiffusion: 1/3) and removed from the test split; ``train_on``: ``"support"`` or
+        ``"anomaly_train"``, what the training loader yields."""
         super().__init__()
         if protocol not in PROTOCOLS:
             raise ValueError(f"datamodule.protocol must be one of {PROTOCOLS}, got {protocol!r}")
@@ -132,7 +145,21 @@ class AnomalyDataModule(LightningDataModule):
         if int(train_repeats) < 1:
             raise ValueError(f"datamodule.train_repeats must be >= 1, got {train_repeats}")
         self.train_repeats = int(train_repeats)
+        if anomaly_train_fraction is not None:
+            if protocol != "defects":
+                raise ValueError("datamodule.anomaly_train_fraction needs protocol=defects (a defect set whose test "
+                                 f"anomalies have masks: MVTec AD, VisA, Folder), got protocol={protocol!r}")
+            if not 0.0 < float(anomaly_train_fraction) < 1.0:
+                raise ValueError(f"datamodule.anomaly_train_fraction must be in (0, 1), got {anomaly_train_fraction}")
+        if train_on not in TRAIN_SOURCES:
+            raise ValueError(f"datamodule.train_on must be one of {TRAIN_SOURCES}, got {train_on!r}")
+        if train_on == "anomaly_train" and anomaly_train_fraction is None:
+            raise ValueError("datamodule.train_on=anomaly_train needs datamodule.anomaly_train_fraction (e.g. 1/3: "
+                             "the share of each defect type's test anomalies set aside for training)")
+        self.anomaly_train_fraction = None if anomaly_train_fraction is None else float(anomaly_train_fraction)
+        self.train_on = train_on
         self.train_normals = self.val_normals = self.support = self.test_set = self.val_set = None
+        self.anomaly_train = None
 
     # -- building the splits -------------------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
@@ -156,6 +183,12 @@ class AnomalyDataModule(LightningDataModule):
         )
         test_full = self.dataset_factory(split=self.test_split)
         self.test_set = tasks.one_vs_rest(test_full, self.normal_class) if self.protocol == "one_vs_rest" else test_full
+        if self.anomaly_train_fraction is not None:
+            # the generator's anomalies leave the test split: it keeps every good image and the other anomalies
+            self.anomaly_train, held = tasks.anomalydiffusion_split(self.test_set, self.anomaly_train_fraction)
+            normals = [i for i, e in enumerate(self.test_set.entries) if e.label == NORMAL]
+            self.test_set = tasks.TaskView(self.test_set, sorted(normals + held.indices),
+                                           name="test-without-anomaly-train")
         if self.validation == "holdout":
             self.val_set = self.val_normals
         elif self.validation == "synthetic":
@@ -182,6 +215,8 @@ class AnomalyDataModule(LightningDataModule):
             "num_train_normals": len(self.train_normals),
             "num_val_normals": len(self.val_normals),
             "num_test": len(self.test_set),
+            "anomaly_train_fraction": self.anomaly_train_fraction,
+            "num_anomaly_train": None if self.anomaly_train is None else len(self.anomaly_train),
         }
 
     # -- loaders -------------------------------------------------------------------------------------------------
@@ -195,7 +230,7 @@ class AnomalyDataModule(LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        data = self.support
+        data = self.anomaly_train if self.train_on == "anomaly_train" else self.support
         if self.outlier_exposure_set:  # outlier exposure: the support normals + the synthetic set's anomalies
             data = OutlierExposureSet(self.support, self.outlier_exposure_set, self.outlier_exposure_target,
                                       image_size=self.support[0]["image"].shape[-2:])

@@ -13,9 +13,10 @@ from anomgen.data.synthetic import read_manifest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _export(tmp_path: Path, name: str, *overrides: str, experiment: str = "noise_patch_digits") -> Path:
+def _export(tmp_path: Path, name: str, *overrides: str, experiment: str = "noise_patch_digits",
+            env: dict | None = None) -> Path:
     set_dir = tmp_path / name
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", **(env or {})}
     out = subprocess.run(
         [sys.executable, str(ROOT / "train.py"), f"paths.log_dir={tmp_path / 'logs'}", "logger=none",
          f"experiment={experiment}", "datamodule.num_generated=45", "datamodule.eval_batch_size=8",
@@ -118,3 +119,37 @@ def test_adp_concept_stage_learns_one_concept_on_two_processes(tmp_path):
     assert out.returncode == 0, out.stderr[-4000:]
     record = json.loads((run / "run.json").read_text())
     assert list(load_concepts(record["outputs"]["concept"])) == ["<adp-n>"]
+
+
+def test_anomalydiffusion_pairs_are_the_same_on_two_processes(tmp_path):
+    """AnomalyDiffusion's generation stage under DDP (from an embedding and a mask file): each pair is seeded by its
+    index and each mask drawn alone, so the manifest (types, normal images, seeds, mask tries, templates) and the mask
+    PNGs equal the 1-process set byte for byte; images up to one 8-bit level (batched UNet passes)."""
+    import torch
+
+    from anomgen.generators.anomalydiffusion import AnomalyEmbedding, save_anomaly_embedding
+    from anomgen.generators.anomalydiffusion_masks import MaskEmbedding, save_mask_embedding
+
+    types, info = ["broken", "crack"], {"category": "bottle"}  # the tiny MVTec layout's; the tiny LDM's width 32
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        embedding = save_anomaly_embedding(tmp_path / "embedding.safetensors", AnomalyEmbedding(
+            2, 32, 1, 1, init=torch.randn(32), resolution=32,
+            encoder={"channels": (8, 8, 16, 16), "head_channels": 16}, type_names=types), info)
+        masks = save_mask_embedding(tmp_path / "masks.safetensors",
+                                    MaskEmbedding(types, 32, 2, init=torch.randn(2, 32)), info)
+    common = ("model=anomalydiffusion", "debug=tiny", "logger=none", "datamodule.dataset.image_size=32",
+              f"model.embedding={embedding}", f"model.masks={masks}", "model.num_per_type=3", "model.steps=3",
+              "model.mask_steps=3", "model.mask_threshold=0.3", "trainer.limit_predict_batches=1.0")
+    one_thread = {"OMP_NUM_THREADS": "1"}  # 2 processes on 2 busy cores: one thread each
+    single = _export(tmp_path, "single", *common, "trainer.devices=1", experiment="noise_patch_mvtec", env=one_thread)
+    ddp = _export(tmp_path, "ddp", *common, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+                  experiment="noise_patch_mvtec", env=one_thread)
+    rows = read_manifest(single)
+    assert [r["id"] for r in rows] == [f"{i:06d}" for i in range(6)]
+    assert [r["defect_type"] for r in rows] == ["broken", "crack"] * 3
+    assert read_manifest(ddp) == rows
+    for row in rows:
+        assert row["mask"] is not None
+        assert (single / row["mask"]).read_bytes() == (ddp / row["mask"]).read_bytes(), f"{row['id']} mask differs"
+    _same_images(single, ddp, rows)

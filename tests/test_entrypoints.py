@@ -85,6 +85,8 @@ OWN_END_TO_END_TEST = {
     "fitymi_digits": "the shared fitymi_digits_run below",
     "adp_mvtec": "tests/models/test_adp_stages.py::test_adp_pipeline_runs_every_stage_offline",
     "localizer_mvtec": "tests/models/test_unet_localizer.py::test_localizer_experiment_end_to_end",
+    "anomalydiffusion_mvtec": "tests/models/test_anomalydiffusion_stages.py::"
+                              "test_the_pipeline_runs_every_stage_offline_and_exports_pairs_with_masks",
 }
 
 
@@ -126,6 +128,12 @@ def _check_pipeline_run(cfg, metrics: dict, run_dir: Path) -> None:
         assert Path(record["outputs"]["localizer.checkpoint"]) == run_dir / "localizer" / "localizer.pt"
         for key in ("pixel_AUROC", "pixel_AP", "pixel_F1Max", "pixel_AUPRO", "image_AUROC", "image_AP"):
             assert 0.0 <= metrics[f"evaluate/test/unet_localizer/{key}"] <= 1.0
+    elif "masks" in cfg.pipeline:  # AnomalyDiffusion: its two files, pairs with masks, kNN on the test split
+        for stage in ("embedding", "masks"):
+            assert Path(record["outputs"][f"{stage}.{stage}"]).is_file()
+        rows = read_manifest(record["outputs"]["generate.synthetic_set"])
+        assert rows and all(r["mask"] and r["label"] == 1 for r in rows)
+        assert 0.0 <= metrics["evaluate/test/knn_pixels/image_AUROC"] <= 1.0
     else:
         sets = list(cfg.selection.sets)  # one foreach stage per set: a run per task, each with its set
         for name in sets:

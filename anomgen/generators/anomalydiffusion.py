@@ -335,6 +335,8 @@ class AnomalyEmbedding(nn.Module):
                 raise ValueError(f"AnomalyEmbedding: type_names must be {self.num_types} distinct names, got "
                                  f"{type_names}")
         self.type_names = type_names
+        #: what a loaded file says about the embedding (:func:`load_anomaly_embedding`: category, stack ...)
+        self.info: dict = {}
 
     @classmethod
     def from_stack(cls, stack: TextToImageStack, num_types: int, num_type_tokens: int = 8,
@@ -506,21 +508,33 @@ def binary_masks(masks: torch.Tensor) -> torch.Tensor:
     return (_mask_4d(masks, "masks").float() >= 0.5).float()
 
 
-def check_masks(masks: torch.Tensor, latent_size: tuple[int, int], where: str = "anomalydiffusion") -> torch.Tensor:
-    """The masks on the latent grid (:func:`~anomgen.diffusion.text2image.latent_mask`, B × 1 × h × w); a sample whose
-    mask vanishes there (nothing to learn or generate) or covers all of it (no normal part left to keep) is an
-    error naming the samples."""
+def mask_problems(masks: torch.Tensor, latent_size: tuple[int, int]) -> dict[int, str]:
+    """Sample -> what is wrong with its mask on the latent grid ``latent_size`` (:func:`latent_mask`): ``"vanishes"``
+    (nothing to learn or generate) or ``"covers"`` (the whole grid: no normal region left to keep). Good samples are
+    absent."""
     latent = latent_mask(binary_masks(masks), tuple(latent_size))
     area = latent.flatten(1).sum(dim=1)
-    empty = (area == 0).nonzero().flatten().tolist()
-    full = (area == latent[0].numel()).nonzero().flatten().tolist()
+    cells = latent[0].numel()
+    return {i: "vanishes" if a == 0 else "covers" for i, a in enumerate(area.tolist()) if a == 0 or a == cells}
+
+
+def check_masks(masks: torch.Tensor, latent_size: tuple[int, int], where: str = "anomalydiffusion",
+                names: Sequence[str] | None = None) -> torch.Tensor:
+    """The masks on the latent grid (:func:`~anomgen.diffusion.text2image.latent_mask`, B × 1 × h × w); a sample whose
+    mask vanishes there (nothing to learn or generate) or covers all of it (no normal region left to keep) is an
+    error naming the samples (by ``names[i]``, e.g. the mask files, when given; else by position)."""
+    latent = latent_mask(binary_masks(masks), tuple(latent_size))
+    found = mask_problems(masks, latent_size)
+    label = (lambda i: repr(str(names[i]))) if names is not None else str
+    empty = [label(i) for i, why in found.items() if why == "vanishes"]
+    full = [label(i) for i, why in found.items() if why == "covers"]
     problems = []
     if empty:
-        problems.append(f"the masks of samples {empty} vanish on the {tuple(latent_size)} latent grid (too small "
-                        "after resizing)")
+        problems.append(f"the masks of samples [{', '.join(empty)}] vanish on the {tuple(latent_size)} latent grid "
+                        "(too small after resizing)")
     if full:
-        problems.append(f"the masks of samples {full} cover the whole {tuple(latent_size)} latent grid (no normal "
-                        "region left)")
+        problems.append(f"the masks of samples [{', '.join(full)}] cover the whole {tuple(latent_size)} latent grid "
+                        "(no normal region left)")
     if problems:
         raise ValueError(f"{where}: " + "; ".join(problems) + ": reject those samples first")
     return latent
@@ -610,6 +624,22 @@ class AnomalyAugmentation:
                 crop = mask[None, :, top:top + h, left:left + w]
                 mask = (F.interpolate(crop, size=size, mode="bilinear", align_corners=False) >= 0.5).float()[0]
         return image, mask
+
+
+def augment_or_keep(augmentation: AnomalyAugmentation, images: torch.Tensor, masks: torch.Tensor,
+                    latent_size: tuple[int, int],
+                    generator: Generators | None = None) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """``augmentation`` of a batch, except that a sample whose augmented mask vanishes on the latent grid or covers
+    all of it (a crop that keeps exactly the box of a rectangular defect, a rotation that moves a thin one out) keeps
+    its original image and mask (checked inputs stay valid). Returns (images, masks B × 1 × H × W, the samples kept
+    unaugmented). The draws are the augmentation's, whatever is kept."""
+    masks = binary_masks(masks)
+    out_images, out_masks = augmentation(images, masks, generator)
+    kept = sorted(mask_problems(out_masks, latent_size))
+    if kept:
+        out_images, out_masks = out_images.clone(), out_masks.clone()
+        out_images[kept], out_masks[kept] = images[kept].to(out_images.dtype), masks[kept]
+    return out_images, out_masks, kept
 
 
 # ------------------------------------------------------------------------------------------------ training step
@@ -773,3 +803,69 @@ def blended_generate(stack: TextToImageStack, embedding: AnomalyEmbedding, norma
     out = decode_latents(stack, latents) if decode else None
     return BlendedSamples(images=out, masks=pixel_masks[:, 0], latents=latents, normal_latents=z0, latent_masks=m,
                           templates=chosen)
+
+
+# ------------------------------------------------------------------------------------------------ the embedding file
+
+EMBEDDING_FORMAT = "anomgen/anomalydiffusion-embedding/1"
+
+
+def save_anomaly_embedding(path, embedding: AnomalyEmbedding, info: dict | None = None):
+    """Write a trained :class:`AnomalyEmbedding` (every e_a row, the mask encoder, the type names, and what rebuilds
+    it) to a safetensors file, atomically; ``info`` (JSON-serialisable: the category, the stack's source ...) is kept
+    beside. :func:`load_anomaly_embedding` reads it back."""
+    import json
+
+    from safetensors.torch import save
+
+    from anomgen.files import write_atomic
+
+    if embedding.type_names is None:
+        raise ValueError("save_anomaly_embedding: the embedding has no type_names (which row is which defect type)")
+    encoder = embedding.mask_encoder
+    head_channels = encoder.heads[0].channels if len(encoder.heads) else 256
+    meta = {"format": EMBEDDING_FORMAT, "type_names": list(embedding.type_names),
+            "num_type_tokens": embedding.num_type_tokens, "num_mask_tokens": embedding.num_mask_tokens,
+            "width": embedding.width, "resolution": encoder.resolution,
+            "encoder": {"channels": [int(stage.body[1].out_channels) for stage in encoder.stages],
+                        "head_channels": int(head_channels)},
+            "info": dict(info or {})}
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in embedding.state_dict().items()}
+    return write_atomic(path, save(tensors, metadata={"anomgen": json.dumps(meta)}))
+
+
+def read_file_info(path) -> dict:
+    """The JSON metadata of an anomgen safetensors file (:func:`save_anomaly_embedding`, mask files)."""
+    import json
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    with safe_open(str(path), "pt") as handle:
+        meta = handle.metadata() or {}
+    if "anomgen" not in meta:
+        raise ValueError(f"{path} is no anomgen file (its safetensors metadata has no 'anomgen' entry)")
+    return json.loads(meta["anomgen"])
+
+
+def load_anomaly_embedding(path, width: int | None = None) -> AnomalyEmbedding:
+    """The :class:`AnomalyEmbedding` of a file written by :func:`save_anomaly_embedding` (on the CPU, weights
+    loaded strictly). With ``width`` (the text encoder's), an embedding of another width is an error naming both."""
+    from safetensors.torch import load_file
+
+    meta = read_file_info(path)
+    if meta.get("format") != EMBEDDING_FORMAT:
+        raise ValueError(f"{path} is not an AnomalyDiffusion embedding file (format {meta.get('format')!r}, expected "
+                         f"{EMBEDDING_FORMAT!r})")
+    if width is not None and int(width) != int(meta["width"]):
+        raise ValueError(f"{path}: the embedding has width {meta['width']}; the text encoder expects {int(width)} (it "
+                         "was learned in another text-to-image stack)")
+    embedding = AnomalyEmbedding(len(meta["type_names"]), meta["width"], meta["num_type_tokens"],
+                                 meta["num_mask_tokens"], resolution=meta["resolution"], encoder=meta["encoder"],
+                                 type_names=meta["type_names"])
+    embedding.load_state_dict(load_file(str(path)), strict=True)
+    embedding.info = meta.get("info", {})
+    return embedding

@@ -313,3 +313,39 @@ def test_defects_protocol_k_shot_and_generation(mvtec_root):
     assert batch["index"].tolist() == [0, 1, 2, 3, 4]
     assert batch["source"]["image_path"] == [support[i % 2] for i in range(5)]
     assert batch["source"]["image"].shape == (5, 3, 16, 16)
+
+
+def test_anomaly_train_leaves_the_test_split_and_can_be_the_training_data(tmp_path):
+    """AnomalyDiffusion's split in the datamodule: per defect type the first third by file name is ``anomaly_train``
+    (with masks), the test split keeps every good image and only the other anomalies; ``train_on`` picks it."""
+    root = layouts.write_mvtec(tmp_path, categories=("bottle",), n_train=4, n_test_good=2, defects=("broken", "crack"),
+                               n_per_defect=4, size=16)
+    dataset = functools.partial(MVTecAD, root=root, category="bottle")
+    dm = AnomalyDataModule(dataset=dataset, protocol="defects", anomaly_train_fraction=1 / 3, train_on="anomaly_train",
+                           batch_size=8, eval_batch_size=8)
+    dm.setup()
+    full = MVTecAD(root, category="bottle", split="test")
+    train, test = _paths(dm.anomaly_train), _paths(dm.test_set)
+    assert [p.split("/test/")[1] for p in train] == ["broken/000.png", "crack/000.png"]  # ⌊4/3⌋ = 1 per type
+    assert not set(train) & set(test) and sorted(set(train) | set(test)) == sorted(_paths(full))
+    assert [p for p in test if "/test/good/" in p] == [p for p in _paths(full) if "/test/good/" in p]
+    assert test == [p for p in _paths(full) if p not in train]  # the dataset's order
+    batch = next(iter(dm.train_dataloader()))
+    assert sorted(batch["image_path"]) == sorted(train) and batch["label"].tolist() == [1, 1]
+    assert all(m.sum() > 0 for m in batch["mask"]) and sorted(batch["defect_type"]) == ["broken", "crack"]
+    info = dm.describe()
+    assert info["num_anomaly_train"] == 2 and info["num_test"] == len(full) - 2
+    plain = AnomalyDataModule(dataset=dataset, protocol="defects")
+    plain.setup()
+    assert plain.anomaly_train is None and _paths(plain.test_set) == _paths(full)
+
+
+def test_anomaly_train_settings_are_checked():
+    with pytest.raises(ValueError, match="anomaly_train_fraction needs protocol=defects"):
+        _dm(anomaly_train_fraction=1 / 3)
+    with pytest.raises(ValueError, match=r"must be in \(0, 1\)"):
+        AnomalyDataModule(dataset=DIGITS, protocol="defects", anomaly_train_fraction=1.0)
+    with pytest.raises(ValueError, match="train_on=anomaly_train needs datamodule.anomaly_train_fraction"):
+        AnomalyDataModule(dataset=DIGITS, protocol="defects", train_on="anomaly_train")
+    with pytest.raises(ValueError, match="train_on must be one of"):
+        AnomalyDataModule(dataset=DIGITS, protocol="defects", train_on="test")
