@@ -24,15 +24,13 @@ The text encoder is in train mode, as it is under Lightning (it is a submodule o
 classifier are in eval mode. Configurations, run in this order (each switch is made once: the fp16 cast and
 checkpointing stay on for the configurations after them):
 
-==================  =====================================================================================
-``fp32``            everything float32, VAE encode per step: the baseline of the ratios
-``fp32_cached``     float32, latents from the cache
-``fp16``            UNet and VAE cast to fp16 (``configure_memory(frozen_dtype=...)``) + autocast, VAE per step
-``fp16_cached``     the same, latents from the cache
-``fp16_ckpt``       + gradient checkpointing (UNet and text encoder), VAE per step
-``fp16_ckpt_cached``  ADP's memory-saving setting: ``model.frozen_dtype=fp16 model.gradient_checkpointing=true
-                    trainer.precision=16-mixed``
-==================  =====================================================================================
+- ``fp32``: everything float32, VAE encode per step: the baseline of the ratios;
+- ``fp32_cached``: float32, latents from the cache;
+- ``fp16``: UNet and VAE cast to fp16 (``configure_memory(frozen_dtype=...)``) + autocast, VAE per step;
+- ``fp16_cached``: the same, latents from the cache;
+- ``fp16_ckpt``: + gradient checkpointing (UNet and text encoder), VAE per step;
+- ``fp16_ckpt_cached``: ADP's memory-saving setting (``model.frozen_dtype=fp16 model.gradient_checkpointing=true
+  trainer.precision=16-mixed``).
 
 Each (configuration, batch size) runs ``--warmup`` untimed steps and ``--steps`` timed ones with a new AdamW.
 Memory: on CUDA ``torch.cuda.max_memory_allocated`` over those steps (weights included; ``resident_bytes`` is what
@@ -41,13 +39,14 @@ counts memory the allocator kept after earlier configurations: a rough figure. A
 memory is reported as such and the run goes on.
 
 Output: one JSON object per (configuration, batch size) on stdout, then a summary; ``--results FILE`` appends them
-(``benchmarks/results/*.jsonl``). The plan, a time estimate (from the first timed step) and progress go to stderr.
-``--budget-minutes`` (default 5) lowers ``--steps`` (to no fewer than 3) when the estimate is longer.
+(``benchmarks/results/*.jsonl``). The plan, a time estimate (after each measurement, from the step times so far) and
+progress go to stderr. ``--budget-minutes`` (default 5) lowers ``--steps`` (to no fewer than 3) when the estimate is
+longer, so the default GPU run (6 configurations × batch sizes 1 and 4 × 13 steps at 768 px) stays within minutes.
 
     python benchmarks/concept_speed.py --device cuda --results benchmarks/results/concept_speed.jsonl \\
-        --doc docs/results/performance.md                      # SD 2.1 at 768 px, batch 1 and 4: about 2-4 min
-    python benchmarks/concept_speed.py --device cpu --scale 0.0625 --resolution 128 --batch-sizes 1 \\
-        --steps 2 --warmup 1                                    # CPU smoke run, under a minute
+        --doc docs/results/performance.md                     # SD 2.1 at 768 px, batch 1 and 4
+    python benchmarks/concept_speed.py --device cpu --scale 0.0625 --resolution 64 --batch-sizes 1 \\
+        --steps 2 --warmup 1 --threads 1                       # CPU smoke run: about a minute on 2 busy cores
 
 ``--doc PAGE`` rewrites the page's block ``<!-- begin: concept_speed -->`` ... ``<!-- end: ... -->`` with the
 command and the table of this run; the rest of the page is left as it is.
@@ -315,6 +314,17 @@ def estimate_seconds(done: list[dict], todo: list[tuple[str, int]], warmup: int,
     return total
 
 
+def fit_steps(done: list[dict], todo: list[tuple[str, int]], warmup: int, steps: int, elapsed: float,
+              budget_s: float, least: int = 3) -> int:
+    """The timed steps per measurement that keep the run within ``budget_s`` (0: no budget) by the estimate, never
+    more than ``steps`` nor fewer than ``least`` (or ``steps`` if that is fewer)."""
+    if not todo or not budget_s or elapsed + estimate_seconds(done, todo, warmup, steps) <= budget_s:
+        return steps
+    per_timed = estimate_seconds(done, todo, 0, 1)
+    fit = int((budget_s - elapsed - estimate_seconds(done, todo, warmup, 0)) / per_timed)
+    return max(min(least, steps), min(steps, fit))
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -350,6 +360,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device here (use --device cpu with a small --scale/--resolution)")
     if device.type == "cuda":
+        if device.index is None:  # torch.cuda.set_device and the memory statistics want an index
+            device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
     threads = torch.get_num_threads()
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
@@ -405,15 +417,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
         log(f"{i + 1}/{len(plan)} done ({name}, batch {batch}: "
             + (row["error"] if "error" in row else f"{row['seconds_per_step']:.3f} s/step") + f") at {elapsed:.0f} s; "
             f"estimate {elapsed + rest:.0f} s in all")
-        budget = 60 * args.budget_minutes
-        if todo and budget and elapsed + rest > budget and steps > 3:
-            per_timed = estimate_seconds(rows, todo, 0, 1)
-            fit = int((budget - elapsed - estimate_seconds(rows, todo, args.warmup, 0)) / per_timed)
-            new = max(3, min(steps, fit))
-            if new < steps:
-                log(f"over the {args.budget_minutes:g}-minute budget: {new} timed steps instead of {steps} from here "
-                    "on (each row says how many)")
-                steps = new
+        new = fit_steps(rows, todo, args.warmup, steps, elapsed, 60 * args.budget_minutes)
+        if new < steps:
+            log(f"over the {args.budget_minutes:g}-minute budget: {new} timed steps instead of {steps} from here on "
+                "(each row says how many)")
+            steps = new
     summary = {"name": "concept_speed_summary", **common, "build_s": round(build_s, 2),
                "wall_s": round(time.perf_counter() - t_start, 2), "baseline": BASELINE,
                "speed_ratio": {f"{r['config']}@{r['batch_size']}": r.get("speed_ratio") for r in rows},

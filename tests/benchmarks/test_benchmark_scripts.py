@@ -88,6 +88,25 @@ def test_concept_speed_runs_at_a_toy_size_and_writes_its_block(tmp_path):
     assert block.startswith("```bash\npython benchmarks/concept_speed.py --device cpu")
     assert "| `fp16_ckpt_cached` | 1 |" in block and "SD 2.1 widths × 0.0625" in block and "CPU: not the GPU" in block
 
+
+def test_concept_speed_estimates_and_fits_its_budget(monkeypatch):
+    """The time estimate scales the measured step by batch size and the assumed fp16 / checkpointing factors; over
+    the budget, the timed steps are lowered to fit, never below 3."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import concept_speed as cs
+
+    done = [{"config": "fp32", "batch_size": 1, "seconds_per_step": 1.0}]
+    todo = [("fp32", 4), ("fp16", 1), ("fp16_ckpt", 4)]
+    half, ckpt = cs._HALF_FACTOR, cs._CKPT_FACTOR
+    expected = 13 * (4 + half + 4 * half * ckpt)
+    assert abs(cs.estimate_seconds(done, todo, 3, 10) - expected) < 1e-9
+    assert cs.fit_steps(done, todo, 3, 10, elapsed=0, budget_s=0) == 10  # no budget
+    assert cs.fit_steps(done, todo, 3, 10, elapsed=0, budget_s=1e6) == 10
+    per_step = 4 + half + 4 * half * ckpt
+    assert cs.fit_steps(done, todo, 3, 10, elapsed=10, budget_s=10 + 9 * per_step) == 6  # 3 warm-up + 6 fit
+    assert cs.fit_steps(done, todo, 3, 10, elapsed=10, budget_s=11) == 3
+    assert cs.fit_steps(done, todo, 3, 2, elapsed=10, budget_s=11) == 2
+
 def test_fitymi_classes_resumes_and_summarizes(tmp_path, monkeypatch):
     """fitymi_classes.py (each class is three or more full train.py runs, minutes even tiny): rows are appended per
     class, classes already in the results file are skipped, and the summary averages each figure over the classes
