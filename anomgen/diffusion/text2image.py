@@ -378,8 +378,9 @@ def sd21_architecture(scale: float = 1.0, resolution: int = 768) -> dict[str, An
 def random_sd21_stack(scale: float = 1.0, resolution: int = 768, device: torch.device | str = "cpu",
                       seed: int = 0) -> TextToImageStack:
     """Stable Diffusion 2.1 (:func:`sd21_architecture` at ``scale`` and ``resolution``) with random weights, built
-    offline on ``device`` (parameters are created there: on a GPU the full size builds in seconds, on a CPU in about a
-    minute), frozen, float32, v-prediction. The text encoder is converted from a random open_clip ViT-H-14
+    offline on ``device`` (parameters are created and initialised there, not copied from the CPU; the full size
+    takes one to two minutes on 2 CPU cores; ``device="meta"`` builds the shapes only), frozen, float32,
+    v-prediction. The text encoder is converted from a random open_clip ViT-H-14
     (:func:`~anomgen.encoders.clip_text.clip_text_model_from_open_clip`), which is kept as ``stack.open_clip_model``:
     ADP's classifier, sharing the token table's values. For speed and memory measurements (the outputs are noise).
     Seeded by ``seed``; the global random state is left as it was."""
