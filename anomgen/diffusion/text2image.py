@@ -5,6 +5,8 @@
 - :func:`load_text_to_image`: a diffusers folder (Stable Diffusion 1.5 / 2.1 / 2.1-base, or
   ``CompVis/ldm-text2im-large-256``) by hub id or local path, through :func:`anomgen.pretrained.resolve`.
 - :func:`tiny_text_to_image`: the same architecture, tiny and random, in about a second (``pretrained=tiny``).
+- :func:`sd21_architecture` / :func:`random_sd21_stack`: Stable Diffusion 2.1's architecture as data, and built
+  with random weights at full size (or at a fraction of its widths), for speed and memory measurements.
 - :func:`build_text_to_image`: one of the two from a config entry (``configs/pretrained/*.yaml: text_to_image``).
 - The training step written out: :func:`encode_latents` ([0, 1] images → scaled latents), :func:`diffusion_loss`
   (noise, timestep, target ε / v / x₀, optional mask); :class:`LatentCache` encodes fixed images once per run.
@@ -29,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from anomgen.encoders.clip_text import (
+    CLIP_CONTEXT_LENGTH,
     TINY_OPEN_CLIP_CONFIG,
     TINY_OPEN_CLIP_NAME,
     clip_text_model_from_open_clip,
@@ -317,6 +320,92 @@ def tiny_text_to_image(kind: str = "sd", resolution: int = 32, prediction_type: 
         prediction_type=prediction_type, scaling_factor=float(vae.config.scaling_factor), latent_factor=latent_factor,
         kind=kind, source=None, open_clip_model=open_clip_model if kind == "sd" else None)
     return stack.freeze()
+
+
+#: the open_clip model whose text tower, less its last block, is Stable Diffusion 2.x's text encoder (ADP's classifier)
+SD21_OPEN_CLIP_NAME = "ViT-H-14"
+
+
+def sd21_architecture(scale: float = 1.0, resolution: int = 768) -> dict[str, Any]:
+    """Stable Diffusion 2.1's architecture (the 768 px v-prediction model) as data, to build with random weights:
+    ``{"unet": UNet2DConditionModel kwargs, "vae": AutoencoderKL kwargs, "open_clip": (model name, config),
+    "prediction_type": "v_prediction", "scale", "resolution"}``. At ``scale=1`` these are the settings of SD 2.1's
+    ``unet/config.json`` and ``vae/config.json`` (865.9 M and 83.7 M parameters) and open_clip's ViT-H-14 (whose text
+    tower less its last block is the 340 M-parameter text encoder).
+
+    ``scale`` (a multiple of 1/16 in (0, 1]) multiplies every channel width (UNet, VAE, text and image towers) and
+    keeps the rest: depths, head counts, channels per norm group (the group count scales), vocabulary, context
+    length. It is the same graph at a smaller size, for CPU smoke runs. ``resolution`` (pixels, a multiple of 64: the
+    VAE's factor 8 times the UNet's three down-samplings) sets ``sample_size``. The open_clip config is ``None`` at
+    ``scale=1`` (open_clip's own ``ViT-H-14``); otherwise it is to be registered under the returned name
+    (:func:`~anomgen.encoders.clip_text.register_open_clip_config`)."""
+    scale = float(scale)
+    if not 0 < scale <= 1 or abs(scale * 16 - round(scale * 16)) > 1e-9:
+        raise ValueError(f"sd21_architecture: scale must be a multiple of 1/16 in (0, 1], got {scale}")
+    if resolution < 64 or resolution % 64:
+        raise ValueError(f"sd21_architecture: resolution must be a positive multiple of 64 (latent factor 8 and "
+                         f"three UNet down-samplings), got {resolution}")
+
+    def w(channels: int) -> int:
+        return int(round(channels * scale))
+
+    groups = w(32)
+    unet = dict(
+        sample_size=resolution // 8, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=tuple(w(c) for c in (320, 640, 1280, 1280)),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        attention_head_dim=(5, 10, 20, 20),  # diffusers' name for the number of heads in SD 2.x: 64 channels each
+        cross_attention_dim=w(1024), use_linear_projection=True, upcast_attention=True, norm_num_groups=groups,
+        norm_eps=1e-5, act_fn="silu", flip_sin_to_cos=True, freq_shift=0)
+    vae = dict(
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, norm_num_groups=groups, act_fn="silu",
+        block_out_channels=tuple(w(c) for c in (128, 256, 512, 512)),
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        sample_size=resolution, scaling_factor=0.18215)
+    if scale == 1:
+        clip_name, clip_config = SD21_OPEN_CLIP_NAME, None
+    else:
+        clip_name = f"anomgen-sd21-text-clip-{round(scale * 16)}of16"
+        clip_config = {
+            "embed_dim": w(1024),
+            "vision_cfg": {"image_size": 224, "layers": 32, "width": w(1280), "head_width": w(80), "patch_size": 14},
+            "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": w(1024), "heads": 16, "layers": 24}}
+    return {"unet": unet, "vae": vae, "open_clip": (clip_name, clip_config), "prediction_type": "v_prediction",
+            "scale": scale, "resolution": int(resolution)}
+
+
+def random_sd21_stack(scale: float = 1.0, resolution: int = 768, device: torch.device | str = "cpu",
+                      seed: int = 0) -> TextToImageStack:
+    """Stable Diffusion 2.1 (:func:`sd21_architecture` at ``scale`` and ``resolution``) with random weights, built
+    offline on ``device`` (parameters are created and initialised there, not copied from the CPU; the full size
+    takes one to two minutes on 2 CPU cores; ``device="meta"`` builds the shapes only), frozen, float32,
+    v-prediction. The text encoder is converted from a random open_clip ViT-H-14
+    (:func:`~anomgen.encoders.clip_text.clip_text_model_from_open_clip`), which is kept as ``stack.open_clip_model``:
+    ADP's classifier, sharing the token table's values. For speed and memory measurements (the outputs are noise).
+    Seeded by ``seed``; the global random state is left as it was."""
+    import open_clip
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
+    from anomgen.encoders.clip_text import register_open_clip_config
+
+    arch = sd21_architecture(scale, resolution)
+    device = torch.device(device)
+    clip_name, clip_config = arch["open_clip"]
+    if clip_config is not None:
+        register_open_clip_config(clip_name, clip_config)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.device(device):
+        torch.manual_seed(seed)
+        classifier = open_clip.create_model(clip_name, pretrained=None, device=device).eval()
+        text_encoder = clip_text_model_from_open_clip(classifier).to(device)
+        unet = UNet2DConditionModel(**arch["unet"])
+        vae = AutoencoderKL(**arch["vae"])
+    stack = TextToImageStack(
+        unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(CLIP_CONTEXT_LENGTH),
+        noise_scheduler=DDPMScheduler(**SD_SCHEDULE, prediction_type=arch["prediction_type"]),
+        prediction_type=arch["prediction_type"], scaling_factor=float(vae.config.scaling_factor), latent_factor=8,
+        kind="sd", source=None, open_clip_model=classifier)
+    return stack.to(device).freeze()
 
 
 def build_text_to_image(source: str | os.PathLike | None = None, prediction_type: str | None = None,

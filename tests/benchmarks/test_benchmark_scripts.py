@@ -66,6 +66,47 @@ def test_selection_cost_runs_and_the_cache_computes_each_image_once():
     assert naive["images_through_extractors"] > shared["images_through_extractors"]
 
 
+
+def test_concept_speed_runs_at_a_toy_size_and_writes_its_block(tmp_path):
+    """concept_speed.py on the CPU at 1/16 of SD 2.1's widths and 64 px: the baseline and ADP's memory-saving setting
+    (fp16 frozen parts + autocast, checkpointing, cached latents) with the CLIP term, rows appended to --results, the
+    page's block rewritten."""
+    page = tmp_path / "performance.md"
+    page.write_text(PAGE.replace("selection_cost", "concept_speed"))
+    results = tmp_path / "concept.jsonl"
+    rows = _run("concept_speed.py", "--device", "cpu", "--scale", "0.0625", "--resolution", "64", "--batch-sizes", "1",
+                "--configs", "fp32", "fp16_ckpt_cached", "--warmup", "1", "--steps", "1", "--threads", "1",
+                "--results", str(results), "--doc", str(page))
+    base, adp_setting, summary = rows
+    assert (base["config"], base["speed_ratio"], base["latents"]) == ("fp32", 1.0, "vae_per_step")
+    assert adp_setting["config"] == "fp16_ckpt_cached" and adp_setting["latents"] == "cached"
+    assert adp_setting["gradient_checkpointing"] and adp_setting["half"] == "fp16" and adp_setting["speed_ratio"] > 0
+    assert base["finite_loss"] and adp_setting["finite_loss"] and base["clip_term"] and base["device"] == "cpu"
+    assert base["parameters"]["unet"] < 5e6 and summary["name"] == "concept_speed_summary"
+    assert len(results.read_text().splitlines()) == 3
+    block = page.read_text().split("<!-- begin: concept_speed -->\n", 1)[1].split("<!-- end: concept_speed -->")[0]
+    assert block.startswith("```bash\npython benchmarks/concept_speed.py --device cpu")
+    assert "| `fp16_ckpt_cached` | 1 |" in block and "SD 2.1 widths × 0.0625" in block and "CPU: not the GPU" in block
+
+
+def test_concept_speed_estimates_and_fits_its_budget(monkeypatch):
+    """The time estimate scales the measured step by batch size and the assumed fp16 / checkpointing factors; over
+    the budget, the timed steps are lowered to fit, never below 3."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import concept_speed as cs
+
+    done = [{"config": "fp32", "batch_size": 1, "seconds_per_step": 1.0}]
+    todo = [("fp32", 4), ("fp16", 1), ("fp16_ckpt", 4)]
+    half, ckpt = cs._HALF_FACTOR, cs._CKPT_FACTOR
+    expected = 13 * (4 + half + 4 * half * ckpt)
+    assert abs(cs.estimate_seconds(done, todo, 3, 10) - expected) < 1e-9
+    assert cs.fit_steps(done, todo, 3, 10, elapsed=0, budget_s=0) == 10  # no budget
+    assert cs.fit_steps(done, todo, 3, 10, elapsed=0, budget_s=1e6) == 10
+    per_step = 4 + half + 4 * half * ckpt
+    assert cs.fit_steps(done, todo, 3, 10, elapsed=10, budget_s=10 + 9 * per_step) == 6  # 3 warm-up + 6 fit
+    assert cs.fit_steps(done, todo, 3, 10, elapsed=10, budget_s=11) == 3
+    assert cs.fit_steps(done, todo, 3, 2, elapsed=10, budget_s=11) == 2
+
 def test_fitymi_classes_resumes_and_summarizes(tmp_path, monkeypatch):
     """fitymi_classes.py (each class is three or more full train.py runs, minutes even tiny): rows are appended per
     class, classes already in the results file are skipped, and the summary averages each figure over the classes

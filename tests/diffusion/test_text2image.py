@@ -18,7 +18,9 @@ from anomgen.diffusion.text2image import (
     diffusion_loss,
     encode_latents,
     load_text_to_image,
+    random_sd21_stack,
     read_model_index,
+    sd21_architecture,
     tiny_text_to_image,
     to_pipeline,
 )
@@ -247,3 +249,30 @@ def test_the_pretrained_config_entries_build():
     assert (paper.adp_clip.model_name, paper.adp_clip.pretrained) == ("ViT-H-14", "laion2b_s32b_b79k")
     with pytest.raises(ValueError, match="resolution=64 and tiny.resolution=32 differ"):
         build_text_to_image(resolution=64, tiny={"resolution": 32})
+
+
+def test_the_sd21_architecture_has_sd21s_parameter_counts_and_scales_down():
+    """At scale 1 the random SD 2.1 stack has the parameter counts of stabilityai/stable-diffusion-2-1's unet, vae and
+    text_encoder (built on the meta device: no memory, no init); a scaled one keeps the graph and shares the token
+    table with its open_clip classifier, as SD 2.x and ViT-H-14 do."""
+    full = random_sd21_stack(device="meta")
+    counts = {name: sum(p.numel() for p in module.parameters()) for name, module in full.modules().items()}
+    assert counts == {"unet": 865_910_724, "vae": 83_653_863, "text_encoder": 340_387_840,
+                      "open_clip_model": 986_109_441}
+    config = full.text_encoder.config
+    assert (config.num_hidden_layers, config.hidden_size, config.num_attention_heads, config.intermediate_size,
+            config.hidden_act, config.vocab_size) == (23, 1024, 16, 4096, "gelu", 49408)
+    assert full.resolution == 768 and full.prediction_type == "v_prediction" and full.latent_factor == 8
+    assert full.scaling_factor == pytest.approx(0.18215) and full.unet.config.upcast_attention
+
+    small = random_sd21_stack(scale=1 / 16, resolution=64, seed=1)
+    assert small.unet.config.block_out_channels == (20, 40, 80, 80) and small.text_width == 64
+    assert small.unet.config.attention_head_dim == (5, 10, 20, 20) and small.resolution == 64
+    assert small.text_encoder.config.num_hidden_layers == 23
+    assert torch.equal(small.text_encoder.get_input_embeddings().weight,
+                       small.open_clip_model.token_embedding.weight)
+    assert not any(p.requires_grad for m in small.modules().values() for p in m.parameters())
+    with pytest.raises(ValueError, match="multiple of 1/16"):
+        sd21_architecture(scale=0.1)
+    with pytest.raises(ValueError, match="multiple of 64"):
+        sd21_architecture(resolution=100)
