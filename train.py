@@ -63,7 +63,6 @@ def run_stage(cfg: DictConfig) -> tuple[dict, Path, bool]:
     datamodule = hydra.utils.instantiate(cfg.datamodule)
     model = hydra.utils.instantiate(cfg.model)
     callbacks = instantiate_group(cfg.get("callbacks"))
-    loggers = instantiate_group(cfg.get("logger"))
     generates = bool(cfg.generate and getattr(model, "generates", False))
     export = next((c for c in callbacks if isinstance(c, SyntheticSetExport)), None)
     if generates and export is None:
@@ -71,44 +70,50 @@ def run_stage(cfg: DictConfig) -> tuple[dict, Path, bool]:
                          "(callbacks.synthetic_set_export); add it or set generate=false")
     if generates:
         export.check_target()  # an existing set is refused before any training, not after it
-    trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    config = used_config(cfg)
-    version = code_version()
-    for logger in loggers:
-        logger.log_hyperparams(config)
+    loggers = instantiate_group(cfg.get("logger"))
+    try:
+        trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+        config = used_config(cfg)
+        version = code_version()
+        for logger in loggers:
+            logger.log_hyperparams(config)
 
-    metrics: dict = {}
-    outputs: dict = {}
-    fitted = bool(cfg.fit and getattr(model, "trainable", True))
-    if fitted:
-        # a Lightning checkpoint holds the hyperparameters (optimizer partials, configs), not only tensors, so it is
-        # unpickled in full: give ckpt_path only checkpoints you made yourself
-        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=False)
-        metrics.update({k: v for k, v in trainer.callback_metrics.items()})
-        checkpoint = getattr(trainer.checkpoint_callback, "last_model_path", None)
-        outputs["checkpoint"] = str(Path(checkpoint).resolve()) if checkpoint and Path(checkpoint).is_file() else None
-        if getattr(model, "tests_after_fit", False):
-            # the model's own test, on the weights it selected while fitting (e.g. the defect-type classifier on the
-            # real held-out anomalies; it selected on held-out generated ones, never on the test split)
-            trainer.test(model, datamodule=datamodule, verbose=False)
-            metrics.update({k: v for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
-    if generates:
-        export.set_info.update(config=config, task=datamodule.describe(), code_version=version)
-        # without fitting, ckpt_path says which weights generate (e.g. export again from a finished run)
-        trainer.predict(model, datamodule=datamodule, return_predictions=False,
-                        ckpt_path=None if fitted else cfg.get("ckpt_path"), weights_only=False)
+        metrics: dict = {}
+        outputs: dict = {}
+        fitted = bool(cfg.fit and getattr(model, "trainable", True))
+        if fitted:
+            # a Lightning checkpoint holds the hyperparameters (optimizer partials, configs), not only tensors, so it is
+            # unpickled in full: give ckpt_path only checkpoints you made yourself
+            trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=False)
+            metrics.update({k: v for k, v in trainer.callback_metrics.items()})
+            checkpoint = getattr(trainer.checkpoint_callback, "last_model_path", None)
+            found = checkpoint and Path(checkpoint).is_file()
+            outputs["checkpoint"] = str(Path(checkpoint).resolve()) if found else None
+            if getattr(model, "tests_after_fit", False):
+                # the model's own test, on the weights it selected while fitting (e.g. the defect-type classifier on the
+                # real held-out anomalies; it selected on held-out generated ones, never on the test split)
+                trainer.test(model, datamodule=datamodule, verbose=False)
+                metrics.update({k: v for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
+        if generates:
+            export.set_info.update(config=config, task=datamodule.describe(), code_version=version)
+            # without fitting, ckpt_path says which weights generate (e.g. export again from a finished run)
+            trainer.predict(model, datamodule=datamodule, return_predictions=False,
+                            ckpt_path=None if fitted else cfg.get("ckpt_path"), weights_only=False)
+            if trainer.is_global_zero:
+                from anomgen.data.synthetic import SyntheticSet
+
+                metrics["predict/num_exported"] = len(SyntheticSet(export.dirpath))
+        for part in (model, *callbacks):  # what the model and callbacks wrote: a backbone, FID-band sets, a kept set
+            outputs.update(getattr(part, "stage_outputs", None) or {})
         if trainer.is_global_zero:
-            from anomgen.data.synthetic import SyntheticSet
-
-            metrics["predict/num_exported"] = len(SyntheticSet(export.dirpath))
-    for part in (model, *callbacks):  # what the model and callbacks wrote: a backbone, FID-band sets, a kept set
-        outputs.update(getattr(part, "stage_outputs", None) or {})
-    if trainer.is_global_zero:
-        outputs["metrics"] = str(write_metrics(run_dir, metrics).resolve())
-        pipeline.write_run_record(run_dir, outputs, {"task": cfg.task_name, "code_version": version,
-                                                     "model": cfg.model.get("_target_")})
-        if not cfg.get("pipeline_dir"):
-            pipeline.point_latest_run(cfg.paths.log_dir, run_dir)
+            outputs["metrics"] = str(write_metrics(run_dir, metrics).resolve())
+            pipeline.write_run_record(run_dir, outputs, {"task": cfg.task_name, "code_version": version,
+                                                         "model": cfg.model.get("_target_")})
+            if not cfg.get("pipeline_dir"):
+                pipeline.point_latest_run(cfg.paths.log_dir, run_dir)
+    except BaseException:
+        finish_loggers(loggers, "failed")  # no W&B run left open for the next run of this process
+        raise
     finish_loggers(loggers)
     return metrics, run_dir, trainer.is_global_zero
 

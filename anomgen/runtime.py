@@ -84,11 +84,13 @@ def instantiate_group(cfg) -> list:
     return [hydra.utils.instantiate(c) for c in cfg.values() if hasattr(c, "keys") and "_target_" in c]
 
 
-def finish_loggers(loggers: list) -> None:
-    """Close loggers, so that nothing they print comes after the run directory (wandb prints at exit otherwise)."""
+def finish_loggers(loggers: list, status: str = "success") -> None:
+    """Close loggers, so that nothing they print comes after the run directory (wandb prints at exit otherwise).
+    ``status="failed"`` after an error: the W&B run ends as failed rather than staying open for the next run of the
+    process to attach to."""
     for logger in loggers:
-        logger.finalize("success")
+        logger.finalize(status)
         if type(logger).__name__ == "WandbLogger":
             import wandb
 
-            wandb.finish()
+            wandb.finish(exit_code=0 if status == "success" else 1)

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from anomgen.data.synthetic import read_manifest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -100,6 +102,7 @@ def test_baseline_noise_set_is_the_same_on_two_processes(tmp_path):
         assert (single / row["image"]).read_bytes() == (ddp / row["image"]).read_bytes(), row["id"]
 
 
+@pytest.mark.slow  # three processes start and import the stack (about 25 s); pytest -m slow runs it
 def test_adp_concept_stage_learns_one_concept_on_two_processes(tmp_path):
     """The concept stage under 2-process DDP: the token table's gradient is averaged over the ranks (the stage checks
     that every rank ends with the same vectors, and fails otherwise), and rank 0 writes the one concept file."""

@@ -67,6 +67,7 @@ def test_selection_cost_runs_and_the_cache_computes_each_image_once():
 
 
 
+@pytest.mark.slow  # 25-40 s even at 1/16 width: pytest -m slow runs it
 def test_concept_speed_runs_at_a_toy_size_and_writes_its_block(tmp_path):
     """concept_speed.py on the CPU at 1/16 of SD 2.1's widths and 64 px: the baseline and ADP's memory-saving setting
     (fp16 frozen parts + autocast, checkpointing, cached latents) with the CLIP term, rows appended to --results, the

@@ -36,9 +36,9 @@ def tiny_name(tmp_path_factory) -> str:
     import open_clip
 
     folder = tmp_path_factory.mktemp("winclip_cfg")
-    (folder / "anomgen-tiny-winclip.json").write_text(json.dumps(TINY_WINCLIP))
+    (folder / "anomgen-test-winclip-48.json").write_text(json.dumps(TINY_WINCLIP))
     open_clip.add_model_config(folder)
-    return "anomgen-tiny-winclip"
+    return "anomgen-test-winclip-48"
 
 
 def _anomalib_model(name: str, class_name: str = "object"):
