@@ -155,7 +155,8 @@ def main(argv: list[str] | None = None) -> str:
     if args.doc:
         from docpage import write_doc
 
-        write_doc(args.doc, f"adp_table {args.results.stem}", "adp_table.py", argv, text)
+        write_doc(args.doc, f"adp_table {args.results.stem}", "adp_table.py",
+                  argv if argv is not None else sys.argv[1:], text)
     return text
 
 

@@ -275,7 +275,7 @@ def test_fitymi_classes_refreshes_its_block_from_the_results_file(tmp_path, monk
 def test_adp_table_grid_resumes_and_makes_both_tables(tmp_path, monkeypatch):
     """adp_table.py: one row per (category, K, seed), combinations already in the results file skipped; Table 1 is
     mean ± std over seeds per category and K with the mean over categories, Table 2 the K = 4 ablation; plumbing rows
-    are labelled as such. (Each real run is a whole pipeline: the tiny one is tested in tests/models/test_adp.py.)"""
+    are labelled as such. (Each real run is a whole pipeline: tests/models/test_adp_stages.py runs the tiny one.)"""
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     import adp_table
 
@@ -301,3 +301,30 @@ def test_adp_table_grid_resumes_and_makes_both_tables(tmp_path, monkeypatch):
     assert "| 4 | **mean** | | 80.5 | 80.6 | 80.7 |" in text
     assert "| 4 | paper | 88.6 | 95.9 | 95.2 | 96.0 |" in text   # the paper's Table 2 (MVTec)
     assert len(results.read_text().splitlines()) == 4
+
+
+def test_adp_ti_animals_runs_and_refreshes_its_block(tmp_path):
+    """adp_ti_animals.py --tiny (Animal-MNIST, toy sizes): every phase runs, the row has the claim's figures (the
+    held-out class's share for the learned token and the initial word, per-class accuracy on trained classes, the
+    held-out losses), is appended to --results, the grid is written, and --doc rewrites only its block."""
+    pytest.importorskip("animal_mnist")
+    page = tmp_path / "adp.md"
+    page.write_text(PAGE.replace("selection_cost", "adp_ti_animals"))
+    results, grid = tmp_path / "rows.jsonl", tmp_path / "grid.png"
+    rows = _run("adp_ti_animals.py", "--tiny", "--results", str(results), "--grid", str(grid), "--doc", str(page))
+    row = rows[-1]
+    assert row["name"] == "adp_ti_animals" and row["settings"]["tiny"] and row["settings"]["held_out"] == "Zebra"
+    assert [json.loads(line)["name"] for line in results.read_text().splitlines()] == ["adp_ti_animals"]
+    assert set(row["calls"]) == {"token", "word", "random"} and row["calls"]["token"]["n"] == 6
+    assert all(0.0 <= row["calls"][k]["held_out_share"] <= 1.0 for k in ("token", "word"))
+    assert set(row["generation_accuracy"]["per_class"]) == {"Bear", "Bird", "Cat", "Cow", "Dog", "Elephant",
+                                                             "Giraffe", "Horse", "Sheep"}
+    assert set(row["heldout_loss"]) == {"Zebra shots", "Zebra", "Horse"}
+    assert row["textual_inversion"]["relative_drift"] > 0
+    assert set(row["seconds"]) >= {"classifier", "text_to_image", "textual_inversion", "generation", "total"}
+    assert grid.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = page.read_text()
+    assert _outside_blocks(text) == _outside_blocks(PAGE.replace("selection_cost", "adp_ti_animals"))
+    block = text.split("<!-- begin: adp_ti_animals -->\n", 1)[1].split("<!-- end: adp_ti_animals -->", 1)[0]
+    assert block.startswith("```bash\npython benchmarks/adp_ti_animals.py --tiny") and "--doc" not in block
+    assert "| `a photo of a <zebra-ti>` (learned) | 6 |" in block and "called Zebra" in block and "](grid.png)" in block
