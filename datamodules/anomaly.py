@@ -234,6 +234,10 @@ class AnomalyDataModule(LightningDataModule):
         if self.outlier_exposure_set:  # outlier exposure: the support normals + the synthetic set's anomalies
             data = OutlierExposureSet(self.support, self.outlier_exposure_set, self.outlier_exposure_target,
                                       image_size=self.support[0]["image"].shape[-2:])
+        return self._training_loader(data)
+
+    def _training_loader(self, data: Dataset) -> DataLoader:
+        """The training loader of ``data``: ``train_transform`` applied, ``train_repeats`` passes, shuffled."""
         if self.train_transform is not None:
             data = TransformedView(data, self.train_transform)
         if self.train_repeats > 1:

@@ -24,11 +24,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from torch.utils.data import ConcatDataset, DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from anomgen.data import tasks
 from anomgen.errors import DatasetError
-from datamodules.anomaly import AnomalyDataModule, TransformedView
+from datamodules.anomaly import AnomalyDataModule
 
 
 class DefectLabels(Dataset):
@@ -154,12 +154,7 @@ class DefectTypeDataModule(AnomalyDataModule):
     # -- loaders -------------------------------------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:
         self._require_pairs()
-        data: Dataset = self.train_pairs
-        if self.train_transform is not None:
-            data = TransformedView(data, self.train_transform)
-        if self.train_repeats > 1:
-            data = ConcatDataset([data] * self.train_repeats)
-        return self._loader(data, shuffle=True, batch_size=self.batch_size)
+        return self._training_loader(self.train_pairs)
 
     def val_dataloader(self) -> DataLoader | list:
         self._require_pairs()

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from anomgen.data.base import as_hw
+from anomgen.detectors.maps import MapDetector
 from anomgen.errors import PretrainedNotFoundError
 from anomgen.pretrained import load_state_dict_strict
 
@@ -192,7 +193,7 @@ def load_localizer(path: str | os.PathLike) -> tuple[DiscriminativeSubNetwork, d
 # ------------------------------------------------------------------------------------------------------- detector
 
 
-class UNetLocalizer:
+class UNetLocalizer(MapDetector):
     """The trained localizer as a detector of evaluate.py; higher is more anomalous.
 
     ``checkpoint``: the ``localizer.pt`` a ``model=unet_localizer`` stage writes (its stage output ``checkpoint``),
@@ -261,18 +262,7 @@ class UNetLocalizer:
             maps = F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0].clamp_(0, 1)
         return scores.double().cpu(), maps.float().cpu()
 
-    def predict(self, batches: Iterable[dict]) -> tuple[Tensor, Tensor]:
-        """(image scores N, pixel maps N × H × W) of every record batch in ``batches``."""
-        results = [self.predict_images(batch["image"]) for batch in batches]
-        if not results:
-            raise ValueError(f"{self.name}: no images to score")
-        return torch.cat([r[0] for r in results]), torch.cat([r[1] for r in results])
-
-    def score(self, batches: Iterable[dict]) -> Tensor:
-        """Image anomaly scores (N, float64, CPU)."""
-        return self.predict(batches)[0]
-
-    def score_maps(self, batches: Iterable[dict]) -> Tensor:
-        """Pixel anomaly maps p_anomalous (N × H × W, float32, CPU) at the images' size."""
-        return self.predict(batches)[1]
+    def predict_batch(self, batch: dict) -> tuple[Tensor, Tensor]:
+        """(image scores B, pixel maps p_anomalous B × H × W at the images' size) of one record batch."""
+        return self.predict_images(batch["image"])
 

@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from anomgen.detectors.maps import MapDetector
 from anomgen.pixels import normalize, resize
 
 #: states of a normal object ("{}" is the object word)
@@ -294,7 +295,7 @@ def few_shot_patch_scores(features: WinCLIPFeatures, memory: WinCLIPFeatures, wi
     return torch.stack(maps).mean(dim=0)
 
 
-class WinCLIP:
+class WinCLIP(MapDetector):
     """WinCLIP (zero-shot) and WinCLIP+ (few-shot) anomaly detection and localisation; higher is more anomalous.
 
     ``class_name``: the object word of the prompts; ``None`` takes each record's ``category`` (underscores read as
@@ -376,17 +377,6 @@ class WinCLIP:
         pixels = F.interpolate(maps.unsqueeze(1), size=tuple(images.shape[-2:]), mode="bilinear", align_corners=False)
         return scores.cpu(), pixels.squeeze(1).float().cpu()
 
-    def predict(self, batches: Iterable[dict]) -> tuple[Tensor, Tensor]:
-        """(image scores N float64, pixel maps N × H × W float32, CPU) of every record batch in ``batches``."""
-        results = [self.predict_images(batch["image"], self._words(batch)) for batch in batches]
-        if not results:
-            raise ValueError(f"{self.name}: no images to score")
-        return torch.cat([r[0] for r in results]), torch.cat([r[1] for r in results])
-
-    def score(self, batches: Iterable[dict]) -> Tensor:
-        """Image anomaly scores (N, float64, CPU) of every record batch in ``batches``."""
-        return self.predict(batches)[0]
-
-    def score_maps(self, batches: Iterable[dict]) -> Tensor:
-        """Pixel anomaly maps (N × H × W, float32, CPU) of every record batch in ``batches``, at the images' size."""
-        return self.predict(batches)[1]
+    def predict_batch(self, batch: dict) -> tuple[Tensor, Tensor]:
+        """(image scores B, pixel maps B × H × W at the images' size) of one record batch, its words as prompts."""
+        return self.predict_images(batch["image"], self._words(batch))
