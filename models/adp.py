@@ -101,15 +101,8 @@ class ADPConcept(LightningModule):
             self.support_features = embed_images(self.classifier, images)
             self.pseudo_features = None
             if hp.phase == "anomaly":
-                from anomgen.data.synthetic import SyntheticSet
-
-                pseudo = SyntheticSet(hp.pseudo_anomalies, image_size=images.shape[-2:], labels=(1,))
-                if len(pseudo) == 0:
-                    raise ValueError(f"model.pseudo_anomalies {hp.pseudo_anomalies} holds no images")
-                self.pseudo_features = torch.cat([
-                    embed_images(self.classifier, torch.stack([pseudo[j]["image"] for j in
-                                                               range(i, min(i + 16, len(pseudo)))]))
-                    for i in range(0, len(pseudo), 16)])
+                self.pseudo_features = adp.pseudo_anomaly_features(self.classifier, hp.pseudo_anomalies,
+                                                                   images.shape[-2:], "model.pseudo_anomalies")
 
     def on_fit_start(self) -> None:
         """The UNet, VAE and classifier are no submodules (their weights stay out of checkpoints): moved here."""

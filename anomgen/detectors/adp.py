@@ -112,6 +112,23 @@ def anomaly_concept_loss(pseudo_anomaly_probabilities: Tensor, alpha: float, gam
     return alpha * (pseudo_anomaly_probabilities[:, 0] - gamma).clamp(min=0).mean()
 
 
+@torch.no_grad()
+def pseudo_anomaly_features(model, folder: str, size: tuple[int, int], what: str = "pseudo_anomalies",
+                            batch_size: int = 32) -> Tensor:
+    """L2-normalised CLIP image embeddings (N × D) of the anomalies of the synthetic set ``folder`` (read at
+    ``size``), in batches; an empty set is an error naming ``what`` and the folder."""
+    from anomgen.data.synthetic import SyntheticSet
+    from anomgen.encoders.clip import embed_images
+
+    pseudo = SyntheticSet(folder, image_size=tuple(size), labels=(1,))
+    if len(pseudo) == 0:
+        raise ValueError(f"{what}: the pseudo-anomaly set {folder} holds no images")
+    device = next(model.parameters()).device
+    chunks = [torch.stack([pseudo[j]["image"] for j in range(i, min(i + batch_size, len(pseudo)))])
+              for i in range(0, len(pseudo), batch_size)]
+    return torch.cat([embed_images(model, c.to(device)) for c in chunks])
+
+
 class ADPDetector:
     """ADP's detector (Eq. 5–7) with the WinCLIP-style few-shot patch score; higher scores are more anomalous.
 
@@ -208,7 +225,7 @@ class ADPDetector:
         if len(states) == 1:
             self.weights = {next(iter(states)): 1.0}
         else:
-            pseudo = self._pseudo_anomaly_features(images[0].shape[-2:])
+            pseudo = pseudo_anomaly_features(self.model, self.pseudo_anomalies, images[0].shape[-2:], self.name)
             self.weights = {n: float(concept_weight(state_probabilities(shots, g, self.tau),
                                                     state_probabilities(pseudo, g, self.tau)))
                             for n, g in states.items()}
@@ -216,16 +233,6 @@ class ADPDetector:
         if self.patch is not None:
             self.memory = WinCLIPFeatures.cat([self.patch(x) for x in images])
         return self
-
-    def _pseudo_anomaly_features(self, size) -> Tensor:
-        from anomgen.data.synthetic import SyntheticSet
-
-        pseudo = SyntheticSet(self.pseudo_anomalies, image_size=tuple(size), labels=(1,))
-        if len(pseudo) == 0:
-            raise ValueError(f"{self.name}: the pseudo-anomaly set {self.pseudo_anomalies} holds no images")
-        chunks = [torch.stack([pseudo[j]["image"] for j in range(i, min(i + 32, len(pseudo)))])
-                  for i in range(0, len(pseudo), 32)]
-        return torch.cat([self.image_features(c) for c in chunks])
 
     @torch.no_grad()
     def score(self, batches: Iterable[dict]) -> Tensor:
