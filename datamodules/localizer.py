@@ -7,7 +7,10 @@ Pairs (``pairs``):
   images (:class:`~anomgen.generators.perlin.PerlinPairs`, anomalib's generator, offline), a new pair for every
   draw, seeded by the draw's index (``pairs_seed``); ``perlin``: the generator's settings;
 - ``"set"`` (the default when ``pairs_set`` is given): the anomalies of a synthetic set with masks (AnomalyDiffusion's
-  pairs, ...), resized to the task's image size; a set whose anomalies have no mask is refused at construction.
+  pairs, ...), resized to the task's image size; a set whose anomalies have no mask is refused at construction;
+- ``"anomaly_train"``: the *real* anomalies set aside for generators (``anomaly_train_fraction``: the first third of
+  each defect type, never in the test split) with their ground-truth masks: the oracle a generator's pairs are
+  compared with (a localizer trained on the few real anomalies a generator learns from).
 
 An epoch is ``samples_per_epoch`` draws (500: AnomalyDiffusion's loaders), even draws normals and odd draws pairs,
 numbered across epochs (:class:`~anomgen.data.pairs.EpochDraws`), so that every epoch sees new Perlin pairs.
@@ -15,7 +18,8 @@ numbered across epochs (:class:`~anomgen.data.pairs.EpochDraws`), so that every 
 Validation (checkpoint selection) never reads the test split: ``validation="holdout"`` (default) gives the normals
 held out of training (``holdout_fraction``) and ``val_pairs_per_normal`` generated pairs per held-out normal: Perlin
 pairs of those held-out normals (their own seed stream), or a seeded part of the set's pairs, which then leaves
-training. ``validation="none"``: no validation (the localizer keeps its last weights). ``validation="test"`` is
+training (with ``"anomaly_train"``: a seeded part of those real anomalies, held out of training as a set's
+pairs are). ``validation="none"``: no validation (the localizer keeps its last weights). ``validation="test"`` is
 refused: the AnomalyDiffusion reference picks its checkpoint on the test set, which is not done here.
 """
 
@@ -29,7 +33,7 @@ from anomgen.data import tasks
 from anomgen.data.pairs import EpochDraws, MixedPairs, RecordPairs, holdout_split, synthetic_pairs
 from datamodules.anomaly import AnomalyDataModule
 
-PAIR_SOURCES = ("perlin", "set")
+PAIR_SOURCES = ("perlin", "set", "anomaly_train")
 
 
 class LocalizerDataModule(AnomalyDataModule):
@@ -44,7 +48,7 @@ class LocalizerDataModule(AnomalyDataModule):
         perlin: Mapping | None = None,
         **kwargs,
     ) -> None:
-        """``pairs``: ``"perlin"`` | ``"set"`` | ``None`` (``"set"`` when ``pairs_set`` is given, else ``"perlin"``);
+        """``pairs``: ``"perlin"`` | ``"set"`` | ``"anomaly_train"`` | ``None`` (``"set"`` when ``pairs_set`` is given, else ``"perlin"``);
         ``pairs_set``: a synthetic set folder with masks; ``perlin``: keyword arguments of
         :class:`~anomgen.generators.perlin.PerlinAnomalies` (``blend_factor``, ``rotation_range``, ``dual_mask``,
         ``anomaly_source_path``). The other arguments are :class:`AnomalyDataModule`'s."""
@@ -63,9 +67,12 @@ class LocalizerDataModule(AnomalyDataModule):
                              f"perlin), got {pairs!r}")
         if pairs == "set" and not pairs_set:
             raise ValueError("pairs=set needs pairs_set: a synthetic set folder of anomaly image-mask pairs")
-        if pairs == "perlin" and pairs_set:
-            raise ValueError(f"pairs=perlin but pairs_set={pairs_set!r} is given: choose one (pairs=set, or drop "
+        if pairs != "set" and pairs_set:
+            raise ValueError(f"pairs={pairs} but pairs_set={pairs_set!r} is given: choose one (pairs=set, or drop "
                              "pairs_set)")
+        if pairs == "anomaly_train" and self.anomaly_train_fraction is None:
+            raise ValueError("pairs=anomaly_train trains on the real anomalies set aside for generators: set "
+                             "datamodule.anomaly_train_fraction (AnomalyDiffusion: 0.3333333333333333)")
         if int(val_pairs_per_normal) < 0:
             raise ValueError(f"val_pairs_per_normal must be >= 0, got {val_pairs_per_normal}")
         self.pairs = pairs
@@ -84,8 +91,9 @@ class LocalizerDataModule(AnomalyDataModule):
             return
         size = tuple(self.support[0]["image"].shape[-2:])
         n_val = 0 if self.validation == "none" else self.val_pairs_per_normal * len(self.val_normals)
-        if self.pairs == "set":
-            every = synthetic_pairs(self.pairs_set, image_size=size)
+        if self.pairs in ("set", "anomaly_train"):
+            every = (synthetic_pairs(self.pairs_set, image_size=size) if self.pairs == "set"
+                     else self.anomaly_train)
             n_val = min(n_val, len(every) - 1)  # at least one pair left to train on
             kept, held = holdout_split(len(every), n_val, self.pairs_seed)
             self.train_pairs = RecordPairs(tasks.TaskView(every, kept, name="train-pairs"))

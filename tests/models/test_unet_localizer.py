@@ -186,6 +186,31 @@ def test_validation_is_held_out_generated_pairs_never_the_test_split(tmp_path, m
     assert dm.describe()["num_val_pairs"] == 4
 
 
+def test_oracle_pairs_are_the_real_first_third_never_the_test_split(tmp_path, one_thread):
+    root = write_mvtec(tmp_path / "mvtec", categories=("bottle",), n_train=6, n_test_good=2, defects=("broken",),
+                       n_per_defect=9, size=SIZE)
+    with pytest.raises(ValueError, match="pairs=anomaly_train .*anomaly_train_fraction"):
+        _datamodule(root, pairs="anomaly_train")
+    with pytest.raises(ValueError, match="pairs=anomaly_train but pairs_set"):
+        _datamodule(root, pairs="anomaly_train", pairs_set=str(tmp_path), anomaly_train_fraction=1 / 3)
+    dm = _datamodule(root, pairs="anomaly_train", anomaly_train_fraction=1 / 3, val_pairs_per_normal=1)
+    dm.setup("fit")
+    first_third = {e.image_path for e in dm.anomaly_train.entries}
+    assert len(first_third) == 3  # 9 anomalies: the first 3 by file name
+    test_paths = {e.image_path for e in dm.test_set.entries}
+    assert not first_third & test_paths and len(test_paths) == 2 + 6
+    val = [b for b in dm.val_dataloader()]
+    val_pairs = {p for b in val for p, y in zip(b["image_path"], b["label"]) if y == 1}
+    assert len(val_pairs) == 2 and val_pairs <= first_third  # one per held-out normal, from the first third
+    train = [b for b in dm.train_dataloader()]
+    train_pairs = {p for b in train for p, y in zip(b["image_path"], b["label"]) if y == 1}
+    assert train_pairs == first_third - val_pairs  # the rest of the first third, with its ground-truth masks
+    for b in train:
+        for m, y in zip(b["mask"], b["label"]):
+            assert (m.amax() == 1) == bool(y)
+    assert dm.describe()["pairs"] == "anomaly_train"
+
+
 def test_training_draws_new_pairs_every_epoch(mvtec_root, one_thread):
     dm = _datamodule(mvtec_root)
     dm.setup("fit")
