@@ -16,6 +16,10 @@ metrics on a test split with masks (MVTec AD, VisA): ``test/<detector>/pixel_AUR
 ``pixel_F1Max_threshold`` and ``pixel_AUPRO`` (FPR up to ``pixel_metrics.fpr_limit``, 0.3). They are binned over the
 detector's ``map_range`` (memory bounded, ``pixel_metrics``) or exact; without any anomalous pixel they are null in
 metrics.json with ``pixel_undefined`` saying why. Synthetic sets get image metrics only.
+
+``generation_metrics`` (AnomalyDiffusion's pipeline sets it) adds the generation figures of the named sets:
+``generation/<set>/inception_score`` (``pretrained.is_classifier``) and ``generation/<set>/ic_lpips`` (and per defect
+type; ``pretrained.lpips``), against the real anomalies the generator learnt from (``datamodule.anomaly_train``).
 """
 
 from __future__ import annotations
@@ -91,6 +95,27 @@ def pixel_metrics_for(detector, dataset, cfg: DictConfig | None, name: str):
     return PixelMetrics(num_thresholds, score_range, fpr_limit=cfg.get("fpr_limit", 0.3), name=name)
 
 
+def generation_figures(cfg: DictConfig, datamodule, sets: dict[str, str]) -> dict:
+    """``generation_metrics``: ``sets`` (names in ``synthetic_sets``), ``inception_score`` and ``ic_lpips`` (bools),
+    ``splits``: :func:`anomgen.metrics.generation.generation_metrics` of each named set, its IC-LPIPS clusters centred
+    on the datamodule's ``anomaly_train`` (the real anomalies the generator learnt from)."""
+    from anomgen.metrics.generation import generation_metrics
+
+    gen = cfg.generation_metrics
+    anomalies = getattr(datamodule, "anomaly_train", None)
+    if anomalies is None:
+        raise ValueError("generation_metrics compares generated anomalies with the real ones the generator learnt "
+                         "from: set datamodule.anomaly_train_fraction (AnomalyDiffusion: 0.3333333333333333)")
+    missing = [name for name in gen.sets if name not in sets]
+    if missing:
+        raise ValueError(f"generation_metrics.sets names {missing}, not among synthetic_sets {sorted(sets)}")
+    classifier = hydra.utils.instantiate(cfg.pretrained.is_classifier) if gen.get("inception_score", True) else None
+    distance = hydra.utils.instantiate(cfg.pretrained.lpips) if gen.get("ic_lpips", True) else None
+    return {name: generation_metrics(sets[name], anomalies, classifier, distance, splits=int(gen.get("splits", 10)),
+                                     seed=int(cfg.seed), batch_size=datamodule.eval_batch_size)
+            for name in gen.sets}
+
+
 def evaluate(cfg: DictConfig) -> tuple[dict, Path]:
     import lightning as L
 
@@ -123,6 +148,8 @@ def evaluate(cfg: DictConfig) -> tuple[dict, Path]:
             metrics.setdefault(set_name, {})[name] = {**synth, "num_anomalies": len(anomalies),
                                                       "num_normals": len(datamodule.val_normals)}
 
+    if cfg.get("generation_metrics"):
+        metrics["generation"] = generation_figures(cfg, datamodule, sets)
     flat = write_metrics(run_dir, metrics)
     report["metrics"] = metrics
     write_json(run_dir / "report.json", report)
@@ -132,7 +159,8 @@ def evaluate(cfg: DictConfig) -> tuple[dict, Path]:
     numbers = {k: v for k, v in json.loads(flat.read_text()).items() if isinstance(v, (int, float))}
     for logger in loggers:
         logger.log_hyperparams(used_config(cfg, ("task_name", "tags", "seed", "datamodule", "detector", "detectors",
-                                                 "synthetic_sets", "pixel_metrics", "paths")))
+                                                 "synthetic_sets", "pixel_metrics", "generation_metrics",
+                                                 "paths")))
         logger.log_metrics(numbers)
         if hasattr(logger, "log_table"):
             rows = [[d, k, v] for d, r in report["detectors"].items()

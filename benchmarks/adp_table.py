@@ -30,6 +30,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from pipeline_runs import append_row, read_rows, run_pipeline  # noqa: E402
 
 #: Table 1's detectors and Table 2's, as the evaluate stage names them
 TABLE1 = ("winclip_plus", "adp", "adp_l")
@@ -49,27 +52,13 @@ def categories(experiment: str) -> list[str]:
     return list(MVTEC_CATEGORIES if experiment == "adp_mvtec" else VISA_CATEGORIES)
 
 
-def run_pipeline(log_dir: Path, *overrides: str) -> dict:
-    """One ``train.py`` pipeline run; its metrics."""
-    out = subprocess.run([sys.executable, str(ROOT / "train.py"), f"paths.log_dir={log_dir}", "logger=csv",
-                          *overrides], capture_output=True, text=True, cwd=ROOT)
-    if out.returncode != 0:
-        raise RuntimeError(f"train.py {' '.join(overrides)} failed:\n{out.stderr[-3000:]}")
-    run_dir = Path(out.stdout.strip().splitlines()[-1])
-    return json.loads((run_dir / "metrics.json").read_text())
-
-
 def run_one(experiment: str, category: str, k: int, seed: int, tiny: bool, extra: list[str], work: Path) -> dict:
     overrides = [f"experiment={experiment}", f"datamodule.dataset.category={category}", f"adp.k_shot={k}",
                  f"datamodule.support_seed={seed}", f"seed={seed}", *(["debug=tiny"] if tiny else []), *extra]
-    metrics = run_pipeline(work, *overrides)
+    _, metrics = run_pipeline(work, *overrides)
     auroc = {d: metrics.get(f"evaluate/test/{d}/image_AUROC") for d in dict.fromkeys(TABLE1 + TABLE2)}
     return {"experiment": experiment, "category": category, "k": k, "seed": seed, "plumbing": tiny,
             "extra": extra, "image_AUROC": auroc}
-
-
-def read_rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
 def _mean_std(values: list[float]) -> str:
@@ -146,9 +135,7 @@ def main(argv: list[str] | None = None) -> str:
                         continue
                     print(f"{args.experiment} {category} K={k} seed={seed} ...", flush=True)
                     row = run_one(args.experiment, category, k, seed, args.tiny, args.extra, Path(work))
-                    args.results.parent.mkdir(parents=True, exist_ok=True)
-                    with args.results.open("a") as f:
-                        f.write(json.dumps(row) + "\n")
+                    append_row(args.results, row)
                     rows.append(row)
     text = tables(rows, args.experiment)
     print(text)

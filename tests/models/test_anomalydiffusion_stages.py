@@ -48,7 +48,7 @@ def test_the_pipeline_runs_every_stage_offline_and_exports_pairs_with_masks(run_
     """``experiment=anomalydiffusion_mvtec debug=tiny``: the embedding and mask files of the category's two defect
     types, 2 pairs per type with non-empty masks, each made from a normal training image (no sample's source is a test
     image), and kNN scored on a test split that holds every good test image and only the anomalies the generator did
-    not learn from. The figures are plumbing (tiny random weights), not results."""
+    not learn from, and the pairs' generation figures. The figures are plumbing (tiny random weights), not results."""
     from anomgen.data import MVTecAD
     from anomgen.data.synthetic import SyntheticSet, read_manifest
     from anomgen.generators.anomalydiffusion import load_anomaly_embedding
@@ -89,6 +89,12 @@ def test_the_pipeline_runs_every_stage_offline_and_exports_pairs_with_masks(run_
     assert task["num_test"] == len(test_paths) - 2  # every good test image + the anomalies left for testing
     assert 0.0 <= metrics["evaluate/test/knn_pixels/image_AUROC"] <= 1.0
     assert metrics["evaluate/anomalydiffusion/knn_pixels/num_anomalies"] == 4  # the generated pairs, scored too
+    # the pairs' Inception Score (2 splits of 2) and IC-LPIPS per defect type around that type's training anomaly
+    generation = {k.split("/", 3)[-1]: v for k, v in metrics.items()
+                  if k.startswith("evaluate/generation/anomalydiffusion/")}
+    assert generation["num_generated"] == 4 and generation["inception_score"] >= 1.0
+    assert set(generation) >= {"ic_lpips", "ic_lpips/broken", "ic_lpips/crack"}
+    assert generation["ic_lpips"] == pytest.approx((generation["ic_lpips/broken"] + generation["ic_lpips/crack"]) / 2)
 
 
 def test_a_defect_type_too_small_for_the_split_is_named(run_train, tmp_path):
@@ -124,3 +130,17 @@ def test_the_generation_stage_refuses_other_files_and_a_mask_model_that_gives_up
     with pytest.raises(Exception, match=r"defect type 'broken': no acceptable mask in 2 tries \(rejected: 2 empty"):
         run_train([*GENERATE_STAGE, f"model.embedding={embedding}", f"model.masks={masks}", "model.mask_threshold=1.0",
                    "model.mask_max_tries=2"], tmp_path / "gives-up")
+
+
+def test_generation_metrics_need_the_training_anomalies_and_named_sets():
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from evaluate import generation_figures
+
+    cfg = OmegaConf.create({"generation_metrics": {"sets": ["other"]}, "seed": 0})
+    with pytest.raises(ValueError, match="anomaly_train_fraction"):
+        generation_figures(cfg, SimpleNamespace(anomaly_train=None), {"other": "x"})
+    with pytest.raises(ValueError, match=r"names \['other'\], not among synthetic_sets \['anomalydiffusion'\]"):
+        generation_figures(cfg, SimpleNamespace(anomaly_train=[0]), {"anomalydiffusion": "x"})
