@@ -10,9 +10,10 @@ held-out anomalies to test on.
   ``validation="none"``: no selection, the classifier keeps its last weights. ``validation="test"`` (or
   ``"synthetic"``) is refused: AnomalyDiffusion's reference keeps the epoch of best *test* accuracy, which is not done
   here.
-- **Test**: the category's real anomalies that the generator did not learn from: the second part of
-  :func:`anomgen.data.tasks.anomalydiffusion_split` (the first ⌊n/3⌋ of each defect type by file id trained the
-  generator; the split is disjoint), normals excluded. A real defect type that the set does not hold is an error (its
+- **Test**: the category's real anomalies that the generator did not learn from: the test split's anomalies, from
+  which :class:`AnomalyDataModule` removed the generator's part (``anomaly_train_fraction``, 1/3 by default: the
+  first ⌊n/3⌋ of each defect type by file id, :func:`anomgen.data.tasks.anomalydiffusion_split`, disjoint), normals
+  excluded. A real defect type that the set does not hold is an error (its
   images could never be classified right).
 
 Without ``pairs_set`` the datamodule still sets up (the task's splits, as :class:`AnomalyDataModule`), but its
@@ -74,13 +75,14 @@ class DefectTypeDataModule(AnomalyDataModule):
         pairs_set: str | None = None,
         val_fraction: float = 0.2,
         pairs_seed: int = 0,
-        generator_train_fraction: float = 1 / 3,
         **kwargs,
     ) -> None:
         """``pairs_set``: a synthetic set folder whose anomalies carry their ``defect_type``; ``val_fraction``,
-        ``pairs_seed``: the held-out generated anomalies per type; ``generator_train_fraction``: the part of each real
-        defect type the generator trained on (AnomalyDiffusion: a third), left out of the test. The other arguments
-        are :class:`AnomalyDataModule`'s (``protocol`` must be ``defects``)."""
+        ``pairs_seed``: the held-out generated anomalies per type. The other arguments are :class:`AnomalyDataModule`'s
+        (``protocol`` must be ``defects``; ``anomaly_train_fraction``, the part of each real defect type the generator
+        trained on and that is left out of the test, defaults to AnomalyDiffusion's third)."""
+        if kwargs.get("anomaly_train_fraction") is None:
+            kwargs["anomaly_train_fraction"] = 1 / 3
         super().__init__(*args, **kwargs)
         if self.protocol != "defects":
             raise ValueError(f"the defect-type classifier needs a defect dataset (datamodule.protocol=defects: MVTec "
@@ -96,7 +98,6 @@ class DefectTypeDataModule(AnomalyDataModule):
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
         self.pairs_set = None if not pairs_set else str(pairs_set)
         self.val_fraction, self.pairs_seed = float(val_fraction), int(pairs_seed)
-        self.generator_train_fraction = float(generator_train_fraction)
         if self.pairs_set:
             self._read_pairs()  # a missing or empty set fails now, before any training
         self.defect_types: list[str] | None = None
@@ -119,7 +120,8 @@ class DefectTypeDataModule(AnomalyDataModule):
         pairs, types = self._read_pairs(image_size=tuple(self.support[0]["image"].shape[-2:]))
         kept, held = holdout_per_type([e.defect_type for e in pairs.entries],
                                       self.val_fraction if self.validation == "holdout" else 0.0, self.pairs_seed)
-        _, real = tasks.anomalydiffusion_split(self.test_set, self.generator_train_fraction)
+        real = tasks.TaskView(self.test_set, [i for i, e in enumerate(self.test_set.entries) if e.label == 1],
+                              name="real-test-anomalies")
         unknown = sorted({e.defect_type for e in real.entries} - set(types))
         if unknown:
             raise DatasetError(f"the real test anomalies have defect types {unknown} that the synthetic set "
@@ -145,7 +147,7 @@ class DefectTypeDataModule(AnomalyDataModule):
                 "num_train_pairs": len(self.train_pairs),
                 "num_val_pairs": 0 if self.val_pairs is None else len(self.val_pairs),
                 "num_test_anomalies": len(self.real_test),
-                "generator_train_fraction": self.generator_train_fraction,
+                "anomaly_train_fraction": self.anomaly_train_fraction,
                 "selected_on": "held-out generated anomalies (never the test split)" if self.val_pairs is not None
                 else "nothing: the last weights",
             })
