@@ -117,3 +117,67 @@ def test_fid_checks_log_sample_grids_to_wandb(tmp_path):
     wandb.finish()
     assert fid.last_samples.shape == (4, 3, 8, 8)
     assert list(tmp_path.glob("wandb/offline-run-*/files/media/images/**/*.png")), "no sample grid reached W&B"
+
+
+class _SpyDigits(Digits):
+    """Digits that log every record read: (split, image_path), into the class-level ``reads``."""
+
+    reads: list = []
+
+    def __getitem__(self, index):
+        record = super().__getitem__(index)
+        _SpyDigits.reads.append((self.split, record["image_path"]))
+        return record
+
+
+def test_fid_reference_reads_the_normal_training_images_never_the_test_split(monkeypatch):
+    """FITYMI's FID is against the normal training images. A spy dataset logs each record read while the callback
+    builds its reference statistics (``_stats`` calls inside ``_real``): the real statistics read exactly the
+    training normals (class "3" of the train split, the held-out normals apart), the held-out reference of
+    ``target_factor`` reads the held-out normals (also train split), and nothing is read from the test split. The
+    mean of the reference statistics is checked against the digits read straight from scikit-learn."""
+    from sklearn.datasets import load_digits
+
+    _SpyDigits.reads = []
+    fid = FIDEarlyStopping(RawPixels(), every_n_steps=2, num_samples=8, target_factor=1e-9, grid_size=0)
+    calls, inside_real = [], []
+    real, stats = fid._real, fid._stats
+
+    def spy_real(trainer):
+        inside_real.append(True)
+        try:
+            return real(trainer)
+        finally:
+            inside_real.pop()
+
+    def spy_stats(images_or_loader):
+        start = len(_SpyDigits.reads)
+        out = stats(images_or_loader)
+        if inside_real:
+            calls.append(list(_SpyDigits.reads[start:]))
+        return out
+
+    monkeypatch.setattr(fid, "_real", spy_real)
+    monkeypatch.setattr(fid, "_stats", spy_stats)
+    dm = AnomalyDataModule(dataset=functools.partial(_SpyDigits), normal_class="3", batch_size=32)
+    _trainer([fid], max_steps=4).fit(_model(), datamodule=dm)
+
+    assert len(fid.curve) == 2 and len(calls) == 2  # cached: the reference is read once, at the first check
+    train_reads, held_out_reads = calls
+    test_paths = {r.image_path for r in dm.test_set.entries}
+    for reads in calls:
+        assert {split for split, _ in reads} == {"train"}
+        assert not {path for _, path in reads} & test_paths
+    train_paths = [path for _, path in train_reads]
+    assert sorted(train_paths) == sorted(e.image_path for e in dm.train_normals.entries)
+    assert len(set(train_paths)) == len(train_paths)  # each training normal once
+    assert {p for _, p in held_out_reads} == {e.image_path for e in dm.val_normals.entries}
+    assert not {p for _, p in held_out_reads} & set(train_paths)
+
+    # by hand: the digits behind the paths ("sklearn-digits:<index>") are 3s, and their grey pixels average to μ
+    digits = load_digits()
+    index = [int(p.split(":")[1]) for p in train_paths]
+    assert set(digits.target[index].tolist()) == {3}
+    pixels = torch.tensor(digits.images[index] * 255 / 16).round() / 255  # the shipped 0..16 scaled to 8 bits
+    mu, _ = fid._real_stats
+    torch.testing.assert_close(mu, pixels.flatten(1).mean(0).to(mu.dtype), atol=1e-6, rtol=1e-6)
