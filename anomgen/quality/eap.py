@@ -88,7 +88,8 @@ class DetectorPosterior:
         return self.scaler_.transform(scores)
 
 
-#: what n counts in φ: every training example (the paper) or the normal ones the density is built on (the reference code)
+#: what n counts in φ: every training example (the paper) or the normal ones the density is built on (the reference
+#: code)
 N_SCALES = ("n_train", "n_normal")
 
 

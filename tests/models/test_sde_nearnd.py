@@ -181,3 +181,52 @@ def test_fid_reference_reads_the_normal_training_images_never_the_test_split(mon
     pixels = torch.tensor(digits.images[index] * 255 / 16).round() / 255  # the shipped 0..16 scaled to 8 bits
     mu, _ = fid._real_stats
     torch.testing.assert_close(mu, pixels.flatten(1).mean(0).to(mu.dtype), atol=1e-6, rtol=1e-6)
+
+
+def test_fid_check_samples_with_the_ema_after_that_steps_update(monkeypatch):
+    """The FID check at step N must sample with the EMA of N updates (the weights after step N averaged in), not N − 1
+    (the callbacks' ``on_train_batch_end`` runs before the module's). A recorder callback keeps the raw weights after
+    every optimizer step; a spy on the sampler keeps the weights the check samples with; the EMA is computed by hand:
+    s_0 = the initial weights, s_n = d_n s_{n−1} + (1 − d_n) w_n, d_n = min(0.999, (1 + n)/(10 + n))."""
+    from lightning.pytorch import Callback
+
+    import models.sde_nearnd as sde_module
+
+    model = _model(lr=5e-2)
+
+    def params():
+        return {n: p.detach().clone() for n, p in model.unet.named_parameters()}
+
+    initial, raw, sampled = params(), [], []
+
+    class Recorder(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            raw.append(params())
+
+    pc_sample = sde_module.pc_sample
+
+    def spy(*args, **kwargs):
+        sampled.append((len(raw), params()))  # inside the model's EMA swap: the weights the check evaluates
+        return pc_sample(*args, **kwargs)
+
+    monkeypatch.setattr(sde_module, "pc_sample", spy)
+    fid = FIDEarlyStopping(RawPixels(), every_n_steps=2, num_samples=8, grid_size=0)
+    _trainer([Recorder(), fid], max_steps=2).fit(model, datamodule=_datamodule())
+
+    assert fid.curve and fid.curve[0][0] == 2 and len(raw) == 2
+    (steps_done, evaluated), = sampled
+    assert steps_done == 2
+
+    def hand_ema(n_updates):
+        shadow = {k: v.clone() for k, v in initial.items()}
+        for n in range(1, n_updates + 1):
+            d = min(0.999, (1 + n) / (10 + n))
+            shadow = {k: d * shadow[k] + (1 - d) * raw[n - 1][k] for k in shadow}
+        return shadow
+
+    after, stale = hand_ema(2), hand_ema(1)
+    assert max((after[k] - stale[k]).abs().max().item() for k in after) > 1e-3  # the two differ visibly
+    for name, weight in evaluated.items():
+        torch.testing.assert_close(weight, after[name], atol=1e-6, rtol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+    for name, weight in model.unet.named_parameters():  # the raw weights are back after the check
+        torch.testing.assert_close(weight.detach(), raw[-1][name])

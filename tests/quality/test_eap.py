@@ -236,7 +236,7 @@ def test_bad_inputs(setting):
         EAP(detector=object()).fit(X, y)
 
 
-# ----------------------------------------------------------------------------- φ by hand, n of the paper and of the code
+# ----------------------------------------------------------------------------- φ by hand, the paper's n and the code's
 
 
 class CoordinateStub:
