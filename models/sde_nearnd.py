@@ -2,7 +2,8 @@
 
 Thin wrapper: the SDE, the loss, the samplers and the EMA live in :mod:`anomgen.diffusion`. Training minimises the
 denoising score-matching loss on images in [-1, 1]; sampling (``sample`` for the FID callback, ``predict_step`` for
-the export callback) uses the EMA weights and one generator per sample, seeded by its global index.
+the export callback) uses the EMA weights and one generator per sample, seeded by its global index. The EMA is
+updated right after each optimizer step, so a check at step N samples with the EMA of N updates.
 """
 
 from __future__ import annotations
@@ -76,7 +77,12 @@ class SDENearND(LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=len(x0))
         return loss
 
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        """The optimizer step, then the EMA update: every hook that runs after the step (the callbacks'
+        ``on_train_batch_end``, where the FID check and step checkpoints run, comes before the module's own) sees
+        the EMA of the weights after this step, not one update behind. Once per optimizer step, so gradient
+        accumulation does not update it on every micro-batch."""
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         self.ema.update(self.unet)
 
     def configure_optimizers(self):

@@ -7,8 +7,11 @@ labelled anomalies), with how anomalous a detector finds it, P̂(Y = 1 | x) (the
 
     φ(x) = (α₀ + n P̂(X=x) P̂(Y=1|x)) / (α₀ + β₀ + n P̂(X=x))
 
-with n the number of normal training points the density was built on and a Beta(α₀, β₀) prior on the anomaly
-probability (α₀ = m / n_train, β₀ = 1 − m / n_train by default, n_train counting every training example). φ is the
+with n the number of training examples (the paper's n: every example of the training set the model was fitted on,
+labelled anomalies included; ``n_scale="n_train"``, the default) and a Beta(α₀, β₀) prior on the anomaly probability
+(α₀ = m / n_train, β₀ = 1 − m / n_train by default, n_train counting every training example). The reference code
+multiplies by the number of *normal* training points the density was built on instead: ``n_scale="n_normal"``. With
+bootstrap subsets, n is counted on each subset (the training set of that subset's model). φ is the
 posterior mean of the anomaly probability at x: far from the data (P̂(X=x) = 0) it is the prior mean α₀/(α₀+β₀);
 where the data are dense it follows the detector. Realistic anomalies (plausible and flagged by the detector) score
 above unrealistic ones (implausible: the prior), which score above indistinguishable ones (plausible but normal-
@@ -85,15 +88,25 @@ class DetectorPosterior:
         return self.scaler_.transform(scores)
 
 
+#: what n counts in φ: every training example (the paper) or the normal ones the density is built on (the reference
+#: code)
+N_SCALES = ("n_train", "n_normal")
+
+
 @dataclass
 class _SubsetModel:
     k: int
     density: RarityDensity
     posterior: DetectorPosterior
+    n_train: int  # training examples of the (sub)set, labelled anomalies included
 
     @property
     def n_normal(self) -> int:
         return self.density.n_normal
+
+    def n(self, n_scale: str) -> int:
+        """The n of φ: ``n_train`` or ``n_normal`` (see :data:`N_SCALES`)."""
+        return self.n_train if n_scale == "n_train" else self.n_normal
 
 
 def fit_density(X: np.ndarray, y: np.ndarray, X_anomalies: np.ndarray, min_k: int = 5, quantile: float = 0.95,
@@ -132,7 +145,8 @@ class EAP(QualityScorer):
     or a factory), ``min_k`` (smallest neighbourhood for the rarity density), ``alpha0`` / ``beta0`` (Beta prior;
     None -> m / n_train and 1 − m / n_train), ``num_subsets`` (0 = whole training set once, N = average over N
     bootstrap subsets), ``random_state`` (seeds the subsets), ``quantile`` (of the k̂ posterior),
-    ``chunk_size`` (rows of distances computed at once).
+    ``chunk_size`` (rows of distances computed at once), ``n_scale`` (the n of φ: ``"n_train"``, every training
+    example, as in the paper, or ``"n_normal"``, the normal training points, as in the reference code).
     """
 
     name = "eap"
@@ -140,7 +154,7 @@ class EAP(QualityScorer):
 
     def __init__(self, detector=None, min_k: int = 5, alpha0: float | None = None, beta0: float | None = None,
                  num_subsets: int = 0, random_state: int | None = 0, quantile: float = 0.95,
-                 chunk_size: int = DEFAULT_CHUNK):
+                 chunk_size: int = DEFAULT_CHUNK, n_scale: str = "n_train"):
         self.detector = detector
         self.min_k = min_k
         self.alpha0 = alpha0
@@ -149,12 +163,15 @@ class EAP(QualityScorer):
         self.random_state = random_state
         self.quantile = quantile
         self.chunk_size = chunk_size
+        self.n_scale = n_scale
 
     def _fit(self, X: np.ndarray, y: np.ndarray) -> None:
         if int(self.num_subsets) != self.num_subsets or self.num_subsets < 0:
             raise ValueError(f"num_subsets must be an integer >= 0 (0 = no bootstrap), got {self.num_subsets}")
         if int(self.min_k) != self.min_k or self.min_k < 1:
             raise ValueError(f"min_k must be an integer >= 1, got {self.min_k}")
+        if self.n_scale not in N_SCALES:
+            raise ValueError(f"n_scale must be one of {N_SCALES}, got {self.n_scale!r}")
         n, m = len(y), int((y == 1).sum())
         self.alpha0_ = m / n if self.alpha0 is None else float(self.alpha0)
         self.beta0_ = 1.0 - m / n if self.beta0 is None else float(self.beta0)
@@ -167,7 +184,7 @@ class EAP(QualityScorer):
             Xs, ys = X[idx], y[idx]
             density = fit_density(Xs, ys, X_anomalies, int(self.min_k), self.quantile, self.chunk_size)
             posterior = DetectorPosterior(self.detector).fit(Xs, ys)
-            self.models_.append(_SubsetModel(density.k_, density, posterior))
+            self.models_.append(_SubsetModel(density.k_, density, posterior, len(idx)))
         self.k_hats_ = [model.k for model in self.models_]
 
     def _components(self, X_aux: np.ndarray) -> dict[str, np.ndarray]:
@@ -177,7 +194,8 @@ class EAP(QualityScorer):
             p = model.posterior.predict(X_aux)
             out["density"] = out["density"] + density
             out["p_anomaly"] = out["p_anomaly"] + p
-            out["eap"] = out["eap"] + eap_posterior(density, p, model.n_normal, self.alpha0_, self.beta0_)
+            phi = eap_posterior(density, p, model.n(self.n_scale), self.alpha0_, self.beta0_)
+            out["eap"] = out["eap"] + phi
         return {key: value / len(self.models_) for key, value in out.items()}
 
     def _score(self, X_aux: np.ndarray) -> np.ndarray:

@@ -154,3 +154,24 @@ def test_fast_on_10k_by_32():
     model = SSDO().fit(X, y)
     model.predict_proba(X)
     assert time.perf_counter() - start < 15.0  # about 1 s on one core
+
+
+def test_label_propagation_matches_the_reference_formula_by_hand():
+    """SSDO (Vercruyssen et al. 2018; the authors' anomatools code): s(x) = (p(x) + α Σ_a w_a) / (1 + α (Σ_a w_a +
+    Σ_n w_n)), w = 2^{-(d/η)²}, η = the harmonic mean over the training points of the distance to their k-th nearest
+    other point. Ten points at 0, 1, ..., 9 on a line, k = 2: the k-distance is 2 at both ends and 1 inside, so
+    η = 10 / (2 · 1/2 + 8 · 1/1) = 10/9. The point 9 is a labelled anomaly, 0 a labelled normal; the query is 8.5."""
+    X = np.column_stack([np.arange(10.0), np.zeros(10)])
+    y = np.zeros(10, dtype=int)
+    y[9], y[0] = 1, -1
+    model = SSDO(k=2, alpha=2.3).fit(X, y)
+    eta = 10 / 9
+    assert model.eta_ == pytest.approx(eta, rel=1e-12)
+
+    query = np.array([[8.5, 0.0]])
+    p = float(model.score_prior(query)[0])  # the Isolation Forest prior, in [0, 1]; the propagation is what is checked
+    w_a = 2.0 ** -((0.5 / eta) ** 2)  # distance 0.5 to the anomaly at 9
+    w_n = 2.0 ** -((8.5 / eta) ** 2)  # distance 8.5 to the normal at 0
+    expected = (p + 2.3 * w_a) / (1 + 2.3 * (w_a + w_n))
+    assert float(model.decision_function(query)[0]) == pytest.approx(expected, rel=1e-9)
+    assert expected > p + 0.2  # the anomaly's label pulls its neighbourhood up (w_a ≈ 0.85)

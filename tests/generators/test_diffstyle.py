@@ -178,3 +178,103 @@ def test_predict_requests_is_pure_and_the_model_plans_in_setup(unet):
     model.setup("predict")
     assert [model.plan[i] for i in range(len(requests))] == [requests[i] for i in range(len(requests))]
     assert [e.image_path for e in model.plan.style.entries] == [e.image_path for e in requests.style.entries]
+
+
+# --- the edited generation, step by step, by hand -------------------------------------------------------------------
+# Written out from METHODS.md §1 without the code under test (no DDIMSchedule, ddim_step, HSpace, mix_h or
+# edited_generation): the ᾱ table from the linear betas, the "leading" timesteps, h read and replaced by a hook of the
+# test's own, and each update formula spelled out.
+
+_HAND_ALPHA_BAR = torch.cumprod(1.0 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)
+
+
+def _hand_alpha_bar(t: int) -> float:
+    return 1.0 if t < 0 else float(_HAND_ALPHA_BAR[t])
+
+
+class _GaussianPriorUNet(torch.nn.Module):
+    """ε(x, t) = √(1 − ᾱ_t) x + 0.1 · tiny_unet(x, t): the exact ε of data ~ N(0, I) plus a small random UNet, so
+    that the trajectory stays in the pixel range (a bare random UNet sends x far out and [0, 1] clamps nearly every
+    pixel). It exposes the tiny UNet's ``mid_block``, so h is that block's output."""
+
+    def __init__(self, unet) -> None:
+        super().__init__()
+        self.unet, self.mid_block = unet, unet.mid_block
+
+    def forward(self, x, timestep):
+        scale = (1.0 - _HAND_ALPHA_BAR[timestep]).sqrt().to(x.dtype).view(-1, 1, 1, 1)
+        return scale * x + 0.1 * self.unet(x, timestep).sample
+
+
+def _hand_eps(model, x, t, replace_h=None):
+    """ε(x, t); with ``replace_h`` (h -> h'), the mid-block output is replaced by ``replace_h(h)``."""
+    def hook(module, args, output):
+        return None if replace_h is None else replace_h(output)
+
+    handle = model.mid_block.register_forward_hook(hook)
+    try:
+        return model(x, torch.full((x.shape[0],), t, dtype=torch.long))
+    finally:
+        handle.remove()
+
+
+def _hand_mix(h_s, h_c, gamma, mode):
+    if mode == "lerp":
+        return (1 - gamma) * h_s + gamma * h_c
+    out = []
+    for s, c in zip(h_s, h_c):  # per sample: content h rescaled to the style h's norm, then slerp
+        s, c = s.flatten().double(), c.flatten().double()
+        c = c * s.norm() / c.norm()
+        omega = torch.arccos(torch.dot(s, c) / (s.norm() * c.norm()))
+        mixed = (torch.sin((1 - gamma) * omega) * s + torch.sin(gamma * omega) * c) / torch.sin(omega)
+        out.append(mixed.float().view(h_s.shape[1:]))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("mode", ["lerp", "slerp"])
+def test_generation_matches_the_hand_computed_asymmetric_steps(unet, mode):
+    """10 DDIM steps (timesteps 900, 800, ..., 0), t_edit = 700, t_boost = 200, γ = 0.7:
+    - t = 900, 800, 700 (three edited steps): ε̃ with h ← mix(h_own, h_content[t]), ε with the UNet's own h;
+      x_next = √ᾱ_next · (x_t − √(1 − ᾱ_t) ε̃)/√ᾱ_t + √(1 − ᾱ_next) · ε;
+    - t = 600 ... 300: plain DDIM (η = 0, ε everywhere);
+    - t = 200, 100: η = 1, σ = √((1 − ᾱ_next)/(1 − ᾱ_t)) √(1 − ᾱ_t/ᾱ_next), noise z from each sample's generator;
+    - t = 0: the last step, to ᾱ = 1 (σ = 0, no draw).
+    The content h differs at every edit timestep, so that one timestep's h used everywhere shows; the symmetric step
+    (direction from ε̃) shows too."""
+    from anomgen.generators.diffstyle import Inversion
+
+    model = _GaussianPriorUNet(unet)
+    gamma, t_edit, t_boost = 0.7, 700, 200
+    ds = DiffStyle(model, num_inference_steps=10, t_edit=t_edit, t_boost=t_boost, gamma=gamma, mix=mode)
+    timesteps = [900, 800, 700, 600, 500, 400, 300, 200, 100, 0]
+    assert ds.schedule.timesteps == timesteps  # "leading" spacing: 1000 // 10 apart, from 0
+    g = torch.Generator().manual_seed(123)
+    x_T = torch.randn(2, 3, 8, 8, generator=g)
+    h_content = {t: 3.0 * torch.randn(2, 32, 4, 4, generator=g) for t in (900, 800, 700)}
+    styles = [Inversion(x_T[i]) for i in range(2)]
+    contents = [Inversion(torch.zeros(3, 8, 8), {t: h[i] for t, h in h_content.items()}) for i in range(2)]
+    seeds = (11, 12)
+    out = ds.generate(styles, contents, [torch.Generator().manual_seed(s) for s in seeds])
+    ds.close()
+
+    hand_generators = [torch.Generator().manual_seed(s) for s in seeds]
+    x = x_T.clone()
+    with torch.no_grad():
+        for t, t_next in zip(timesteps, [*timesteps[1:], -1]):
+            a, a_next = _hand_alpha_bar(t), _hand_alpha_bar(t_next)
+            eps = _hand_eps(model, x, t)
+            if t >= t_edit:
+                eps_tilde = _hand_eps(model, x, t, lambda h, t=t: _hand_mix(h, h_content[t], gamma, mode))
+                p_t = (x - (1 - a) ** 0.5 * eps_tilde) / a**0.5  # predicted x0 from the edited ε̃
+                x = a_next**0.5 * p_t + (1 - a_next) ** 0.5 * eps  # the direction from the unedited ε
+                continue
+            p_t = (x - (1 - a) ** 0.5 * eps) / a**0.5
+            sigma = ((1 - a_next) / (1 - a)) ** 0.5 * (1 - a / a_next) ** 0.5 if t <= t_boost and t_next >= 0 else 0
+            x_next = a_next**0.5 * p_t + (1 - a_next - sigma**2) ** 0.5 * eps
+            if sigma > 0:
+                x_next = x_next + sigma * torch.stack([torch.randn(3, 8, 8, generator=gen) for gen in hand_generators])
+            x = x_next
+    expected = ((x + 1) / 2).clamp(0, 1)
+    inside = (expected > 0) & (expected < 1)
+    assert inside.float().mean() > 0.6  # most pixels are compared unclamped
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)

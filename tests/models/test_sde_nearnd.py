@@ -117,3 +117,116 @@ def test_fid_checks_log_sample_grids_to_wandb(tmp_path):
     wandb.finish()
     assert fid.last_samples.shape == (4, 3, 8, 8)
     assert list(tmp_path.glob("wandb/offline-run-*/files/media/images/**/*.png")), "no sample grid reached W&B"
+
+
+class _SpyDigits(Digits):
+    """Digits that log every record read: (split, image_path), into the class-level ``reads``."""
+
+    reads: list = []
+
+    def __getitem__(self, index):
+        record = super().__getitem__(index)
+        _SpyDigits.reads.append((self.split, record["image_path"]))
+        return record
+
+
+def test_fid_reference_reads_the_normal_training_images_never_the_test_split(monkeypatch):
+    """FITYMI's FID is against the normal training images. A spy dataset logs each record read while the callback
+    builds its reference statistics (``_stats`` calls inside ``_real``): the real statistics read exactly the
+    training normals (class "3" of the train split, the held-out normals apart), the held-out reference of
+    ``target_factor`` reads the held-out normals (also train split), and nothing is read from the test split. The
+    mean of the reference statistics is checked against the digits read straight from scikit-learn."""
+    from sklearn.datasets import load_digits
+
+    _SpyDigits.reads = []
+    fid = FIDEarlyStopping(RawPixels(), every_n_steps=2, num_samples=8, target_factor=1e-9, grid_size=0)
+    calls, inside_real = [], []
+    real, stats = fid._real, fid._stats
+
+    def spy_real(trainer):
+        inside_real.append(True)
+        try:
+            return real(trainer)
+        finally:
+            inside_real.pop()
+
+    def spy_stats(images_or_loader):
+        start = len(_SpyDigits.reads)
+        out = stats(images_or_loader)
+        if inside_real:
+            calls.append(list(_SpyDigits.reads[start:]))
+        return out
+
+    monkeypatch.setattr(fid, "_real", spy_real)
+    monkeypatch.setattr(fid, "_stats", spy_stats)
+    dm = AnomalyDataModule(dataset=functools.partial(_SpyDigits), normal_class="3", batch_size=32)
+    _trainer([fid], max_steps=4).fit(_model(), datamodule=dm)
+
+    assert len(fid.curve) == 2 and len(calls) == 2  # cached: the reference is read once, at the first check
+    train_reads, held_out_reads = calls
+    test_paths = {r.image_path for r in dm.test_set.entries}
+    for reads in calls:
+        assert {split for split, _ in reads} == {"train"}
+        assert not {path for _, path in reads} & test_paths
+    train_paths = [path for _, path in train_reads]
+    assert sorted(train_paths) == sorted(e.image_path for e in dm.train_normals.entries)
+    assert len(set(train_paths)) == len(train_paths)  # each training normal once
+    assert {p for _, p in held_out_reads} == {e.image_path for e in dm.val_normals.entries}
+    assert not {p for _, p in held_out_reads} & set(train_paths)
+
+    # by hand: the digits behind the paths ("sklearn-digits:<index>") are 3s, and their grey pixels average to μ
+    digits = load_digits()
+    index = [int(p.split(":")[1]) for p in train_paths]
+    assert set(digits.target[index].tolist()) == {3}
+    pixels = torch.tensor(digits.images[index] * 255 / 16).round() / 255  # the shipped 0..16 scaled to 8 bits
+    mu, _ = fid._real_stats
+    torch.testing.assert_close(mu, pixels.flatten(1).mean(0).to(mu.dtype), atol=1e-6, rtol=1e-6)
+
+
+def test_fid_check_samples_with_the_ema_after_that_steps_update(monkeypatch):
+    """The FID check at step N must sample with the EMA of N updates (the weights after step N averaged in), not N − 1
+    (the callbacks' ``on_train_batch_end`` runs before the module's). A recorder callback keeps the raw weights after
+    every optimizer step; a spy on the sampler keeps the weights the check samples with; the EMA is computed by hand:
+    s_0 = the initial weights, s_n = d_n s_{n−1} + (1 − d_n) w_n, d_n = min(0.999, (1 + n)/(10 + n))."""
+    from lightning.pytorch import Callback
+
+    import models.sde_nearnd as sde_module
+
+    model = _model(lr=5e-2)
+
+    def params():
+        return {n: p.detach().clone() for n, p in model.unet.named_parameters()}
+
+    initial, raw, sampled = params(), [], []
+
+    class Recorder(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            raw.append(params())
+
+    pc_sample = sde_module.pc_sample
+
+    def spy(*args, **kwargs):
+        sampled.append((len(raw), params()))  # inside the model's EMA swap: the weights the check evaluates
+        return pc_sample(*args, **kwargs)
+
+    monkeypatch.setattr(sde_module, "pc_sample", spy)
+    fid = FIDEarlyStopping(RawPixels(), every_n_steps=2, num_samples=8, grid_size=0)
+    _trainer([Recorder(), fid], max_steps=2).fit(model, datamodule=_datamodule())
+
+    assert fid.curve and fid.curve[0][0] == 2 and len(raw) == 2
+    (steps_done, evaluated), = sampled
+    assert steps_done == 2
+
+    def hand_ema(n_updates):
+        shadow = {k: v.clone() for k, v in initial.items()}
+        for n in range(1, n_updates + 1):
+            d = min(0.999, (1 + n) / (10 + n))
+            shadow = {k: d * shadow[k] + (1 - d) * raw[n - 1][k] for k in shadow}
+        return shadow
+
+    after, stale = hand_ema(2), hand_ema(1)
+    assert max((after[k] - stale[k]).abs().max().item() for k in after) > 1e-3  # the two differ visibly
+    for name, weight in evaluated.items():
+        torch.testing.assert_close(weight, after[name], atol=1e-6, rtol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+    for name, weight in model.unet.named_parameters():  # the raw weights are back after the check
+        torch.testing.assert_close(weight.detach(), raw[-1][name])

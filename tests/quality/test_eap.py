@@ -128,7 +128,10 @@ def test_eap_formula_matches_its_pieces(setting):
     detector = KNNStub().fit(X, y)
     p = SquashingScaler(n_anomalies=20).fit(detector.decision_function(X)).transform(detector.decision_function(A))
     np.testing.assert_allclose(c["p_anomaly"], p, rtol=1e-12)
-    np.testing.assert_allclose(scorer.score_samples(A), eap_posterior(c["density"], p, 500, 20 / 520, 500 / 520))
+    # n = 520, every training example (the paper, the default); n = 500, the normal ones (the reference code)
+    np.testing.assert_allclose(scorer.score_samples(A), eap_posterior(c["density"], p, 520, 20 / 520, 500 / 520))
+    normal_n = EAP(detector=KNNStub(), n_scale="n_normal").fit(X, y)
+    np.testing.assert_allclose(normal_n.score_samples(A), eap_posterior(c["density"], p, 500, 20 / 520, 500 / 520))
 
 
 # ----------------------------------------------------------------------------- the ordering of the paper's theorem
@@ -231,3 +234,66 @@ def test_bad_inputs(setting):
         EAP(detector=KNNStub(), num_subsets=-1).fit(X, y)
     with pytest.raises(TypeError, match="decision_function"):
         EAP(detector=object()).fit(X, y)
+
+
+# ----------------------------------------------------------------------------- φ by hand, the paper's n and the code's
+
+
+class CoordinateStub:
+    """f(x) = the first coordinate."""
+
+    def fit(self, X, y):
+        return self
+
+    def decision_function(self, X):
+        return np.asarray(X, dtype=np.float64)[:, 0]
+
+
+def test_phi_by_hand_with_n_of_the_paper_and_of_the_reference_code():
+    """Eight normals at 0, 1, ..., 7 on a line and one labelled anomaly at 9 (n = 9 training examples, m = 1,
+    n_normal = 8), min_k = 1, f(x) = x. Everything below is written out from the definitions (METHODS.md §5):
+    - k̂: the anomaly at 9 first falls in a ball at k = 2 (the ball of 7 has radius 2 there); p* = (2 − 1)/(8 − 1 − 1)
+      = 1/6; k̂ = int(Beta(1 + 1/6, 1 + 1 − 1/6).ppf(0.95) · 6 + 1) = 5;
+    - P̂(X = x): balls of radius r_5(x_i) (distance to the 5th nearest other normal), rarity = smallest radius of a
+      ball that holds the point, P̂ = (1/r(x)) / (1/r(x) + Σ_i 1/r(x_i));
+    - P̂(Y = 1 | x) = 1 − 2^{−(f(x)/λ)²}, λ = 8 (midway between the top training score 9 and the next, 7: m = 1 above);
+    - φ = (α₀ + n P̂(X) P̂(Y|X)) / (α₀ + β₀ + n P̂(X)), α₀ = m/9, β₀ = 1 − m/9, with n = 9 (the paper: every
+      training example; the default) and n = 8 (the reference code's normal count; ``n_scale="n_normal"``)."""
+    from scipy.stats import beta
+
+    normals = np.arange(8.0)
+    X = np.c_[np.r_[normals, 9.0], np.zeros(9)]
+    y = np.r_[np.zeros(8, int), 1]
+    query = 7.5
+
+    def radii(k):  # distance from each normal to its k-th nearest other normal
+        d = np.abs(normals[:, None] - normals[None])
+        return np.array([np.sort(np.delete(row, i))[k - 1] for i, row in enumerate(d)])
+
+    def rarity(x, r):
+        holding = r[np.abs(x - normals) <= r]
+        return holding.min() if len(holding) else 0.0
+
+    k_anomaly = next(k for k in range(1, 8) if (np.abs(9.0 - normals) <= radii(k)).any())
+    assert k_anomaly == 2
+    k = int(beta.ppf(0.95, 1 + 1 / 6, 1 + 1 - 1 / 6) * 6 + 1)
+    assert k == 5
+    r = radii(k)
+    density = (1 / rarity(query, r)) / (1 / rarity(query, r) + sum(1 / rarity(x, r) for x in normals))
+    p = 1 - 2.0 ** -((query / 8.0) ** 2)
+    alpha0, beta0 = 1 / 9, 8 / 9
+    phi = {n_scale: (alpha0 + n * density * p) / (alpha0 + beta0 + n * density)
+           for n_scale, n in (("n_train", 9), ("n_normal", 8))}
+    assert abs(phi["n_train"] - phi["n_normal"]) > 5e-3  # the two readings differ here
+
+    Q = np.array([[query, 0.0]])
+    default = EAP(detector=CoordinateStub(), min_k=1).fit(X, y)
+    assert default.n_scale == "n_train" and default.k_hats_ == [5]
+    c = default.score_components(Q)
+    assert c["density"][0] == pytest.approx(density, rel=1e-12)
+    assert c["p_anomaly"][0] == pytest.approx(p, rel=1e-12)
+    assert default.score_samples(Q)[0] == pytest.approx(phi["n_train"], rel=1e-9)
+    reference = EAP(detector=CoordinateStub(), min_k=1, n_scale="n_normal").fit(X, y)
+    assert reference.score_samples(Q)[0] == pytest.approx(phi["n_normal"], rel=1e-9)
+    with pytest.raises(ValueError, match="n_scale"):
+        EAP(detector=CoordinateStub(), n_scale="n_all").fit(X, y)
