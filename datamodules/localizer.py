@@ -48,8 +48,8 @@ class LocalizerDataModule(AnomalyDataModule):
         perlin: Mapping | None = None,
         **kwargs,
     ) -> None:
-        """``pairs``: ``"perlin"`` | ``"set"`` | ``"anomaly_train"`` | ``None`` (``"set"`` when ``pairs_set`` is given, else ``"perlin"``);
-        ``pairs_set``: a synthetic set folder with masks; ``perlin``: keyword arguments of
+        """``pairs``: ``"perlin"`` | ``"set"`` | ``"anomaly_train"`` | ``None`` (``"set"`` when ``pairs_set`` is
+        given, else ``"perlin"``); ``pairs_set``: a synthetic set folder with masks; ``perlin``: keyword arguments of
         :class:`~anomgen.generators.perlin.PerlinAnomalies` (``blend_factor``, ``rotation_range``, ``dual_mask``,
         ``anomaly_source_path``). The other arguments are :class:`AnomalyDataModule`'s."""
         super().__init__(*args, **kwargs)
