@@ -21,9 +21,7 @@ ADP. ``--doc PAGE`` rewrites the block ``<!-- begin: adp_table <results stem> --
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
