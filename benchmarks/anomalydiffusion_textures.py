@@ -149,6 +149,8 @@ def train_vae(stack, images: torch.Tensor, steps: int, batch: int, lr: float, se
         opt.step()
         for group in opt.param_groups:  # cosine decay
             group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * (step + 1) / steps))
+        if (step + 1) % 250 == 0:
+            print(f"  vae step {step + 1}/{steps}: loss {loss.item():.4f}", flush=True)
     vae.eval().requires_grad_(False)
     with torch.no_grad():
         means = torch.cat([vae.encode(x_all[i:i + 64]).latent_dist.mean for i in range(0, len(x_all), 64)])
@@ -193,6 +195,8 @@ def train_unet(stack, images: torch.Tensor, captions: list[str], steps: int, bat
         for group in opt.param_groups:
             group["lr"] = lr * scale
         losses.append(loss.item())
+        if (step + 1) % 250 == 0:
+            print(f"  unet step {step + 1}/{steps}: loss {np.mean(losses[-250:]):.4f}", flush=True)
     unet.eval().requires_grad_(False)
     return {"final_loss": float(np.mean(losses[-100:]))}
 
@@ -285,7 +289,9 @@ def anomalydiffusion_overrides(args, stack_folder: Path) -> list[str]:
             f"anomalydiffusion.mask_train_steps={args.mask_steps}", f"anomalydiffusion.num_per_type={args.pairs}",
             f"anomalydiffusion.steps={args.ddim_steps}", f"anomalydiffusion.mask_steps={args.ddim_steps}",
             f"anomalydiffusion.num_type_tokens={args.type_tokens}", "anomalydiffusion.batch_size=4",
-            f"anomalydiffusion.aar={args.aar}",
+            f"anomalydiffusion.aar={args.aar}", "generation_metrics=null",  # IS / IC-LPIPS need Inception / AlexNet
+            f"defect_classifier.epochs={args.classifier_epochs}", f"defect_classifier.image_size={args.image_size}",
+            "pretrained.defect_classifier=null",  # ResNet-34 from random weights (no ImageNet weights here)
             "anomalydiffusion.encoder={channels: [16, 32, 64, 128], "
             "head_channels: 128}"]
 
@@ -320,12 +326,14 @@ def run_category(stack_folder: Path, base_info: dict, category: str, args, work:
         row.setdefault("run_dirs", {})[name] = str(run_dir)
         if name == "anomalydiffusion":
             row["knn_pixels"] = {m: metrics.get(f"evaluate/test/knn_pixels/{m}") for m in METRICS}
+            row["defect_type_accuracy"] = metrics.get("classifier/test/defect_type_accuracy")
+            row["num_pairs"] = metrics.get("generate/predict/num_exported")
     return row
 
 
 def settings_of(args) -> dict:
     keys = ("image_size", "vae_steps", "unet_steps", "unet_width", "n_shapes", "embedding_steps", "mask_steps",
-            "pairs", "ddim_steps", "type_tokens", "aar", "localizer_epochs", "localizer_samples", "localizer_width",
+            "pairs", "ddim_steps", "type_tokens", "aar", "classifier_epochs", "localizer_epochs", "localizer_samples", "localizer_width",
             "threads", "seed")
     return {k: getattr(args, k) for k in keys}
 
@@ -394,6 +402,7 @@ def parse_args(argv=None):
     p.add_argument("--ddim-steps", type=int, default=25)
     p.add_argument("--type-tokens", type=int, default=4)
     p.add_argument("--aar", default="off")
+    p.add_argument("--classifier-epochs", type=int, default=10)
     p.add_argument("--localizer-epochs", type=int, default=15)
     p.add_argument("--localizer-samples", type=int, default=320)
     p.add_argument("--localizer-width", type=int, default=16)
@@ -403,7 +412,7 @@ def parse_args(argv=None):
     if args.tiny:
         for key, value in (("vae_steps", 3), ("unet_steps", 3), ("unet_width", 16),
                            ("n_shapes", 6), ("embedding_steps", 2), ("mask_steps", 2), ("pairs", 2),
-                           ("ddim_steps", 2), ("type_tokens", 2), ("localizer_epochs", 1), ("localizer_samples", 8),
+                           ("ddim_steps", 2), ("type_tokens", 2), ("localizer_epochs", 1), ("localizer_samples", 8), ("classifier_epochs", 1),
                            ("localizer_width", 8)):
             setattr(args, key, value)
     return args

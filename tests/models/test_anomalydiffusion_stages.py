@@ -94,6 +94,10 @@ def test_the_pipeline_runs_every_stage_offline_and_exports_pairs_with_masks(run_
                   if k.startswith("evaluate/generation/anomalydiffusion/")}
     assert generation["num_generated"] == 4 and generation["inception_score"] >= 1.0
     assert set(generation) >= {"ic_lpips", "ic_lpips/broken", "ic_lpips/crack"}
+    # the classifier stage: trained on the pairs, tested on the real anomalies left for testing (1 per type here)
+    assert 0.0 <= metrics["classifier/test/defect_type_accuracy"] <= 1.0
+    classifier = json.loads((run_dir / "classifier" / "run.json").read_text())["outputs"]
+    assert Path(classifier["classifier"]).is_file()
     assert generation["ic_lpips"] == pytest.approx((generation["ic_lpips/broken"] + generation["ic_lpips/crack"]) / 2)
 
 
