@@ -328,3 +328,31 @@ def test_adp_ti_animals_runs_and_refreshes_its_block(tmp_path):
     block = text.split("<!-- begin: adp_ti_animals -->\n", 1)[1].split("<!-- end: adp_ti_animals -->", 1)[0]
     assert block.startswith("```bash\npython benchmarks/adp_ti_animals.py --tiny") and "--doc" not in block
     assert "| `a photo of a <zebra-ti>` (learned) | 6 |" in block and "called Zebra" in block and "](grid.png)" in block
+
+
+def test_anomalydiffusion_tables_resume_and_make_the_four_tables(tmp_path, monkeypatch):
+    """anomalydiffusion_tables.py: one row per category, categories already in the results file skipped; each table
+    has a row per category, the mean over categories and the paper's means; plumbing rows are labelled as such."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import anomalydiffusion_tables as tables
+
+    made = []
+    keys = [key for _, columns, _ in tables.TABLES for key, _ in columns]
+
+    def fake_run_one(experiment, category, tiny, extra, work):
+        made.append(category)
+        base = {"bottle": 0.9, "cable": 0.7}[category]
+        return {"experiment": experiment, "category": category, "plumbing": tiny, "extra": extra,
+                "metrics": {key: base + 0.01 * i for i, key in enumerate(keys)}}
+
+    monkeypatch.setattr(tables, "run_one", fake_run_one)
+    results = tmp_path / "rows.jsonl"
+    tables.main(["--categories", "bottle", "--tiny", "--results", str(results)])
+    text = tables.main(["--categories", "bottle", "cable", "--tiny", "--results", str(results)])
+    assert made == ["bottle", "cable"] and len(results.read_text().splitlines()) == 2
+    assert text.startswith("**Plumbing, not results:**")
+    assert "| bottle | 0.90 | 0.91 |" in text and "| **mean** | 0.80 | 0.81 |" in text  # Table 1: IS, IC-LPIPS
+    assert "| bottle | 92.0 | 93.0 | 94.0 | 95.0 |" in text  # Table 2 in percent
+    assert "| **mean** | 82.0 | 83.0 | 84.0 | 85.0 |" in text  # (0.92 + 0.72) / 2
+    assert "| paper (mean; test-set picked) | 99.1 | 81.4 | 76.3 | 94.0 |" in text
+    assert "| paper (mean; test-set picked) | 66.1 |" in text  # Table 4
