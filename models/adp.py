@@ -177,11 +177,9 @@ class ADPConcept(LightningModule):
 
     # -- the product -------------------------------------------------------------------------------------------
     def on_fit_end(self) -> None:
-        if self.trainer.world_size > 1:  # one concept for every rank: the table's gradient was averaged
-            vectors = self.all_gather(self.concept.learned_embeddings().to(self.device))
-            if not torch.allclose(vectors, vectors[:1].expand_as(vectors), atol=1e-6):
-                raise RuntimeError("the ranks learned different concept vectors: the text encoder's token table was "
-                                   "not synchronised by the strategy")
+        from anomgen.distributed import check_ranks_agree
+
+        check_ranks_agree(self, self.concept.learned_embeddings(), "concept vectors")  # the table's gradient averaged
         if self.trainer.is_global_zero:
             path = self.concept.save(Path(self.trainer.default_root_dir) / "concept.safetensors")
             self.stage_outputs = {"concept": str(path.resolve())}

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch import LightningModule
+from torch import nn
 
 from anomgen.data.generation import GeneratedBatch
 from anomgen.generators.anomalydiffusion import (
@@ -132,8 +133,13 @@ class _TrainsInStack(LightningModule):
                                      "model.lr")
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=n)
 
-    def _save_product(self, save) -> None:
-        """Rank 0 writes ``<run>/<product>.safetensors`` with ``save(path)``; every rank waits for it."""
+    def _save_product(self, save, learned: nn.Module) -> None:
+        """Rank 0 writes ``<run>/<product>.safetensors`` with ``save(path)``; every rank waits for it. Under DDP the
+        ``learned`` parameters must first be equal on every rank (their gradients were averaged)."""
+        from anomgen.distributed import check_ranks_agree
+
+        check_ranks_agree(self, torch.cat([p.detach().flatten() for p in learned.parameters()]),
+                          f"{self.product} parameters")
         if self.trainer.is_global_zero:
             path = save(Path(self.trainer.default_root_dir) / f"{self.product}.safetensors")
             self.stage_outputs = {self.product: str(Path(path).resolve())}
@@ -205,7 +211,7 @@ class AnomalyDiffusionEmbedding(_TrainsInStack):
 
         info = {"category": self.category, "stack": _stack_info(self.hparams.text_to_image),
                 "init_word": self.config.init_word, "steps": int(self.global_step)}
-        self._save_product(lambda path: save_anomaly_embedding(path, self.embedding, info))
+        self._save_product(lambda path: save_anomaly_embedding(path, self.embedding, info), self.embedding)
 
 
 class AnomalyDiffusionMasks(_TrainsInStack):
@@ -253,7 +259,7 @@ class AnomalyDiffusionMasks(_TrainsInStack):
 
         info = {"category": self.category, "stack": _stack_info(self.hparams.text_to_image),
                 "init_word": self.config.init_word, "steps": int(self.global_step)}
-        self._save_product(lambda path: save_mask_embedding(path, self.mask_model, info))
+        self._save_product(lambda path: save_mask_embedding(path, self.mask_model, info), self.mask_model)
 
 
 class AnomalyDiffusionModel(LightningModule):

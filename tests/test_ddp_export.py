@@ -124,6 +124,35 @@ def test_adp_concept_stage_learns_one_concept_on_two_processes(tmp_path):
     assert list(load_concepts(record["outputs"]["concept"])) == ["<adp-n>"]
 
 
+@pytest.mark.slow  # four processes start and import the stack (about 40 s); pytest -m slow runs it
+@pytest.mark.parametrize("stage", ["anomalydiffusion_embedding", "anomalydiffusion_masks"])
+def test_anomalydiffusion_training_stages_learn_one_file_on_two_processes(tmp_path, stage):
+    """AnomalyDiffusion's two training stages under 2-process DDP: the learned vectors are a submodule, so their
+    gradients are averaged over the ranks (the stage checks that every rank ends with the same parameters, and fails
+    otherwise), and rank 0 writes the one file, of the category's two defect types."""
+    from anomgen.generators.anomalydiffusion import read_file_info
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    run = tmp_path / "run"
+    sizes = (["model.num_type_tokens=1", "model.num_mask_tokens=1",
+              "model.encoder={channels: [8, 8, 16, 16], head_channels: 16}"] if stage.endswith("embedding")
+             else ["model.num_vectors=2"])
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), f"paths.log_dir={tmp_path / 'logs'}", "logger=none", "~experiment",
+         f"model={stage}", "datamodule=mvtec", "debug=tiny", "callbacks=none", "trainer=ddp",
+         "trainer.accelerator=cpu", "trainer.devices=2", "trainer.max_epochs=-1", "+trainer.max_steps=2",
+         "trainer.limit_train_batches=1.0", "trainer.enable_checkpointing=false", "datamodule.dataset.image_size=32",
+         "datamodule.anomaly_train_fraction=0.5", "datamodule.train_on=anomaly_train", "datamodule.batch_size=1",
+         *sizes, f"hydra.run.dir={run}"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-4000:]
+    outputs = json.loads((run / "run.json").read_text())["outputs"]
+    (product,) = [v for k, v in outputs.items() if k in ("embedding", "masks")]
+    info = read_file_info(product)
+    assert info["type_names"] == ["broken", "crack"] and info["info"]["category"] == "bottle"
+
+
 def test_anomalydiffusion_pairs_are_the_same_on_two_processes(tmp_path):
     """AnomalyDiffusion's generation stage under DDP (from an embedding and a mask file): each pair is seeded by its
     index and each mask drawn alone, so the manifest (types, normal images, seeds, mask tries, templates) and the mask
