@@ -17,5 +17,9 @@ class PretrainedNotFoundError(AnomgenError, FileNotFoundError):
     """Pretrained weights could not be found. The message names the id and how to supply it."""
 
 
+class UnsafeFileError(AnomgenError, ValueError):
+    """A torch file holds more than tensors and plain containers, so reading it would mean unpickling code."""
+
+
 class MetricError(AnomgenError, ValueError):
     """A metric cannot be computed from what it was given (e.g. no anomalous sample)."""

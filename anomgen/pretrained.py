@@ -9,18 +9,19 @@ A model id is resolved, in this order, to:
 
 When none of these has it, :class:`~anomgen.errors.PretrainedNotFoundError` names the id, where it looked and how to
 supply it, at once (no retries). Weights load strictly: :func:`load_state_dict_strict` refuses missing or unexpected
-keys instead of warning about them.
+keys instead of warning about them. Torch files are read by :func:`load_torch_file` only, never unpickled in full.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
-from anomgen.errors import PretrainedNotFoundError
+from anomgen.errors import PretrainedNotFoundError, UnsafeFileError
 
 ENV_DIR = "ANOMGEN_PRETRAINED_DIR"
 #: ids that name a weights file (e.g. 256x256_diffusion_uncond.pt) are never looked up on the hub
@@ -143,6 +144,24 @@ def load_state_dict_strict(module: torch.nn.Module, state_dict: Mapping[str, tor
                            f"{', '.join(left[:10])}")
 
 
+def load_torch_file(path: str | os.PathLike, what: str = "torch file"):
+    """``torch.load(path, weights_only=True)`` on the CPU: tensors and plain containers only. A file that needs any
+    other class (a pickled object whose unpickling could run code) or is no torch file is an
+    :class:`~anomgen.errors.UnsafeFileError` naming ``what`` and the file; nothing in it is run. Every torch file the
+    project reads (weights, backbones, localizers, concepts, feature caches) comes through here."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        skip = ("Weights only load failed", "Check the documentation", "Please file an issue")
+        reason = " ".join(line.strip() for line in str(err).splitlines()
+                          if line.strip() and not line.strip().startswith(skip))
+        raise UnsafeFileError(
+            f"{what} {path} was refused: it holds more than tensors and plain containers ({reason or err}). Torch "
+            "files are read with torch.load(weights_only=True) and never unpickled in full, since unpickling runs "
+            "code; save weights as a state dict (torch.save(module.state_dict(), path)) or as .safetensors"
+        ) from None
+
+
 def load_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a ``.safetensors`` or torch checkpoint file as a flat state dict (tensors only)."""
     path = Path(path)
@@ -150,7 +169,7 @@ def load_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(str(path))
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    obj = load_torch_file(path, "weights file")
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         obj = obj["state_dict"]
     return dict(obj)

@@ -13,8 +13,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from anomgen import pretrained
-from anomgen.errors import AnomgenError, PretrainedNotFoundError
-from anomgen.pretrained import ENV_DIR, load_state_dict_strict, load_weights_file, resolve
+from anomgen.errors import AnomgenError, PretrainedNotFoundError, UnsafeFileError
+from anomgen.pretrained import ENV_DIR, load_state_dict_strict, load_torch_file, load_weights_file, resolve
 
 HOW_TO = ("local path", f"${ENV_DIR}/", "network access")
 
@@ -332,11 +332,18 @@ def test_load_torch_checkpoint(tmp_path, wrapped):
     assert torch.equal(model.lin.weight, state["lin.weight"])
 
 
-def test_torch_checkpoint_with_code_is_refused(tmp_path):
+def test_torch_checkpoint_with_code_is_refused(tmp_path, code_running_file):
     path = tmp_path / "evil.pt"
     torch.save({"obj": Tiny()}, path)  # a pickled module needs arbitrary globals
-    with pytest.raises(Exception, match="(?i)weights_only|unsupported global|Unpickl"):
+    with pytest.raises(UnsafeFileError, match="weights file .*evil.pt was refused"):
         load_weights_file(path)
+    marker = code_running_file(tmp_path / "runs_code.pt", lambda code: {"lin.weight": torch.zeros(1), "x": code})
+    with pytest.raises(UnsafeFileError, match=r"runs_code.pt was refused: .*mkdir.*never unpickled in full"):
+        load_weights_file(tmp_path / "runs_code.pt")
+    assert not marker.exists(), "the file's code must not run"
+    (tmp_path / "junk.pt").write_bytes(b"no torch file at all")
+    with pytest.raises(UnsafeFileError, match="junk.pt was refused"):
+        load_torch_file(tmp_path / "junk.pt")
 
 
 # -------------------------------------------------------------------------- torchvision, Inception, open_clip files
