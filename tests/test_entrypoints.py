@@ -193,6 +193,22 @@ def test_export_refuses_to_overwrite_a_set_before_fitting(compose_config, tmp_pa
     assert read_manifest(set_dir) != before  # another seed: other draws
 
 
+def test_overwrite_of_a_folder_that_is_not_a_set_is_refused_before_fitting(compose_config, tmp_path):
+    """The check before fitting is the merge's own: overwrite=true on a folder that is no set fails at once, not after
+    training (the merge would refuse it)."""
+    from train import train
+
+    folder = tmp_path / "my_notes"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    overrides = ["logger=none", "debug=limit", f"synthetic_set_dir={folder}", "model=sde_nearnd",
+                 "callbacks.synthetic_set_export.overwrite=true"]
+    with pytest.raises(SyntheticSetError, match="my_notes exists and is not a synthetic set"):
+        train(compose_config("train", overrides, run_dir=tmp_path / "a"))
+    assert not (tmp_path / "a" / "checkpoints").exists()  # refused before any training
+    assert (folder / "notes.txt").read_text() == "mine"
+
+
 def test_evaluate_rejects_an_incomplete_set(compose_config, tmp_path):
     from evaluate import evaluate
     from train import train
