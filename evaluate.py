@@ -16,6 +16,9 @@ metrics on a test split with masks (MVTec AD, VisA): ``test/<detector>/pixel_AUR
 ``pixel_F1Max_threshold`` and ``pixel_AUPRO`` (FPR up to ``pixel_metrics.fpr_limit``, 0.3). They are binned over the
 detector's ``map_range`` (memory bounded, ``pixel_metrics``) or exact; without any anomalous pixel they are null in
 metrics.json with ``pixel_undefined`` saying why. Synthetic sets get image metrics only.
+
+The project's own errors (:mod:`anomgen.errors`) end the run with one ``error: ...`` message on stderr and exit code 1;
+``ANOMGEN_TRACEBACK=1`` (or ``HYDRA_FULL_ERROR=1``) shows their traceback.
 """
 
 from __future__ import annotations
@@ -36,8 +39,9 @@ import hydra  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from anomgen import pipeline  # noqa: E402
+from anomgen.errors import ConfigError  # noqa: E402
 from anomgen.files import write_json  # noqa: E402
-from anomgen.runtime import finish_loggers, instantiate_group, used_config, write_metrics  # noqa: E402
+from anomgen.runtime import finish_loggers, instantiate_group, report_errors, used_config, write_metrics  # noqa: E402
 
 pipeline.register_resolvers()
 
@@ -54,7 +58,7 @@ def synthetic_validation(datamodule, synthetic_set: str):
         warnings.warn(f"synthetic set {synthetic_set} was made for normal class {task.get('normal_class')!r}, "
                       f"the datamodule's normal class is {datamodule.normal_class!r}", stacklevel=2)
     if len(datamodule.val_normals) == 0:
-        raise ValueError("synthetic validation needs held-out normal images: set datamodule.validation=holdout "
+        raise ConfigError("synthetic validation needs held-out normal images: set datamodule.validation=holdout "
                          "(or synthetic) with datamodule.holdout_fraction > 0; the test split is never used for it")
     return ConcatDataset([datamodule.val_normals, anomalies]), anomalies
 
@@ -68,7 +72,7 @@ def named_detectors(cfg: DictConfig) -> dict:
         if detector is not None:
             out[name] = detector
     if not out:
-        raise ValueError("nothing to score: give a detector (detector=knn_pixels) or detectors.<name>={...}")
+        raise ConfigError("nothing to score: give a detector (detector=knn_pixels) or detectors.<name>={...}")
     return out
 
 
@@ -218,12 +222,12 @@ def selection_sets(sets: DictConfig) -> dict[str, dict[str, str]]:
     out = {name: {str(task): str(folder) for task, folder in by_task.items()}
            for name, by_task in resolved.items() if by_task}
     if not out:
-        raise ValueError("selection.sets is empty: give {set name: {task: run or set folder}}, e.g. the runs of the "
+        raise ConfigError("selection.sets is empty: give {set name: {task: run or set folder}}, e.g. the runs of the "
                          "pipeline's foreach stages (selection.sets.diffstyle=${output:diffstyle.runs})")
     first = next(iter(out))
     for name, by_task in out.items():
         if set(by_task) != set(out[first]):
-            raise ValueError(f"selection.sets: {name!r} has tasks {list(by_task)}, {first!r} has {list(out[first])}")
+            raise ConfigError(f"selection.sets: {name!r} has tasks {list(by_task)}, {first!r} has {list(out[first])}")
     return out
 
 
@@ -232,7 +236,7 @@ def selection_datamodules(cfg: DictConfig, tasks: list[str]):
     were made by, e.g. ``datamodule.normal_class`` or ``datamodule.dataset.category``) set to the task."""
     key = cfg.selection.task_key
     if not key.startswith("datamodule."):
-        raise ValueError(f"selection.task_key must be a datamodule key (datamodule.normal_class, "
+        raise ConfigError(f"selection.task_key must be a datamodule key (datamodule.normal_class, "
                          f"datamodule.dataset.category), got {key!r}")
     for task in tasks:
         datamodule_cfg = OmegaConf.create(OmegaConf.to_container(cfg.datamodule, resolve=True))
@@ -356,7 +360,8 @@ def render_report(report: dict) -> str:
 def main(cfg: DictConfig) -> None:
     from anomgen.runtime import flatten
 
-    metrics, run_dir = evaluate(cfg)
+    with report_errors():
+        metrics, run_dir = evaluate(cfg)
     for key, value in flatten(metrics).items():
         print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
     print(run_dir)

@@ -5,6 +5,10 @@ class AnomgenError(Exception):
     """Base class of the project's own errors."""
 
 
+class ConfigError(AnomgenError, ValueError):
+    """The run's configuration asks for something inconsistent or impossible. The message names the key(s)."""
+
+
 class DatasetError(AnomgenError, ValueError):
     """A dataset on disk is missing, incomplete or malformed. The message names the file or folder."""
 

@@ -393,6 +393,19 @@ def test_cli_unknown_key_fails_with_its_name(tmp_path):
     assert "no_such_key" in out.stderr
 
 
+@pytest.mark.parametrize("script", ["train.py", "evaluate.py"])
+def test_cli_bad_dataset_path_is_one_error_line_and_exit_code_1(tmp_path, script):
+    """The project's own error (here a DatasetError: no MVTec AD folder) ends the run with one `error:` line on
+    stderr naming the folder, not a traceback (ANOMGEN_TRACEBACK=1 brings it back: tests/test_runtime.py)."""
+    missing = tmp_path / "no_mvtec_here"
+    out = _run(script, f"paths.log_dir={tmp_path / 'logs'}", "logger=none", "experiment=noise_patch_mvtec",
+               f"paths.mvtec_dir={missing}", cwd=tmp_path)
+    assert out.returncode == 1, out.stderr[-3000:]
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: mvtec_ad: folder not found: {missing}"], out.stderr[-3000:]
+    assert "Traceback" not in out.stderr and "Error executing job" not in out.stderr
+
+
 def test_resume_from_a_checkpoint_continues_training(compose_config, tmp_path):
     """``ckpt_path=<run>/checkpoints/last.ckpt`` resumes fitting where it stopped (epochs and global step)."""
     import torch
