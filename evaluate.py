@@ -41,7 +41,14 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from anomgen import pipeline  # noqa: E402
 from anomgen.errors import ConfigError  # noqa: E402
 from anomgen.files import write_json  # noqa: E402
-from anomgen.runtime import finish_loggers, instantiate_group, report_errors, used_config, write_metrics  # noqa: E402
+from anomgen.runtime import (  # noqa: E402
+    finish_loggers,
+    instantiate_group,
+    report_errors,
+    used_config,
+    with_config_paths,
+    write_metrics,
+)
 
 pipeline.register_resolvers()
 
@@ -95,6 +102,7 @@ def pixel_metrics_for(detector, dataset, cfg: DictConfig | None, name: str):
     return PixelMetrics(num_thresholds, score_range, fpr_limit=cfg.get("fpr_limit", 0.3), name=name)
 
 
+@with_config_paths  # weights are also looked for in the config's paths.pretrained_dir
 def evaluate(cfg: DictConfig) -> tuple[dict, Path]:
     import lightning as L
 

@@ -39,6 +39,7 @@ from anomgen.runtime import (  # noqa: E402
     instantiate_group,
     report_errors,
     used_config,
+    with_config_paths,
     write_metrics,
 )
 
@@ -56,6 +57,7 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> tuple[dict, Pa
     return run_stage(cfg)
 
 
+@with_config_paths  # weights are also looked for in the config's paths.pretrained_dir
 def run_stage(cfg: DictConfig) -> tuple[dict, Path, bool]:
     """Fit, then generate and export; record the outputs in ``run.json``."""
     import lightning as L

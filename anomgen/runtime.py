@@ -1,5 +1,6 @@
 """What the entry points share that is not Lightning: config resolvers, the run's metrics file, code version, how
-the project's own errors end a run (:func:`report_errors`), how many data-loading workers a machine gets.
+the project's own errors end a run (:func:`report_errors`), the config's folders the library reads
+(:func:`with_config_paths`), how many data-loading workers a machine gets.
 
 Resolvers (registered by :func:`anomgen.pipeline.register_resolvers`, which the entry points and tests call):
 
@@ -12,17 +13,19 @@ Resolvers (registered by :func:`anomgen.pipeline.register_resolvers`, which the 
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import subprocess
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
 import anomgen
 from anomgen.errors import AnomgenError, ConfigError
 from anomgen.files import to_json, write_json
+from anomgen.pretrained import use_pretrained_dir
 
 #: set to 1 for the whole traceback of the project's own errors (Hydra's HYDRA_FULL_ERROR=1 does the same)
 TRACEBACK_ENV = "ANOMGEN_TRACEBACK"
@@ -105,6 +108,21 @@ def finish_loggers(loggers: list, status: str = "success") -> None:
             import wandb
 
             wandb.finish(exit_code=0 if status == "success" else 1)
+
+
+def with_config_paths(run: Callable) -> Callable:
+    """``run(cfg, ...)`` with the folders of ``cfg.paths`` that the library reads in effect: ``paths.pretrained_dir``
+    is searched for weights (:func:`anomgen.pretrained.use_pretrained_dir`). train.py's ``run_stage`` and
+    evaluate.py's ``evaluate`` are wrapped in it, so that every stage of a pipeline uses its own config's folder."""
+
+    @functools.wraps(run)
+    def wrapped(cfg, *args, **kwargs):
+        from omegaconf import OmegaConf
+
+        with use_pretrained_dir(OmegaConf.select(cfg, "paths.pretrained_dir", default=None)):
+            return run(cfg, *args, **kwargs)
+
+    return wrapped
 
 
 # ------------------------------------------------------------------------------------------ errors at the entry points

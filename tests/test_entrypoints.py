@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from anomgen.data.synthetic import SyntheticSet, read_manifest
-from anomgen.errors import SyntheticSetError
+from anomgen.errors import PretrainedNotFoundError, SyntheticSetError
 
 ROOT = Path(__file__).resolve().parent.parent
 ALL_EXPERIMENTS = sorted(p.stem for p in (ROOT / "configs" / "experiment").glob("*.yaml"))
@@ -220,6 +220,31 @@ def test_evaluate_rejects_an_incomplete_set(compose_config, tmp_path):
     with pytest.raises(SyntheticSetError, match="000000.png"):
         evaluate(compose_config("evaluate", ["logger=none", f"synthetic_sets.synthetic={set_dir}"],
                                 run_dir=tmp_path / "e"))
+
+
+def test_a_run_searches_its_config_s_pretrained_dir(compose_config, tmp_path, monkeypatch):
+    """paths.pretrained_dir is searched for weights during a run, without $ANOMGEN_PRETRAINED_DIR: a detector whose
+    backbone is named by file name alone is found there."""
+    from evaluate import evaluate
+
+    from anomgen.encoders.vit import build_vit, save_backbone
+    from anomgen.runtime import own_error
+
+    monkeypatch.delenv("ANOMGEN_PRETRAINED_DIR", raising=False)
+    monkeypatch.chdir(tmp_path)
+    weights = tmp_path / "my_weights"
+    save_backbone(build_vit("vit_small", 16, patch_size=4, num_layers=1, num_heads=2, hidden_dim=16, mlp_dim=32),
+                  weights / "tiny_backbone.pt")
+    mine = ("+detectors.mine={_target_:anomgen.detectors.KNNDetector,k:1,"
+            "extractor:{_target_:anomgen.encoders.vit.load_backbone,path:tiny_backbone.pt}}")
+    overrides = ["logger=none", "synthetic_sets.synthetic=null", mine]
+    with pytest.raises(Exception) as err:  # not in the default folder, <root>/pretrained (Hydra wraps the error)
+        evaluate(compose_config("evaluate", overrides, run_dir=tmp_path / "a"))
+    missing = own_error(err.value)
+    assert isinstance(missing, PretrainedNotFoundError) and str(ROOT / "pretrained" / "tiny_backbone.pt") in str(missing)
+    metrics, _ = evaluate(compose_config("evaluate", [*overrides, f"paths.pretrained_dir={weights}"],
+                                         run_dir=tmp_path / "b"))
+    assert 0.0 <= metrics["test"]["mine"]["image_AUROC"] <= 1.0
 
 
 WINCLIP_MVTEC = ["datamodule=mvtec", "debug=tiny", "detector=winclip_plus", "datamodule.k_shot=2", "logger=csv"]
