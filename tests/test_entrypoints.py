@@ -225,10 +225,9 @@ def test_evaluate_rejects_an_incomplete_set(compose_config, tmp_path):
 def test_a_run_searches_its_config_s_pretrained_dir(compose_config, tmp_path, monkeypatch):
     """paths.pretrained_dir is searched for weights during a run, without $ANOMGEN_PRETRAINED_DIR: a detector whose
     backbone is named by file name alone is found there."""
-    from evaluate import evaluate
-
     from anomgen.encoders.vit import build_vit, save_backbone
     from anomgen.runtime import own_error
+    from evaluate import evaluate
 
     monkeypatch.delenv("ANOMGEN_PRETRAINED_DIR", raising=False)
     monkeypatch.chdir(tmp_path)
@@ -241,7 +240,8 @@ def test_a_run_searches_its_config_s_pretrained_dir(compose_config, tmp_path, mo
     with pytest.raises(Exception) as err:  # not in the default folder, <root>/pretrained (Hydra wraps the error)
         evaluate(compose_config("evaluate", overrides, run_dir=tmp_path / "a"))
     missing = own_error(err.value)
-    assert isinstance(missing, PretrainedNotFoundError) and str(ROOT / "pretrained" / "tiny_backbone.pt") in str(missing)
+    assert isinstance(missing, PretrainedNotFoundError)
+    assert str(ROOT / "pretrained" / "tiny_backbone.pt") in str(missing)
     metrics, _ = evaluate(compose_config("evaluate", [*overrides, f"paths.pretrained_dir={weights}"],
                                          run_dir=tmp_path / "b"))
     assert 0.0 <= metrics["test"]["mine"]["image_AUROC"] <= 1.0
