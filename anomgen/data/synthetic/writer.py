@@ -31,6 +31,7 @@ from anomgen.data.synthetic.format import (
     format_id,
     image_array,
     is_work_name,
+    listed_file,
     load_set,
     manifest_text,
     mask_array,
@@ -313,7 +314,7 @@ def merge_shards(
             )
         for row in read_manifest(shard):
             for key in ("image", "mask"):
-                if row[key] is not None and not (shard / row[key]).is_file():
+                if row[key] is not None and not listed_file(shard, row, key).is_file():
                     raise SyntheticSetError(f"shard {shard}: sample {row['id']!r}: {key} file {row[key]} is missing")
             previous = chosen.get(row["id"])
             if previous is None:
