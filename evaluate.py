@@ -20,6 +20,9 @@ metrics.json with ``pixel_undefined`` saying why. Synthetic sets get image metri
 ``generation_metrics`` (AnomalyDiffusion's pipeline sets it) adds the generation figures of the named sets:
 ``generation/<set>/inception_score`` (``pretrained.is_classifier``) and ``generation/<set>/ic_lpips`` (and per defect
 type; ``pretrained.lpips``), against the real anomalies the generator learnt from (``datamodule.anomaly_train``).
+
+The project's own errors (:mod:`anomgen.errors`) end the run with one ``error: ...`` message on stderr and exit code 1;
+``ANOMGEN_TRACEBACK=1`` (or ``HYDRA_FULL_ERROR=1``) shows their traceback.
 """
 
 from __future__ import annotations
@@ -40,8 +43,16 @@ import hydra  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from anomgen import pipeline  # noqa: E402
+from anomgen.errors import ConfigError  # noqa: E402
 from anomgen.files import write_json  # noqa: E402
-from anomgen.runtime import finish_loggers, instantiate_group, used_config, write_metrics  # noqa: E402
+from anomgen.runtime import (  # noqa: E402
+    finish_loggers,
+    instantiate_group,
+    report_errors,
+    used_config,
+    with_config_paths,
+    write_metrics,
+)
 
 pipeline.register_resolvers()
 
@@ -58,7 +69,7 @@ def synthetic_validation(datamodule, synthetic_set: str):
         warnings.warn(f"synthetic set {synthetic_set} was made for normal class {task.get('normal_class')!r}, "
                       f"the datamodule's normal class is {datamodule.normal_class!r}", stacklevel=2)
     if len(datamodule.val_normals) == 0:
-        raise ValueError("synthetic validation needs held-out normal images: set datamodule.validation=holdout "
+        raise ConfigError("synthetic validation needs held-out normal images: set datamodule.validation=holdout "
                          "(or synthetic) with datamodule.holdout_fraction > 0; the test split is never used for it")
     return ConcatDataset([datamodule.val_normals, anomalies]), anomalies
 
@@ -72,7 +83,7 @@ def named_detectors(cfg: DictConfig) -> dict:
         if detector is not None:
             out[name] = detector
     if not out:
-        raise ValueError("nothing to score: give a detector (detector=knn_pixels) or detectors.<name>={...}")
+        raise ConfigError("nothing to score: give a detector (detector=knn_pixels) or detectors.<name>={...}")
     return out
 
 
@@ -104,11 +115,11 @@ def generation_figures(cfg: DictConfig, datamodule, sets: dict[str, str]) -> dic
     gen = cfg.generation_metrics
     anomalies = getattr(datamodule, "anomaly_train", None)
     if anomalies is None:
-        raise ValueError("generation_metrics compares generated anomalies with the real ones the generator learnt "
+        raise ConfigError("generation_metrics compares generated anomalies with the real ones the generator learnt "
                          "from: set datamodule.anomaly_train_fraction (AnomalyDiffusion: 0.3333333333333333)")
     missing = [name for name in gen.sets if name not in sets]
     if missing:
-        raise ValueError(f"generation_metrics.sets names {missing}, not among synthetic_sets {sorted(sets)}")
+        raise ConfigError(f"generation_metrics.sets names {missing}, not among synthetic_sets {sorted(sets)}")
     classifier = hydra.utils.instantiate(cfg.pretrained.is_classifier) if gen.get("inception_score", True) else None
     distance = hydra.utils.instantiate(cfg.pretrained.lpips) if gen.get("ic_lpips", True) else None
     return {name: generation_metrics(sets[name], anomalies, classifier, distance, splits=int(gen.get("splits", 10)),
@@ -116,6 +127,7 @@ def generation_figures(cfg: DictConfig, datamodule, sets: dict[str, str]) -> dic
             for name in gen.sets}
 
 
+@with_config_paths  # weights are also looked for in the config's paths.pretrained_dir
 def evaluate(cfg: DictConfig) -> tuple[dict, Path]:
     import lightning as L
 
@@ -246,12 +258,12 @@ def selection_sets(sets: DictConfig) -> dict[str, dict[str, str]]:
     out = {name: {str(task): str(folder) for task, folder in by_task.items()}
            for name, by_task in resolved.items() if by_task}
     if not out:
-        raise ValueError("selection.sets is empty: give {set name: {task: run or set folder}}, e.g. the runs of the "
+        raise ConfigError("selection.sets is empty: give {set name: {task: run or set folder}}, e.g. the runs of the "
                          "pipeline's foreach stages (selection.sets.diffstyle=${output:diffstyle.runs})")
     first = next(iter(out))
     for name, by_task in out.items():
         if set(by_task) != set(out[first]):
-            raise ValueError(f"selection.sets: {name!r} has tasks {list(by_task)}, {first!r} has {list(out[first])}")
+            raise ConfigError(f"selection.sets: {name!r} has tasks {list(by_task)}, {first!r} has {list(out[first])}")
     return out
 
 
@@ -260,7 +272,7 @@ def selection_datamodules(cfg: DictConfig, tasks: list[str]):
     were made by, e.g. ``datamodule.normal_class`` or ``datamodule.dataset.category``) set to the task."""
     key = cfg.selection.task_key
     if not key.startswith("datamodule."):
-        raise ValueError(f"selection.task_key must be a datamodule key (datamodule.normal_class, "
+        raise ConfigError(f"selection.task_key must be a datamodule key (datamodule.normal_class, "
                          f"datamodule.dataset.category), got {key!r}")
     for task in tasks:
         datamodule_cfg = OmegaConf.create(OmegaConf.to_container(cfg.datamodule, resolve=True))
@@ -384,7 +396,8 @@ def render_report(report: dict) -> str:
 def main(cfg: DictConfig) -> None:
     from anomgen.runtime import flatten
 
-    metrics, run_dir = evaluate(cfg)
+    with report_errors():
+        metrics, run_dir = evaluate(cfg)
     for key, value in flatten(metrics).items():
         print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
     print(run_dir)

@@ -9,7 +9,9 @@ A stage is one model, one datamodule, one Trainer: fit (when the model trains; t
 ``tests_after_fit``), then predict + export (when it generates). It records its outputs (checkpoint, synthetic set,
 backbone file ...) in ``<run>/run.json``. An experiment with a ``pipeline:`` runs its stages in order, each in
 ``<run>/<stage>``, a ``foreach`` stage once per value in ``<run>/<stage>/<value>`` (see :mod:`anomgen.pipeline`).
-The run folder is the last line printed.
+The run folder is the last line printed. The project's own errors (:mod:`anomgen.errors`: a missing dataset, a set
+that exists, missing weights, an inconsistent config) end the run with one ``error: ...`` message on stderr and exit
+code 1; ``ANOMGEN_TRACEBACK=1`` (or ``HYDRA_FULL_ERROR=1``) shows their traceback.
 """
 
 from __future__ import annotations
@@ -29,12 +31,15 @@ import hydra  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from anomgen import pipeline  # noqa: E402
+from anomgen.errors import ConfigError  # noqa: E402
 from anomgen.files import write_json  # noqa: E402
 from anomgen.runtime import (  # noqa: E402
     code_version,
     finish_loggers,
     instantiate_group,
+    report_errors,
     used_config,
+    with_config_paths,
     write_metrics,
 )
 
@@ -52,6 +57,7 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> tuple[dict, Pa
     return run_stage(cfg)
 
 
+@with_config_paths  # weights are also looked for in the config's paths.pretrained_dir
 def run_stage(cfg: DictConfig) -> tuple[dict, Path, bool]:
     """Fit, then generate and export; record the outputs in ``run.json``."""
     import lightning as L
@@ -66,7 +72,7 @@ def run_stage(cfg: DictConfig) -> tuple[dict, Path, bool]:
     generates = bool(cfg.generate and getattr(model, "generates", False))
     export = next((c for c in callbacks if isinstance(c, SyntheticSetExport)), None)
     if generates and export is None:
-        raise ValueError(f"{type(model).__name__} generates, but no SyntheticSetExport callback is configured "
+        raise ConfigError(f"{type(model).__name__} generates, but no SyntheticSetExport callback is configured "
                          "(callbacks.synthetic_set_export); add it or set generate=false")
     if generates:
         export.check_target()  # an existing set is refused before any training, not after it
@@ -129,7 +135,7 @@ def run_pipeline(cfg: DictConfig, overrides: list[str]) -> tuple[dict, Path, boo
     bad = [name for name, stage in stages.items() if not isinstance(stage, dict) or set(stage) - STAGE_KEYS
            or stage.get("entry", "train") not in ("train", "evaluate")]
     if bad:
-        raise ValueError(f"pipeline stages {bad}: each stage is {{overrides: [...], entry: train|evaluate, "
+        raise ConfigError(f"pipeline stages {bad}: each stage is {{overrides: [...], entry: train|evaluate, "
                          "bare: true|false, dir: optional folder, foreach: optional {key: ..., values: [...] | all}}}")
     folders = {name: str(Path(cfg.pipeline[name].get("dir") or run_dir / name).resolve()) for name in stages}
     write_json(run_dir / pipeline.PIPELINE_RECORD, {"stages": folders, "order": list(folders)})
@@ -232,7 +238,8 @@ def compose_stage(stage: dict, overrides: list[str], run_dir: Path, folder: Path
 def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
-    metrics, run_dir, is_rank_zero = train(cfg, list(HydraConfig.get().overrides.task))
+    with report_errors():
+        metrics, run_dir, is_rank_zero = train(cfg, list(HydraConfig.get().overrides.task))
     if is_rank_zero:
         for key, value in sorted(metrics.items()):
             print(f"{key}: {float(value):.4f}" if hasattr(value, "__float__") else f"{key}: {value}")

@@ -41,6 +41,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from anomgen.errors import ConfigError
 from anomgen.files import write_atomic, write_json
 from anomgen.runtime import texture_task, tiny_layout
 
@@ -101,7 +102,7 @@ def check_same_stage(run_dir: str | Path, name: str, overrides: list[str]) -> No
     made = json.loads(path.read_text())["overrides"] if path.is_file() else None
     if made is not None and made != list(overrides):
         changed = sorted(set(made) ^ set(overrides))
-        raise ValueError(f"stage {name!r}: {run_dir} was made with other settings ({', '.join(changed)}); delete "
+        raise ConfigError(f"stage {name!r}: {run_dir} was made with other settings ({', '.join(changed)}); delete "
                          "that folder to run the stage again, or run the pipeline in another folder")
 
 
@@ -116,17 +117,17 @@ def stage_output(ref: str, pipeline_dir: str | Path) -> Any:
     """``STAGE.KEY`` of the pipeline in ``pipeline_dir``: the output KEY that stage recorded."""
     name, _, key = ref.partition(".")
     if not key:
-        raise ValueError(f"${{output:{ref}}} inside a pipeline names a stage and an output: STAGE.KEY")
+        raise ConfigError(f"${{output:{ref}}} inside a pipeline names a stage and an output: STAGE.KEY")
     folders = stage_dirs(pipeline_dir)
     if name not in folders:
-        raise ValueError(f"${{output:{ref}}}: pipeline {pipeline_dir} has no stage {name!r} before this one "
+        raise ConfigError(f"${{output:{ref}}}: pipeline {pipeline_dir} has no stage {name!r} before this one "
                          f"(stages: {', '.join(folders) or 'none'})")
     record = read_run_record(folders[name])
     if record is None:
-        raise ValueError(f"${{output:{ref}}}: stage {name!r} ({folders[name]}) has not finished")
+        raise ConfigError(f"${{output:{ref}}}: stage {name!r} ({folders[name]}) has not finished")
     outputs = record.get("outputs", {})
     if key not in outputs:
-        raise ValueError(f"${{output:{ref}}}: stage {name!r} recorded no output {key!r} "
+        raise ConfigError(f"${{output:{ref}}}: stage {name!r} recorded no output {key!r} "
                          f"(it has: {', '.join(sorted(outputs)) or 'none'})")
     return outputs[key]
 
@@ -135,12 +136,12 @@ def run_output(ref: str, log_dir: str | Path) -> Any:
     """Output ``ref`` of the last ``train.py`` run under ``log_dir``."""
     run = latest_train_run(log_dir)
     if run is None:
-        raise ValueError(f"${{output:{ref}}}: no train.py run has finished under {log_dir} (run train.py first, or "
+        raise ConfigError(f"${{output:{ref}}}: no train.py run has finished under {log_dir} (run train.py first, or "
                          "give the value on the command line)")
     record = read_run_record(run)
     outputs = (record or {}).get("outputs", {})
     if ref not in outputs:
-        raise ValueError(f"${{output:{ref}}}: the last train.py run ({run}) recorded no output {ref!r} "
+        raise ConfigError(f"${{output:{ref}}}: the last train.py run ({run}) recorded no output {ref!r} "
                          f"(it has: {', '.join(sorted(outputs)) or 'none'})")
     return outputs[ref]
 
@@ -172,13 +173,13 @@ def pipeline_outputs(stage_records: Mapping[str, Mapping]) -> dict:
 def foreach_spec(spec: Any, stage: str) -> tuple[str, list | str]:
     """``(key, values)`` of a stage's resolved ``foreach`` mapping; ``values`` is a list or ``"all"``."""
     if not isinstance(spec, Mapping) or set(spec) != {"key", "values"} or not isinstance(spec["key"], str):
-        raise ValueError(f"pipeline stage {stage!r}: foreach is {{key: <override key, e.g. datamodule.normal_class>, "
+        raise ConfigError(f"pipeline stage {stage!r}: foreach is {{key: <override key, e.g. datamodule.normal_class>, "
                          f"values: [...] | all}}, got {spec!r}")
     values = spec["values"]
     if values != "all" and (isinstance(values, (str, Mapping)) or not isinstance(values, (list, tuple)) or not values):
-        raise ValueError(f"pipeline stage {stage!r}: foreach.values is a non-empty list or 'all', got {values!r}")
+        raise ConfigError(f"pipeline stage {stage!r}: foreach.values is a non-empty list or 'all', got {values!r}")
     if values != "all" and len({str(v) for v in values}) != len(values):
-        raise ValueError(f"pipeline stage {stage!r}: foreach.values has repeated values: {list(values)}")
+        raise ConfigError(f"pipeline stage {stage!r}: foreach.values has repeated values: {list(values)}")
     return spec["key"], values
 
 
@@ -282,7 +283,7 @@ def resolve_override(text: str, cfg: DictConfig) -> str:
     try:
         resolved = probe.value
     except Exception as err:  # omegaconf wraps resolver errors: name the stage override
-        raise ValueError(f"pipeline override {text!r}: {err}") from err
+        raise ConfigError(f"pipeline override {text!r}: {err}") from err
     resolved = OmegaConf.to_container(resolved, resolve=True) if OmegaConf.is_config(resolved) else resolved
     return f"{key}={hydra_value(resolved)}"
 

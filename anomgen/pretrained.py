@@ -2,25 +2,31 @@
 
 A model id is resolved, in this order, to:
 
-1. a local path (file or folder) given as the id itself;
-2. ``$ANOMGEN_PRETRAINED_DIR/<id>`` (a folder of weights you copied in by hand);
+1. a local path (file or folder) given as the id itself; an explicit path (absolute, ``~/...``, ``./...``) that does
+   not exist is an error at once;
+2. ``<pretrained dir>/<id>``, the folder of weights you copied in by hand (:func:`pretrained_dir`: a run's
+   ``paths.pretrained_dir``, whose default is ``$ANOMGEN_PRETRAINED_DIR`` or ``<root>/pretrained``; outside a run,
+   ``$ANOMGEN_PRETRAINED_DIR``);
 3. the local Hugging Face cache (``huggingface_hub``; nothing is downloaded with ``HF_HUB_OFFLINE=1``);
-4. a download from the hub, only when not offline.
+4. a download from the hub, only when not offline. A file name (``*.pt``, ``*.safetensors`` ...) or a path of more
+   than two parts is never looked up on the hub.
 
 When none of these has it, :class:`~anomgen.errors.PretrainedNotFoundError` names the id, where it looked and how to
 supply it, at once (no retries). Weights load strictly: :func:`load_state_dict_strict` refuses missing or unexpected
-keys instead of warning about them.
+keys instead of warning about them. Torch files are read by :func:`load_torch_file` only, never unpickled in full.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+import pickle
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from anomgen.errors import PretrainedNotFoundError
+from anomgen.errors import PretrainedNotFoundError, UnsafeFileError
 
 ENV_DIR = "ANOMGEN_PRETRAINED_DIR"
 #: ids that name a weights file (e.g. 256x256_diffusion_uncond.pt) are never looked up on the hub
@@ -45,10 +51,49 @@ def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
 
 
+#: the run config's ``paths.pretrained_dir`` while a run uses it (:func:`use_pretrained_dir`)
+_run_dir: Path | None = None
+
+
+def pretrained_dir() -> Path | None:
+    """The folder of weights copied in by hand: the running config's ``paths.pretrained_dir`` (set by the entry points
+    through :func:`use_pretrained_dir`), else ``$ANOMGEN_PRETRAINED_DIR``, else None."""
+    if _run_dir is not None:
+        return _run_dir
+    root = os.environ.get(ENV_DIR)
+    return Path(root).expanduser() if root else None
+
+
+@contextmanager
+def use_pretrained_dir(folder: str | os.PathLike | None) -> Iterator[None]:
+    """Inside the block, :func:`pretrained_dir` is ``folder`` (a run's ``paths.pretrained_dir``; None: unchanged)."""
+    global _run_dir
+    before = _run_dir
+    if folder is not None:
+        _run_dir = Path(str(folder)).expanduser()
+    try:
+        yield
+    finally:
+        _run_dir = before
+
+
+def in_pretrained_dir(name: str) -> str:
+    """Where to copy the weights ``name`` by hand, for error messages."""
+    root = pretrained_dir()
+    if root is None:
+        return f"${ENV_DIR}/{name} (or the folder paths.pretrained_dir of a run's config)"
+    return f"{root / name} (the folder paths.pretrained_dir, by default ${ENV_DIR})"
+
+
+def _is_explicit_path(model_id: str) -> bool:
+    """An id written as a path (absolute, ``~/...``, ``./...``, ``../...``): it is that path or nothing."""
+    return model_id.startswith(("/", "~", "./", "../")) or model_id in (".", "..") or Path(model_id).is_absolute()
+
+
 def _how_to_supply(model_id: str) -> str:
     return (
         f"Supply it by one of: (a) giving a local path instead of the id (a folder saved with save_pretrained, "
-        f"or a weights file); (b) copying it to ${ENV_DIR}/{model_id}; (c) running once with network access "
+        f"or a weights file); (b) copying it to {in_pretrained_dir(model_id)}; (c) running once with network access "
         f"(HF_HUB_OFFLINE unset) to fill the Hugging Face cache."
     )
 
@@ -64,16 +109,19 @@ def resolve(model_id: str | os.PathLike, filename: str | None = None, revision: 
     local = Path(model_id).expanduser()
     if local.exists():
         return local / filename if filename and local.is_dir() else local
-    looked.append(f"local path {local}")
-    root = os.environ.get(ENV_DIR)
-    if root:
-        candidate = Path(root) / model_id
+    if _is_explicit_path(model_id):
+        raise PretrainedNotFoundError(f"pretrained weights {model_id!r}: the path {local.absolute()} does not exist; "
+                                      "give the path of an existing weights file or folder")
+    looked.append(f"local path {local.absolute()}")
+    root = pretrained_dir()
+    if root is not None:
+        candidate = root / model_id
         if candidate.exists():
             return candidate / filename if filename and candidate.is_dir() else candidate
         looked.append(f"{candidate}")
-    if model_id.startswith(("/", ".", "~")) or model_id.count("/") > 1 or Path(model_id).suffix in FILE_SUFFIXES:
+    if model_id.count("/") > 1 or Path(model_id).suffix in FILE_SUFFIXES:  # a file or a path, not a hub id
         raise PretrainedNotFoundError(f"pretrained weights {model_id!r} not found (looked at: {'; '.join(looked)}). "
-                                      + _how_to_supply(model_id))
+                                      f"Copy it to {in_pretrained_dir(model_id)} or give its path.")
     try:
         import huggingface_hub
         from huggingface_hub.errors import LocalEntryNotFoundError
@@ -143,6 +191,24 @@ def load_state_dict_strict(module: torch.nn.Module, state_dict: Mapping[str, tor
                            f"{', '.join(left[:10])}")
 
 
+def load_torch_file(path: str | os.PathLike, what: str = "torch file"):
+    """``torch.load(path, weights_only=True)`` on the CPU: tensors and plain containers only. A file that needs any
+    other class (a pickled object whose unpickling could run code) or is no torch file is an
+    :class:`~anomgen.errors.UnsafeFileError` naming ``what`` and the file; nothing in it is run. Every torch file the
+    project reads (weights, backbones, localizers, concepts, feature caches) comes through here."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        skip = ("Weights only load failed", "Check the documentation", "Please file an issue")
+        reason = " ".join(line.strip() for line in str(err).splitlines()
+                          if line.strip() and not line.strip().startswith(skip))
+        raise UnsafeFileError(
+            f"{what} {path} was refused: it holds more than tensors and plain containers ({reason or err}). Torch "
+            "files are read with torch.load(weights_only=True) and never unpickled in full, since unpickling runs "
+            "code; save weights as a state dict (torch.save(module.state_dict(), path)) or as .safetensors"
+        ) from None
+
+
 def load_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a ``.safetensors`` or torch checkpoint file as a flat state dict (tensors only)."""
     path = Path(path)
@@ -150,7 +216,7 @@ def load_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(str(path))
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    obj = load_torch_file(path, "weights file")
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         obj = obj["state_dict"]
     return dict(obj)
@@ -180,10 +246,11 @@ def torchvision_weights(arch: str, pretrained: str | os.PathLike) -> Path:
     """The local file of ``pretrained``: a path to a weights file, or torchvision weights ``<arch>`` / ``pretrained``
     (e.g. ``vit_b_16`` / ``IMAGENET1K_V1``).
 
-    A weights name is looked for, by the file name in the weights' URL, in ``$ANOMGEN_PRETRAINED_DIR/<file>`` and in
-    the torch hub cache ``torch.hub.get_dir()/checkpoints/<file>`` (where ``torchvision.models.vit_b_16(weights=...)``
-    puts it). When absent and not offline (``HF_HUB_OFFLINE`` unset) it is downloaded into the hub cache; otherwise,
-    or when the download fails, :class:`PretrainedNotFoundError` names the weights, the file and how to supply it.
+    A weights name is looked for, by the file name in the weights' URL, in the pretrained folder
+    (:func:`pretrained_dir`) and in the torch hub cache ``torch.hub.get_dir()/checkpoints/<file>`` (where
+    ``torchvision.models.vit_b_16(weights=...)`` puts it). When absent and not offline (``HF_HUB_OFFLINE`` unset) it
+    is downloaded into the hub cache; otherwise, or when the download fails, :class:`PretrainedNotFoundError` names
+    the weights, the file and how to supply it.
     Neither a file nor a weights name of ``arch`` is a :class:`ValueError` that lists the names.
     """
     file = Path(pretrained).expanduser()
@@ -196,14 +263,15 @@ def torchvision_weights(arch: str, pretrained: str | os.PathLike) -> Path:
                          f"{', '.join(torchvision_weights_names(arch))}")
     filename = os.path.basename(weights.url)
     cache = Path(torch.hub.get_dir()) / "checkpoints" / filename
-    candidates = ([Path(os.environ[ENV_DIR]) / filename] if os.environ.get(ENV_DIR) else []) + [cache]
+    root = pretrained_dir()
+    candidates = ([root / filename] if root is not None else []) + [cache]
     for candidate in candidates:
         if candidate.is_file():
             return candidate
     enum_name = f"{type(weights).__name__}.{weights.name}"
     how = (f"Supply it by one of: (a) downloading {weights.url} to {cache} (the torch hub cache; TORCH_HOME moves "
-           f"it); (b) copying {filename} to ${ENV_DIR}/; (c) giving the file's path as `pretrained`; (d) running "
-           f"once with network access (HF_HUB_OFFLINE unset), e.g. "
+           f"it); (b) copying it to {in_pretrained_dir(filename)}; (c) giving the file's path as `pretrained`; "
+           f"(d) running once with network access (HF_HUB_OFFLINE unset), e.g. "
            f"torchvision.models.{arch}(weights={weights.name!r}).")
     looked = "; ".join(str(c) for c in candidates)
     if hub_offline():
@@ -248,9 +316,9 @@ INCEPTION_WEIGHTS_URL = "https://github.com/toshas/torch-fidelity/releases/downl
 
 def _inception_candidates() -> list[Path]:
     places = []
-    root = os.environ.get(ENV_DIR)
-    if root:
-        places += [Path(root) / INCEPTION_WEIGHTS_FILE, Path(root) / "inception-v3-fid" / INCEPTION_WEIGHTS_FILE]
+    root = pretrained_dir()
+    if root is not None:
+        places += [root / INCEPTION_WEIGHTS_FILE, root / "inception-v3-fid" / INCEPTION_WEIGHTS_FILE]
     places.append(Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS_FILE)
     return places
 
@@ -259,8 +327,9 @@ def inception_weights(path: str | os.PathLike | None = None) -> Path:
     """The local file of torch-fidelity's FID Inception-v3 weights; never downloads.
 
     ``path`` (a file, or a folder holding ``weights-inception-2015-12-05-6726825d.pth``) is used alone when given.
-    Otherwise the file is looked for in ``$ANOMGEN_PRETRAINED_DIR/`` (also its ``inception-v3-fid/`` sub-folder) and in
-    torch's hub cache (``$TORCH_HOME/hub/checkpoints/``, where torch-fidelity's own download puts it).
+    Otherwise the file is looked for in the pretrained folder (:func:`pretrained_dir`; also its ``inception-v3-fid/``
+    sub-folder) and in torch's hub cache (``$TORCH_HOME/hub/checkpoints/``, where torch-fidelity's own download puts
+    it).
     Raises :class:`~anomgen.errors.PretrainedNotFoundError` saying how to supply the weights or another extractor.
     """
     if path is not None:
@@ -274,7 +343,8 @@ def inception_weights(path: str | os.PathLike | None = None) -> Path:
     raise PretrainedNotFoundError(
         "Inception weights for FID/KID/IS are unavailable offline: no "
         f"{INCEPTION_WEIGHTS_FILE} at {', '.join(str(c) for c in candidates)} (nothing is downloaded). Either supply "
-        f"the file (torch-fidelity's Inception-v3, {INCEPTION_WEIGHTS_URL}) by copying it to ${ENV_DIR}/ or "
+        f"the file (torch-fidelity's Inception-v3, {INCEPTION_WEIGHTS_URL}) by copying it to "
+        f"{in_pretrained_dir(INCEPTION_WEIGHTS_FILE)} or "
         f"{Path(torch.hub.get_dir()) / 'checkpoints'}/ or passing its path as "
         "`anomgen.encoders.InceptionFeatures(weights=...)`, or give FID/KID another feature extractor: "
         "`FID(feature_extractor=anomgen.encoders.RawPixels())` for small images (8×8 digits, 28×28 silhouettes), or "

@@ -1,4 +1,6 @@
-"""What the entry points share that is not Lightning: config resolvers, the run's metrics file, code version.
+"""What the entry points share that is not Lightning: config resolvers, the run's metrics file, code version, how
+the project's own errors end a run (:func:`report_errors`), the config's folders the library reads
+(:func:`with_config_paths`), how many data-loading workers a machine gets.
 
 Resolvers (registered by :func:`anomgen.pipeline.register_resolvers`, which the entry points and tests call):
 
@@ -11,12 +13,24 @@ Resolvers (registered by :func:`anomgen.pipeline.register_resolvers`, which the 
 
 from __future__ import annotations
 
+import functools
+import os
+import re
 import subprocess
-from collections.abc import Mapping
+import sys
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import anomgen
+from anomgen.errors import AnomgenError, ConfigError
 from anomgen.files import to_json, write_json
+from anomgen.pretrained import use_pretrained_dir
+
+#: set to 1 for the whole traceback of the project's own errors (Hydra's HYDRA_FULL_ERROR=1 does the same)
+TRACEBACK_ENV = "ANOMGEN_TRACEBACK"
+#: data-loading workers when a datamodule's num_workers is null: at most this many, one CPU left to the main process
+MAX_DEFAULT_WORKERS = 4
 
 
 def tiny_layout(name: str, directory: str) -> str:
@@ -94,3 +108,86 @@ def finish_loggers(loggers: list, status: str = "success") -> None:
             import wandb
 
             wandb.finish(exit_code=0 if status == "success" else 1)
+
+
+def with_config_paths(run: Callable) -> Callable:
+    """``run(cfg, ...)`` with the folders of ``cfg.paths`` that the library reads in effect: ``paths.pretrained_dir``
+    is searched for weights (:func:`anomgen.pretrained.use_pretrained_dir`). train.py's ``run_stage`` and
+    evaluate.py's ``evaluate`` are wrapped in it, so that every stage of a pipeline uses its own config's folder."""
+
+    @functools.wraps(run)
+    def wrapped(cfg, *args, **kwargs):
+        from omegaconf import OmegaConf
+
+        with use_pretrained_dir(OmegaConf.select(cfg, "paths.pretrained_dir", default=None)):
+            return run(cfg, *args, **kwargs)
+
+    return wrapped
+
+
+# ------------------------------------------------------------------------------------------ errors at the entry points
+
+
+def own_error(err: BaseException) -> AnomgenError | None:
+    """The project's own error behind ``err``: ``err`` itself, or the one it was raised from (Hydra raises an
+    ``InstantiationException`` from an error of a constructor it calls); ``None`` when there is none."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, AnomgenError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__
+    return None
+
+
+def error_message(err: BaseException) -> str:
+    """``str(err)``; for an error that a DataLoader worker raised, the worker's message without the worker's traceback
+    (torch re-raises it in the main process with the traceback prepended)."""
+    text = str(err)
+    if "Original Traceback" in text:
+        found = re.search(rf"^(?:[\w.]+\.)?{re.escape(type(err).__name__)}: (.*)\Z", text, re.M | re.S)
+        text = found.group(1) if found else text
+    return text.strip()
+
+
+def full_traceback_wanted() -> bool:
+    return any(os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+               for name in (TRACEBACK_ENV, "HYDRA_FULL_ERROR"))
+
+
+@contextmanager
+def report_errors() -> Iterator[None]:
+    """Around the body of an entry point (train.py, evaluate.py): the project's own error
+    (:class:`~anomgen.errors.AnomgenError`, also when Hydra wrapped it while instantiating a config) ends the run
+    with ``error: <message>`` on stderr and exit code 1 instead of a traceback. ``ANOMGEN_TRACEBACK=1`` (or
+    ``HYDRA_FULL_ERROR=1``) lets it through whole. Any other exception goes through untouched: it is a bug or a
+    library's error, where the traceback is what is needed."""
+    try:
+        yield
+    except Exception as err:
+        own = own_error(err)
+        if own is None or full_traceback_wanted():
+            raise
+        print(f"error: {error_message(own)}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+
+
+# ------------------------------------------------------------------------------------------------------ data loading
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity, which containers and job schedulers set), else all of them."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        return os.cpu_count() or 1
+
+
+def loader_workers(num_workers: int | None) -> int:
+    """DataLoader workers: ``num_workers`` when given; for ``None``, ``min(4, usable CPUs - 1)`` (one CPU left to the
+    main process; 0, loading in the main process, on a one-CPU machine)."""
+    if num_workers is not None:
+        if int(num_workers) < 0:
+            raise ConfigError(f"num_workers must be >= 0 or null (as many as the machine allows), got {num_workers}")
+        return int(num_workers)
+    return max(0, min(MAX_DEFAULT_WORKERS, usable_cpus() - 1))

@@ -5,20 +5,19 @@ None, labels, generator, categories, defect types, sources, params; it checks it
 a dict in particular, is a :class:`TypeError` naming the model class.
 
 Each rank writes its shard as samples arrive (nothing piles up in memory); after a barrier rank 0 merges the shards
-into the final set atomically, so an interrupted run leaves no set that looks whole. An existing set is refused at
-the start of prediction, before any work, unless ``overwrite=True``.
+into the final set atomically, so an interrupted run leaves no set that looks whole. An existing set is refused by
+:meth:`SyntheticSetExport.check_target` (train.py calls it before fitting; prediction calls it again at its start)
+unless ``overwrite=True``; what interrupted runs left beside the set (shards, temporary builds) is then removed.
 """
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from anomgen.data.generation import GeneratedBatch
-from anomgen.data.synthetic import SetWriter, merge_shards, shard_path
-from anomgen.errors import SyntheticSetError
+from anomgen.data.synthetic import SetWriter, check_target, merge_shards, remove_leftovers, shard_path
 
 
 class SyntheticSetExport(Callback):
@@ -35,18 +34,15 @@ class SyntheticSetExport(Callback):
         return {} if self.exported is None else {"synthetic_set": str(self.exported.resolve())}
 
     def check_target(self) -> None:
-        """Refuse an existing set (train.py calls this before fitting, so that no training is wasted)."""
-        if self.dirpath.exists() and not self.overwrite:
-            raise SyntheticSetError(
-                f"synthetic set {self.dirpath} already exists; refusing to overwrite it. Choose another path or "
-                "set overwrite=True (callbacks.synthetic_set_export.overwrite=true)."
-            )
+        """Whether the set may be written (:func:`anomgen.data.synthetic.check_target`, the check the merge makes):
+        train.py calls this before fitting, so that no training is wasted on a set that would be refused."""
+        check_target(self.dirpath, self.overwrite,
+                     how="overwrite=True (callbacks.synthetic_set_export.overwrite=true on the command line)")
 
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.check_target()
-        if trainer.is_global_zero:  # shards of an interrupted run are never a set: safe to drop
-            for stale in self.dirpath.parent.glob(f".{self.dirpath.name}.shard-*"):
-                shutil.rmtree(stale)
+        if trainer.is_global_zero:  # shards and temporary builds of an interrupted run are never a set
+            remove_leftovers(self.dirpath)
         trainer.strategy.barrier("synthetic_set_export:start")
         self._writer = SetWriter(shard_path(self.dirpath, trainer.global_rank))
 

@@ -33,6 +33,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset
 from anomgen.data import tasks
 from anomgen.data.generation import GenerationRequests
 from anomgen.data.record import GOOD, NORMAL
+from anomgen.runtime import loader_workers
 
 PROTOCOLS = ("one_vs_rest", "defects")
 VALIDATION_SOURCES = ("holdout", "synthetic", "test", "none")
@@ -103,7 +104,7 @@ class AnomalyDataModule(LightningDataModule):
         test_split: str = "test",
         batch_size: int = 32,
         eval_batch_size: int | None = None,
-        num_workers: int = 0,
+        num_workers: int | None = 0,
         train_transform: Callable | None = None,
         outlier_exposure_set: str | None = None,
         outlier_exposure_target: str | None = None,
@@ -138,7 +139,7 @@ class AnomalyDataModule(LightningDataModule):
         self.train_split, self.test_split = train_split, test_split
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
-        self.num_workers = num_workers
+        self.num_workers = loader_workers(num_workers)  # null: min(4, the CPUs this process may use - 1)
         self.train_transform = train_transform
         self.outlier_exposure_set = outlier_exposure_set
         self.outlier_exposure_target = outlier_exposure_target

@@ -118,3 +118,32 @@ def run_train(compose_config):
         return train(cfg, compose_config.overrides)
 
     return _run
+
+
+class _RunsCode:
+    """Unpickling this calls ``os.mkdir(marker)``: the observable trace of code run by a crafted pickle."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+@pytest.fixture
+def code_running_file(tmp_path):
+    """``write(path, wrap=lambda code: code)`` -> ``marker``: ``torch.save`` of ``wrap(code)``, where unpickling
+    ``code`` makes the folder ``marker``. Unpickling such a file in full is checked to run it, so that a test of its
+    refusal (``marker`` must stay absent) can fail."""
+    import torch
+
+    def write(path: Path, wrap=lambda code: code) -> Path:
+        probe = Path(tmp_path) / f"probe-{Path(path).name}"
+        torch.save(wrap(_RunsCode(probe)), path)
+        torch.load(path, weights_only=False)
+        assert probe.is_dir(), "the crafted pickle must run code when unpickled in full"
+        marker = Path(tmp_path) / f"ran-{Path(path).name}"
+        torch.save(wrap(_RunsCode(marker)), path)
+        return marker
+
+    return write

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from anomgen.data.synthetic import SyntheticSet, read_manifest
-from anomgen.errors import SyntheticSetError
+from anomgen.errors import PretrainedNotFoundError, SyntheticSetError
 
 ROOT = Path(__file__).resolve().parent.parent
 ALL_EXPERIMENTS = sorted(p.stem for p in (ROOT / "configs" / "experiment").glob("*.yaml"))
@@ -193,6 +193,22 @@ def test_export_refuses_to_overwrite_a_set_before_fitting(compose_config, tmp_pa
     assert read_manifest(set_dir) != before  # another seed: other draws
 
 
+def test_overwrite_of_a_folder_that_is_not_a_set_is_refused_before_fitting(compose_config, tmp_path):
+    """The check before fitting is the merge's own: overwrite=true on a folder that is no set fails at once, not after
+    training (the merge would refuse it)."""
+    from train import train
+
+    folder = tmp_path / "my_notes"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    overrides = ["logger=none", "debug=limit", f"synthetic_set_dir={folder}", "model=sde_nearnd",
+                 "callbacks.synthetic_set_export.overwrite=true"]
+    with pytest.raises(SyntheticSetError, match="my_notes exists and is not a synthetic set"):
+        train(compose_config("train", overrides, run_dir=tmp_path / "a"))
+    assert not (tmp_path / "a" / "checkpoints").exists()  # refused before any training
+    assert (folder / "notes.txt").read_text() == "mine"
+
+
 def test_evaluate_rejects_an_incomplete_set(compose_config, tmp_path):
     from evaluate import evaluate
     from train import train
@@ -204,6 +220,31 @@ def test_evaluate_rejects_an_incomplete_set(compose_config, tmp_path):
     with pytest.raises(SyntheticSetError, match="000000.png"):
         evaluate(compose_config("evaluate", ["logger=none", f"synthetic_sets.synthetic={set_dir}"],
                                 run_dir=tmp_path / "e"))
+
+
+def test_a_run_searches_its_config_s_pretrained_dir(compose_config, tmp_path, monkeypatch):
+    """paths.pretrained_dir is searched for weights during a run, without $ANOMGEN_PRETRAINED_DIR: a detector whose
+    backbone is named by file name alone is found there."""
+    from anomgen.encoders.vit import build_vit, save_backbone
+    from anomgen.runtime import own_error
+    from evaluate import evaluate
+
+    monkeypatch.delenv("ANOMGEN_PRETRAINED_DIR", raising=False)
+    monkeypatch.chdir(tmp_path)
+    weights = tmp_path / "my_weights"
+    save_backbone(build_vit("vit_small", 16, patch_size=4, num_layers=1, num_heads=2, hidden_dim=16, mlp_dim=32),
+                  weights / "tiny_backbone.pt")
+    mine = ("+detectors.mine={_target_:anomgen.detectors.KNNDetector,k:1,"
+            "extractor:{_target_:anomgen.encoders.vit.load_backbone,path:tiny_backbone.pt}}")
+    overrides = ["logger=none", "synthetic_sets.synthetic=null", mine]
+    with pytest.raises(Exception) as err:  # not in the default folder, <root>/pretrained (Hydra wraps the error)
+        evaluate(compose_config("evaluate", overrides, run_dir=tmp_path / "a"))
+    missing = own_error(err.value)
+    assert isinstance(missing, PretrainedNotFoundError)
+    assert str(ROOT / "pretrained" / "tiny_backbone.pt") in str(missing)
+    metrics, _ = evaluate(compose_config("evaluate", [*overrides, f"paths.pretrained_dir={weights}"],
+                                         run_dir=tmp_path / "b"))
+    assert 0.0 <= metrics["test"]["mine"]["image_AUROC"] <= 1.0
 
 
 WINCLIP_MVTEC = ["datamodule=mvtec", "debug=tiny", "detector=winclip_plus", "datamodule.k_shot=2", "logger=csv"]
@@ -375,6 +416,19 @@ def test_cli_unknown_key_fails_with_its_name(tmp_path):
     out = _run("train.py", f"paths.log_dir={tmp_path}", "model.no_such_key=3", cwd=tmp_path)
     assert out.returncode != 0
     assert "no_such_key" in out.stderr
+
+
+@pytest.mark.parametrize("script", ["train.py", "evaluate.py"])
+def test_cli_bad_dataset_path_is_one_error_line_and_exit_code_1(tmp_path, script):
+    """The project's own error (here a DatasetError: no MVTec AD folder) ends the run with one `error:` line on
+    stderr naming the folder, not a traceback (ANOMGEN_TRACEBACK=1 brings it back: tests/test_runtime.py)."""
+    missing = tmp_path / "no_mvtec_here"
+    out = _run(script, f"paths.log_dir={tmp_path / 'logs'}", "logger=none", "experiment=noise_patch_mvtec",
+               f"paths.mvtec_dir={missing}", cwd=tmp_path)
+    assert out.returncode == 1, out.stderr[-3000:]
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: mvtec_ad: folder not found: {missing}"], out.stderr[-3000:]
+    assert "Traceback" not in out.stderr and "Error executing job" not in out.stderr
 
 
 def test_resume_from_a_checkpoint_continues_training(compose_config, tmp_path):

@@ -13,8 +13,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from anomgen import pretrained
-from anomgen.errors import AnomgenError, PretrainedNotFoundError
-from anomgen.pretrained import ENV_DIR, load_state_dict_strict, load_weights_file, resolve
+from anomgen.errors import AnomgenError, PretrainedNotFoundError, UnsafeFileError
+from anomgen.pretrained import ENV_DIR, load_state_dict_strict, load_torch_file, load_weights_file, resolve
 
 HOW_TO = ("local path", f"${ENV_DIR}/", "network access")
 
@@ -158,22 +158,66 @@ def test_cached_hub_snapshot_is_found_offline(offline_hub, monkeypatch, tmp_path
     assert Path(resolve("org/cached", filename="unet/w.safetensors")) == snap / "unet" / "w.safetensors"
 
 
-def test_missing_absolute_path_names_it(offline_hub, tmp_path):
+def test_missing_absolute_path_says_the_path_does_not_exist(offline_hub, monkeypatch, tmp_path):
+    """A path is that path or nothing: no pretrained folder joined to it, no hub cache, no download."""
+    monkeypatch.setenv(ENV_DIR, str(tmp_path / "pretrained"))
     missing = tmp_path / "nowhere" / "weights.pt"
     with pytest.raises(PretrainedNotFoundError) as info:
         resolve(str(missing))
-    msg = str(info.value)
-    assert str(missing) in msg
-    assert "local path" in msg
+    assert str(info.value) == (f"pretrained weights {str(missing)!r}: the path {missing} does not exist; give the "
+                               "path of an existing weights file or folder")
     assert offline_hub[1] == []  # a path is never looked up on the hub
 
 
 def test_missing_relative_path_and_deep_id_do_not_reach_the_hub(offline_hub, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
-    for model_id in ("./weights/missing.pt", "a/b/c"):
-        with pytest.raises(PretrainedNotFoundError, match="not found"):
-            resolve(model_id)
+    with pytest.raises(PretrainedNotFoundError, match=f"the path {tmp_path / 'weights' / 'missing.pt'} does not "):
+        resolve("./weights/missing.pt")
+    with pytest.raises(PretrainedNotFoundError, match="not found") as info:
+        resolve("a/b/c")
+    assert "Hugging Face" not in str(info.value) and "network" not in str(info.value)
     assert offline_hub[1] == []
+
+
+def test_a_missing_weights_file_name_says_where_to_copy_it(offline_hub, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(PretrainedNotFoundError) as info:
+        resolve("256x256_diffusion_uncond.pt")
+    msg = str(info.value)
+    assert f"Copy it to ${ENV_DIR}/256x256_diffusion_uncond.pt (or the folder paths.pretrained_dir" in msg
+    assert "Hugging Face" not in msg and "network" not in msg and "//" not in msg
+    with pretrained.use_pretrained_dir(tmp_path / "weights"):
+        with pytest.raises(PretrainedNotFoundError) as info:
+            resolve("256x256_diffusion_uncond.pt")
+    assert f"Copy it to {tmp_path / 'weights' / '256x256_diffusion_uncond.pt'} (the folder paths.pretrained_dir" in (
+        str(info.value))
+    assert offline_hub[1] == []
+
+
+def test_the_run_s_pretrained_dir_is_searched_before_the_variable(offline_hub, monkeypatch, tmp_path):
+    """What the entry points set from paths.pretrained_dir: searched by resolve and by the torchvision and
+    Inception lookups, in place of $ANOMGEN_PRETRAINED_DIR, only inside the block."""
+    monkeypatch.chdir(tmp_path)
+    ours, env = tmp_path / "ours", tmp_path / "env"
+    for folder in (ours, env):
+        folder.mkdir()
+        for name in ("single.pt", "vit_b_16-c867db91.pth", pretrained.INCEPTION_WEIGHTS_FILE):
+            (folder / name).write_bytes(b"")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    with pytest.raises(PretrainedNotFoundError, match="single.pt"):
+        resolve("single.pt")
+    with pretrained.use_pretrained_dir(ours):
+        assert pretrained.pretrained_dir() == ours
+        assert resolve("single.pt") == ours / "single.pt"
+        assert pretrained.torchvision_weights("vit_b_16", "IMAGENET1K_V1") == ours / "vit_b_16-c867db91.pth"
+        assert pretrained.inception_weights() == ours / pretrained.INCEPTION_WEIGHTS_FILE
+        monkeypatch.setenv(ENV_DIR, str(env))  # the config's folder (whose default is the variable) wins
+        assert resolve("single.pt") == ours / "single.pt"
+        with pretrained.use_pretrained_dir(None):  # None changes nothing
+            assert pretrained.pretrained_dir() == ours
+    assert pretrained.pretrained_dir() == env and resolve("single.pt") == env / "single.pt"
+    monkeypatch.delenv(ENV_DIR)
+    assert pretrained.pretrained_dir() is None
 
 
 def test_online_download_failure_is_wrapped(monkeypatch, tmp_path):
@@ -332,11 +376,18 @@ def test_load_torch_checkpoint(tmp_path, wrapped):
     assert torch.equal(model.lin.weight, state["lin.weight"])
 
 
-def test_torch_checkpoint_with_code_is_refused(tmp_path):
+def test_torch_checkpoint_with_code_is_refused(tmp_path, code_running_file):
     path = tmp_path / "evil.pt"
     torch.save({"obj": Tiny()}, path)  # a pickled module needs arbitrary globals
-    with pytest.raises(Exception, match="(?i)weights_only|unsupported global|Unpickl"):
+    with pytest.raises(UnsafeFileError, match="weights file .*evil.pt was refused"):
         load_weights_file(path)
+    marker = code_running_file(tmp_path / "runs_code.pt", lambda code: {"lin.weight": torch.zeros(1), "x": code})
+    with pytest.raises(UnsafeFileError, match=r"runs_code.pt was refused: .*mkdir.*never unpickled in full"):
+        load_weights_file(tmp_path / "runs_code.pt")
+    assert not marker.exists(), "the file's code must not run"
+    (tmp_path / "junk.pt").write_bytes(b"no torch file at all")
+    with pytest.raises(UnsafeFileError, match="junk.pt was refused"):
+        load_torch_file(tmp_path / "junk.pt")
 
 
 # -------------------------------------------------------------------------- torchvision, Inception, open_clip files

@@ -29,16 +29,34 @@ def as_hw(image_size: ImageSize) -> tuple[int, int] | None:
     return size  # type: ignore[return-value]
 
 
+#: PIL modes of 16-bit grey images (16-bit grey PNG / TIFF; ``I`` is how PIL opens some of them): values / 65535
+WIDE_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
 def read_image(path: str | Path) -> torch.Tensor:
-    """Read an image file as float 3×H×W RGB in [0, 1]. A file PIL cannot decode is an error naming the file."""
+    """Read an image file as float 3×H×W RGB in [0, 1]. A file PIL cannot decode is an error naming the file.
+
+    8-bit images are divided by 255. A 16-bit grey image (:data:`WIDE_GREY_MODES`) is divided by 65535 and repeated
+    to three channels (PIL's own conversion to RGB would clip every value above 255 to white); a value outside
+    [0, 65535] (a 32-bit integer image) is an error naming the file. PIL opens a 16-bit RGB PNG as 8-bit RGB (the
+    high bytes) itself."""
     try:
         with Image.open(path) as img:
             img.load()
-            array = np.asarray(img.convert("RGB"), dtype=np.uint8)
+            if img.mode in WIDE_GREY_MODES:
+                grey = np.asarray(img).astype(np.float64)
+            else:
+                array = np.asarray(img.convert("RGB"), dtype=np.uint8)
+                grey = None
     except FileNotFoundError:
         raise DatasetError(f"image file not found: {path}") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as err:
         raise DatasetError(f"cannot read image file {path}: {err}") from err
+    if grey is not None:
+        if grey.size and (grey.min() < 0 or grey.max() > 65535):
+            raise DatasetError(f"image file {path}: grey values span [{grey.min():.0f}, {grey.max():.0f}]; "
+                               "expected 8- or 16-bit values (0 to 65535)")
+        return torch.from_numpy(grey / 65535.0).float()[None].repeat(3, 1, 1)
     return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
 
 

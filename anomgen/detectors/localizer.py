@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from anomgen.data.base import as_hw
 from anomgen.detectors.maps import MapDetector
 from anomgen.errors import PretrainedNotFoundError
-from anomgen.pretrained import load_state_dict_strict
+from anomgen.pretrained import load_state_dict_strict, load_torch_file
 
 #: the ``format`` tag of a weights file written by :func:`save_localizer`
 LOCALIZER_FORMAT = "anomgen-unet-localizer-1"
@@ -174,7 +174,7 @@ def save_localizer(network: DiscriminativeSubNetwork, path: str | os.PathLike,
 def load_localizer(path: str | os.PathLike) -> tuple[DiscriminativeSubNetwork, dict]:
     """``(network, info)`` from a file of :func:`save_localizer`, or from a bare DRAEM-style state dict of the
     discriminative sub-network (its width read from the first conv); weights load strictly."""
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    obj = load_torch_file(path, "localizer file")
     if isinstance(obj, Mapping) and obj.get("format") == LOCALIZER_FORMAT:
         network = DiscriminativeSubNetwork(**obj["config"])
         load_state_dict_strict(network, obj["state_dict"], str(path))

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from anomgen.errors import PretrainedNotFoundError
-from anomgen.pretrained import ENV_DIR, load_state_dict_strict, load_weights_file, resolve
+from anomgen.pretrained import in_pretrained_dir, load_state_dict_strict, load_weights_file, resolve
 
 if TYPE_CHECKING:
     from diffusers import UNet2DModel
@@ -281,7 +281,7 @@ def load_adm_unet(path_or_id: str | os.PathLike = ADM_256_UNCOND, **config_overr
     except PretrainedNotFoundError as err:
         raise PretrainedNotFoundError(
             f"{err} A guided-diffusion checkpoint is a .pt file: the unconditional ImageNet 256x256 model "
-            f"{ADM_256_UNCOND} is published at {ADM_256_UNCOND_URL}; put it at ${ENV_DIR}/{ADM_256_UNCOND} "
+            f"{ADM_256_UNCOND} is published at {ADM_256_UNCOND_URL}; put it at {in_pretrained_dir(ADM_256_UNCOND)} "
             "(and use that id) or pass the file's path."
         ) from err
     if path.is_dir():

@@ -35,7 +35,7 @@ from torch import nn
 
 from anomgen.encoders.clip import open_clip_architecture
 from anomgen.files import atomic_dir, write_atomic
-from anomgen.pretrained import load_state_dict_strict, open_clip_weights
+from anomgen.pretrained import load_state_dict_strict, load_torch_file, open_clip_weights
 
 #: the CLIP BPE vocabulary: 256 bytes, 256 end-of-word bytes, 48,894 merges, start and end of text
 CLIP_VOCAB_SIZE = 49408
@@ -427,7 +427,7 @@ def load_concepts(path: str | os.PathLike, width: int | None = None) -> dict[str
     if path.suffix == ".safetensors":
         raw = load_file(str(path))
     else:  # diffusers also writes learned_embeds.bin (torch.save of the same dict)
-        raw = torch.load(path, map_location="cpu", weights_only=True)
+        raw = load_torch_file(path, "concept file")
     if not isinstance(raw, Mapping) or not raw:
         raise ValueError(f"concept file {path}: expected a non-empty {{token: tensor(n, d)}} mapping")
     concepts = {}

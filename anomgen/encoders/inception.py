@@ -12,7 +12,7 @@ import os
 import torch
 from torch import nn
 
-from anomgen.pretrained import inception_weights
+from anomgen.pretrained import inception_weights, load_torch_file
 
 INCEPTION_FEATURES = ("64", "192", "768", "2048", "logits_unbiased", "logits")
 #: the width of each feature layer (the logits are 1008 wide: ImageNet's 1000 classes and 8 unused ones)
@@ -43,7 +43,7 @@ class InceptionFeatures(nn.Module):
                 "InceptionFeatures needs torch-fidelity (`pip install torch-fidelity`); or pass another feature "
                 "extractor, e.g. anomgen.encoders.RawPixels() for small images"
             ) from None
-        torch.load(path, map_location="cpu", weights_only=True)  # refuse pickled code before torch-fidelity loads it
+        load_torch_file(path, "Inception weights file")  # refuse pickled code before torch-fidelity loads it
         self.model = FeatureExtractorInceptionV3("inception-v3-compat", [feature],
                                                  feature_extractor_weights_path=str(path))
         self.model.eval()

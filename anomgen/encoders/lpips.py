@@ -10,7 +10,8 @@ ImageNet weights do not, and the implementations' own download is never used:
 
 Either is built with a random backbone, then the backbone's torchvision weights are loaded into it from the file that
 :func:`anomgen.pretrained.torchvision_weights` finds (``alexnet`` / ``vgg16`` / ``squeezenet1_1`` ``IMAGENET1K_V1`` in
-``$ANOMGEN_PRETRAINED_DIR/`` or torch's hub cache, fetched into that cache only when not offline; a file path; or
+the pretrained folder (``paths.pretrained_dir`` / ``$ANOMGEN_PRETRAINED_DIR``) or torch's hub cache, fetched into that
+cache only when not offline; a file path; or
 ``None`` for a random backbone, which is not LPIPS: for tests only). Offline and missing, that is one
 :class:`~anomgen.errors.PretrainedNotFoundError` naming the file, where to put it, and that any other distance module
 can be given to the metric instead.
@@ -89,7 +90,7 @@ class LPIPSDistance(nn.Module):
     ``net``: ``"alex"`` (the usual choice, and the default), ``"vgg"`` or ``"squeeze"``; ``backend``:
     ``"torchmetrics"`` or ``"lpips"`` (see the module docstring); ``backbone``: the backbone's weights, a torchvision
     weights name (``"IMAGENET1K_V1"``, found by :func:`anomgen.pretrained.torchvision_weights`: in
-    ``$ANOMGEN_PRETRAINED_DIR/`` or torch's hub cache), a weights file, or ``None`` (random: not LPIPS, for tests).
+    the pretrained folder or torch's hub cache), a weights file, or ``None`` (random: not LPIPS, for tests).
     The file is found before anything is built, so a missing one fails at once. Always in evaluation mode, no
     gradients.
     """

@@ -41,7 +41,13 @@ from torch import nn
 
 from anomgen.errors import PretrainedNotFoundError
 from anomgen.pixels import center_crop, imagenet_normalize, resize, resize_shorter
-from anomgen.pretrained import backbone_weights, load_state_dict_strict, load_weights_file, resolve
+from anomgen.pretrained import (
+    backbone_weights,
+    load_state_dict_strict,
+    load_torch_file,
+    load_weights_file,
+    resolve,
+)
 
 ARCHS = ("vit_small", "vit_b_16")
 BACKBONE_FORMAT = "anomgen.vit_backbone/1"
@@ -193,7 +199,7 @@ def load_pretrained(backbone: ViTBackbone, pretrained: str | os.PathLike) -> ViT
     if path.suffix == ".safetensors":
         state = load_weights_file(path)
     else:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = load_torch_file(path, "backbone file")
         if isinstance(obj, Mapping) and obj.get("format") == BACKBONE_FORMAT:
             _check_same_arch(obj["config"], backbone.config, str(path))
             load_state_dict_strict(backbone, obj["state_dict"], str(path))
@@ -246,7 +252,7 @@ def save_backbone(backbone: ViTBackbone, path: str | os.PathLike, info: Mapping[
 def load_backbone(path: str | os.PathLike) -> ViTBackbone:
     """Rebuild the backbone saved at ``path`` and load its weights strictly; its ``info`` is ``backbone.info``."""
     path = resolve(path)
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    obj = load_torch_file(path, "backbone file")
     if not isinstance(obj, Mapping) or obj.get("format") != BACKBONE_FORMAT:
         raise ValueError(f"{path} is not a backbone file written by save_backbone (format {BACKBONE_FORMAT!r})")
     config = dict(obj["config"])

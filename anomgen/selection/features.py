@@ -24,6 +24,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
 from anomgen.data.record import Entry
 from anomgen.errors import DatasetError
+from anomgen.pretrained import load_torch_file
 
 CACHE_FORMAT = "anomgen.feature_cache/1"
 
@@ -171,7 +172,7 @@ class FeatureCache:
             store.fingerprint = extractor_fingerprint(extractor)
             file = self.file(name)
             if file.is_file():
-                saved = torch.load(file, map_location="cpu", weights_only=True)
+                saved = load_torch_file(file, "feature cache file")
                 if not isinstance(saved, dict) or saved.get("format") != CACHE_FORMAT or saved.get("name") != name:
                     raise ValueError(f"{file} is not a feature cache file of extractor {name!r} "
                                      f"(format {CACHE_FORMAT!r})")

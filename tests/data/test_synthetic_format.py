@@ -87,6 +87,28 @@ def test_check_duplicate_and_unsorted(good_set):
     _expect_incomplete(good_set, "more than once: 000000")
 
 
+def test_a_symbolic_link_out_of_the_set_is_refused(good_set, tmp_path):
+    """A listed file that is a symbolic link to a file outside the set is refused as `..` in the manifest is: reading
+    a set never reads anything else. A link that stays inside the set is harmless."""
+    rows = [json.loads(line) for line in (good_set / "manifest.jsonl").read_text().splitlines()]
+    outside = tmp_path / "outside.png"
+    outside.write_bytes((good_set / rows[0]["image"]).read_bytes())
+    (good_set / rows[1]["image"]).unlink()
+    os.symlink(good_set / rows[0]["image"], good_set / rows[1]["image"])  # inside the set: fine
+    check_set(good_set)
+    (good_set / rows[0]["image"]).unlink()
+    os.symlink(outside, good_set / rows[0]["image"])
+    _expect_incomplete(good_set, rf"image {rows[0]['image']} of sample '000000' leads out of the set through a "
+                                 rf"symbolic link \(to {outside}\)")
+
+
+def test_a_linked_folder_out_of_the_set_is_refused(good_set, tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    os.rename(good_set / "masks", elsewhere)
+    os.symlink(elsewhere, good_set / "masks")
+    _expect_incomplete(good_set, "mask masks/000000.png of sample '000000' leads out of the set")
+
+
 def test_leftover_temporary_folder_is_not_a_set(good_set, tmp_path):
     leftover = tmp_path / ".set.tmp-0123456789"
     os.rename(good_set, leftover)  # a complete-looking build that never got renamed

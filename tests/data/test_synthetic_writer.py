@@ -234,3 +234,15 @@ def test_update_scores(good_set):
         update_scores(good_set, {"000000": {"eap": 1.0}, "000009": {"eap": 1.0}})
     assert (good_set / "manifest.jsonl").read_text() == before
     assert sorted(p.name for p in good_set.iterdir()) == ["images", "manifest.jsonl", "masks", "set.json"]
+
+
+def test_merge_refuses_a_shard_file_linked_out_of_the_shard(tmp_path):
+    """The merge hard-links shard files into the set: a symbolic link out of the shard would copy that file in."""
+    shard = write_shard(tmp_path / ".out.shard-0", [0, 1])
+    row = read_manifest(shard)[1]
+    secret = tmp_path / "secret.png"
+    os.rename(shard / row["image"], secret)
+    os.symlink(secret, shard / row["image"])
+    with pytest.raises(SyntheticSetError, match=rf"image {row['image']} of sample '000001' leads out of the set"):
+        merge_shards([shard], tmp_path / "out", INFO)
+    assert not (tmp_path / "out").exists()

@@ -11,7 +11,7 @@ import torch
 from anomgen.detectors import KNNDetector
 from anomgen.encoders import BackboneFeatures, ViTBackbone, build_vit
 from anomgen.encoders.vit import load_backbone, load_pretrained, save_backbone
-from anomgen.errors import PretrainedNotFoundError
+from anomgen.errors import PretrainedNotFoundError, UnsafeFileError
 from anomgen.pixels import augment_batch, imagenet_normalize
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -111,6 +111,21 @@ def test_saved_backbone_reloads_strictly_with_identical_features(tmp_path):
         load_backbone(tmp_path / "extra.pt")
     with pytest.raises(ValueError, match="num_layers: file 3 vs config 4"):
         build_vit("vit_small", 16, path, **{**TINY, "num_layers": 4})
+
+
+def test_a_backbone_file_that_would_run_code_is_refused_without_running_it(tmp_path, code_running_file):
+    """A backbone file is read with weights_only=True by every reader (load_backbone, load_pretrained through
+    build_vit, BackboneFeatures): a crafted pickle is refused with an error naming the file, and its code never runs."""
+    payload = torch.load(save_backbone(_tiny(), tmp_path / "good.pt"), weights_only=True)
+    path = tmp_path / "backbone.pt"
+    marker = code_running_file(path, lambda code: {**payload, "info": {"dataset": code}})
+    readers = {"load_backbone": lambda: load_backbone(path),
+               "build_vit": lambda: build_vit("vit_small", 16, path, **TINY),
+               "BackboneFeatures": lambda: BackboneFeatures(str(path), device="cpu")(torch.rand(1, 3, 8, 8))}
+    for name, read in readers.items():
+        with pytest.raises(UnsafeFileError, match=r"backbone file .*backbone.pt was refused: .*mkdir"):
+            read()
+        assert not marker.exists(), f"{name} ran the file's code"
 
 
 def test_backbone_features_in_a_knn_detector(tmp_path):

@@ -50,7 +50,9 @@ from anomgen.data.synthetic.reader import SyntheticSet, check_set, is_complete_s
 from anomgen.data.synthetic.views import export_mvtec_view
 from anomgen.data.synthetic.writer import (
     SetWriter,
+    check_target,
     merge_shards,
+    remove_leftovers,
     subset_set,
     update_scores,
     write_set,
@@ -64,6 +66,7 @@ __all__ = [
     "SetWriter",
     "SyntheticSet",
     "check_set",
+    "check_target",
     "compute_counts",
     "export_mvtec_view",
     "format_id",
@@ -73,6 +76,7 @@ __all__ = [
     "merge_shards",
     "read_manifest",
     "read_set_info",
+    "remove_leftovers",
     "shard_path",
     "sort_key",
     "subset_set",

@@ -131,6 +131,18 @@ def _check_row(row: Any, where: str) -> dict:
     return row
 
 
+def listed_file(folder: Path, row: dict, key: str) -> Path:
+    """The ``key`` file (``image`` / ``mask``) of manifest ``row`` in the set or shard ``folder``. A path that leads out
+    of the folder through a symbolic link is refused, as ``..`` in the manifest is (:func:`_check_row`): a set's files
+    lie inside it, so that reading a set never reads anything else."""
+    path = folder / row[key]
+    target = path.resolve()
+    if not target.is_relative_to(folder.resolve()):
+        raise SyntheticSetError(f"{folder}: {key} {row[key]} of sample {row['id']!r} leads out of the set through a "
+                                f"symbolic link (to {target}); a set's files must lie inside its folder")
+    return path
+
+
 def _manifest_file(path: PathLike) -> Path:
     path = Path(path)
     return path / MANIFEST if path.is_dir() else path
@@ -267,7 +279,7 @@ def load_set(path: PathLike, allow_work_name: bool = False) -> tuple[dict, list[
     missing = []
     for row in rows:
         for key in ("image", "mask"):
-            if row[key] is not None and not (path / row[key]).is_file():
+            if row[key] is not None and not listed_file(path, row, key).is_file():
                 missing.append(f"{row[key]} ({key} of sample {row['id']})")
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""

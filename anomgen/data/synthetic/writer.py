@@ -31,6 +31,7 @@ from anomgen.data.synthetic.format import (
     format_id,
     image_array,
     is_work_name,
+    listed_file,
     load_set,
     manifest_text,
     mask_array,
@@ -184,9 +185,10 @@ def _looks_like_set(path: Path) -> bool:
     return (path / SET_INFO).exists() or (path / MANIFEST).exists() or not any(path.iterdir())
 
 
-def check_target(out_dir: Path, overwrite: bool, what: str = "synthetic set") -> None:
+def check_target(out_dir: Path, overwrite: bool, what: str = "synthetic set", how: str = "overwrite=True") -> None:
     """Whether a set (or a view's folder) may be written at ``out_dir``: missing or empty, or ``overwrite=True`` and
-    (for a set) a synthetic set there; a :class:`SyntheticSetError` naming the folder otherwise."""
+    (for a set) a synthetic set there; a :class:`SyntheticSetError` naming the folder otherwise (``how``: how the
+    caller's user says overwrite=True)."""
     if is_work_name(out_dir.name):
         raise SyntheticSetError(f"{out_dir}: this name is reserved for temporary folders; choose another")
     if not out_dir.exists() and not out_dir.is_symlink():
@@ -195,13 +197,29 @@ def check_target(out_dir: Path, overwrite: bool, what: str = "synthetic set") ->
         return  # an empty folder holds nothing to lose
     if not overwrite:
         raise SyntheticSetError(
-            f"{what} {out_dir} already exists; pass overwrite=True to replace it (or remove it first)"
+            f"{what} {out_dir} already exists; pass {how} to replace it (or remove it first)"
         )
     if what == "synthetic set" and not _looks_like_set(out_dir):
         raise SyntheticSetError(
             f"{out_dir} exists and is not a synthetic set (no {SET_INFO} or {MANIFEST}); "
             "refusing to replace it even with overwrite=True"
         )
+
+
+def remove_leftovers(out_dir: PathLike) -> list[Path]:
+    """Remove what interrupted writes of the set ``out_dir`` left beside it: DDP shards (``.<name>.shard-*``) and
+    temporary builds (``.<name>.tmp-*``); return them. Neither is ever a set, so both are safe to drop once no other
+    process writes this set. A set moved aside while being replaced (``.<name>.old-*``) is kept: after an interrupted
+    swap it may be the only copy of the old set."""
+    out = Path(out_dir)
+    stale = [p for kind in ("shard", "tmp") for p in sorted(out.parent.glob(f".{out.name}.{kind}-*"))
+             if is_work_name(p.name)]
+    for path in stale:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    return stale
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -296,7 +314,7 @@ def merge_shards(
             )
         for row in read_manifest(shard):
             for key in ("image", "mask"):
-                if row[key] is not None and not (shard / row[key]).is_file():
+                if row[key] is not None and not listed_file(shard, row, key).is_file():
                     raise SyntheticSetError(f"shard {shard}: sample {row['id']!r}: {key} file {row[key]} is missing")
             previous = chosen.get(row["id"])
             if previous is None:
