@@ -188,12 +188,11 @@ class Asyrp(nn.Module):
     def invert(self, images: torch.Tensor) -> torch.Tensor:
         """Deterministic DDIM inversion of [0, 1] images: B × K × 3 × H × W, column k holding x at level
         ``edit_timesteps[k]`` (column 0 is x_T, where generation starts)."""
-        level_of_label = {t: t_from for t_from, t in self.schedule.inversion_pairs()}
         states: dict[int, torch.Tensor] = {}
 
-        def keep(t: int, x: torch.Tensor) -> None:  # x is at the level the step labelled t starts from
-            if level_of_label[t] >= self.t_edit:
-                states[level_of_label[t]] = x
+        def keep(t: int, x: torch.Tensor) -> None:  # x is at level t
+            if t >= self.t_edit:
+                states[t] = x
 
         states[self.schedule.timesteps[0]] = ddim_invert(self.eps_model, to_diffusion_range(self.resize(images)),
                                                          self.schedule, on_step=keep)

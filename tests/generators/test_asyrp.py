@@ -11,7 +11,7 @@ from anomgen.diffusion import tiny_score_unet
 from anomgen.diffusion.ddim import DDIMSchedule, EpsModel, ddim_generate, ddim_invert
 from anomgen.generators.asyrp import Asyrp, DeltaH, OpenCLIPGuide
 
-STEPS, T_EDIT = 6, 400  # timesteps 830, 664, 498, 332, 166, 0: the first three are edited
+STEPS, T_EDIT = 6, 400  # timesteps 999, 799, 599, 399, 199, 0: the first three are edited
 
 
 
@@ -49,25 +49,22 @@ def test_untrained_edit_is_no_edit(tiny_clip_name):
 
 
 def test_inversion_trajectory_matches_written_out_ddim(tiny_clip_name):
-    from diffusers import DDIMScheduler
-
     asyrp = _asyrp(tiny_clip_name)
     unet = asyrp.eps_model.unet
     images = _images()
     trajectory = asyrp.invert(images)
-    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear")
-    scheduler.set_timesteps(STEPS)
-    alpha_bar = scheduler.alphas_cumprod.double()
-    # upwards through the timesteps: the step to level t calls the model at the current x with label t
-    x, prev, states = images * 2 - 1, 1.0, {}
+    alpha_bar = torch.cumprod(1.0 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)
+    levels = [0, 199, 399, 599, 799, 999]  # int(s + 1e-6) of linspace(0, 1, 6) · 999
+    # upwards from the clean image at level 0: the step from level s calls the model at x_s with label s
+    x, states = images * 2 - 1, {}
     with torch.no_grad():
-        for t in sorted(int(s) for s in scheduler.timesteps):
-            eps = unet(x, torch.full((len(x),), t)).sample
-            x0 = (x - (1 - prev) ** 0.5 * eps) / prev**0.5
-            x = float(alpha_bar[t]) ** 0.5 * x0 + (1 - float(alpha_bar[t])) ** 0.5 * eps
-            states[t], prev = x, float(alpha_bar[t])
+        for s, t in zip(levels[:-1], levels[1:]):
+            eps = unet(x, torch.full((len(x),), s)).sample
+            a_s, a_t = float(alpha_bar[s]), float(alpha_bar[t])
+            x = a_t**0.5 * (x - (1 - a_s) ** 0.5 * eps) / a_s**0.5 + (1 - a_t) ** 0.5 * eps
+            states[t] = x
     edited = [t for t in sorted(states, reverse=True) if t >= T_EDIT]
-    assert asyrp.edit_timesteps == edited == [830, 664, 498]
+    assert asyrp.edit_timesteps == edited == [999, 799, 599]
     assert trajectory.shape == (3, len(edited), 3, 16, 16)
     for k, t in enumerate(edited):
         assert torch.allclose(trajectory[:, k], states[t], atol=1e-5), t
@@ -171,7 +168,7 @@ def test_alpha_scales_the_edit_only_at_t_edit_and_above(tiny_clip_name):
     hook = asyrp.delta_h.register_forward_pre_hook(lambda m, args: calls.append(int(args[1])))
     one = asyrp.generate(x_T, [1.0, 1.0])
     hook.remove()
-    assert calls == [830, 664, 498]  # one call per edited step, none below t_edit
+    assert calls == [999, 799, 599]  # one call per edited step, none below t_edit
     assert torch.allclose(asyrp.generate(x_T, [0.0, 0.0]), plain, atol=1e-4)
     two = asyrp.generate(x_T, [2.0, 2.0])
     assert (one - plain).abs().max() > 1e-3 and (two - one).abs().max() > 1e-3
@@ -197,8 +194,8 @@ def test_boosting_noise_comes_from_each_samples_generator(tiny_clip_name):
 
 
 def test_bad_settings_are_errors(tiny_clip_name):
-    with pytest.raises(ValueError, match="t_edit=900"):
-        _asyrp(tiny_clip_name, t_edit=900)
+    with pytest.raises(ValueError, match="t_edit=1000"):
+        _asyrp(tiny_clip_name, t_edit=1000)
     asyrp = _asyrp(tiny_clip_name, target_text="a photo of a damaged {class}")
     with pytest.raises(ValueError, match="category"):
         asyrp.target_texts(None, 2)
