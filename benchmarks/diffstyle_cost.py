@@ -4,9 +4,10 @@ content image again for every pair. Feeds the table "DiffStyle cost" of docs/res
     python benchmarks/diffstyle_cost.py --styles 10 --contents 10 --steps 50 --size 64
 
 Both make the same S·C anomalies with the same UNet (random weights: only the cost is measured) and agree on the
-images. The minimum is (S + C) inversions + S·C generations, i.e. (S + C)·N + S·C·(N + N_edit) image passes for N
-DDIM steps of which N_edit are at t ≥ t_edit (each edited step is one batched pass over ε and ε̃). Prints one JSON
-object per way and one with the ratios (naive / ours).
+images. The minimum is (S + C) inversions + S·C generations, i.e. (S + C)·(N − 1) + C + S·C·(N + N_edit) image
+passes for N DDIM steps of which N_edit are at t ≥ t_edit (an inversion calls the UNet at every timestep but the top
+one, a content image once more there for its h; each edited generation step is one batched pass over ε and ε̃).
+Prints one JSON object per way and one with the ratios (naive / ours).
 
 ``--doc PAGE`` (e.g. ``--doc docs/results/performance.md``) also rewrites the page's block
 ``<!-- begin: diffstyle_cost -->`` ... ``<!-- end: ... -->`` with the command and the table of this run; the rest of
@@ -55,7 +56,7 @@ def main(argv=None) -> list[dict]:
     contents = torch.rand(args.contents, 3, args.size, args.size, generator=g)
     n_pairs = args.styles * args.contents
     n_edit = sum(t >= args.t_edit for t in ds.schedule.timesteps)
-    minimum = (args.styles + args.contents) * args.steps + n_pairs * (args.steps + n_edit)
+    minimum = (args.styles + args.contents) * (args.steps - 1) + args.contents + n_pairs * (args.steps + n_edit)
     rows = []
 
     def record(name: str, seconds: float, evaluations: int) -> dict:
@@ -92,7 +93,7 @@ def main(argv=None) -> list[dict]:
 
         from docpage import table, write_doc
 
-        minimum_note = " (= the minimum (S+C)·N + S·C·(N+N_edit))" if summary["ours_equals_minimum"] else ""
+        minimum_note = " (= the minimum (S+C)·(N−1) + C + S·C·(N+N_edit))" if summary["ours_equals_minimum"] else ""
         where = "CPU" if device == "cpu" else torch.cuda.get_device_name(0)
         body = table(["what", "ours", "baseline", "ratio"], [
             [f"{args.styles} × {args.contents} DiffStyle set, {args.steps} steps, {args.size} px random UNet "

@@ -3,7 +3,15 @@ images, log the curve, stop when the FID reaches a target, and export a syntheti
 
 FITYMI stops the score-SDE early on purpose: samples of a model that is not yet converged are near-distribution
 anomalies. The target is an absolute FID (``target``) or ``target_factor`` × a reference FID, the FID between held-out
-real normals and the training normals (what a converged model would reach). ``bands`` (e.g. ``[[300, null],
+real normals and the training normals (what a converged model would reach).
+
+Which real images: with an absolute ``target`` (the paper's 40 / 200) or no target, the FID is against **every normal
+training image** of the datamodule, the held-out ones included (``train_normals`` + ``val_normals``); the paper
+experiments also train the SDE and count its fakes on all of them (``configs/fitymi/paper.yaml``: the sde stage runs
+with ``datamodule.validation=none``). With ``target_factor`` the held-out normals are the datamodule's holdout
+(``datamodule.validation=holdout``: ``holdout_fraction`` of the normal training images, drawn with ``holdout_seed``);
+the FID is then against the other training normals (``train_normals``), which are also all the SDE trains on, its fake
+count and the kNN bank, while the reference FID is held-out vs ``train_normals``. ``bands`` (e.g. ``[[300, null],
 [100, 200], [30, 50], [null, 20]]``) export ``<export_dir>/fid_<lo>-<hi>`` the first time the FID falls in each band,
 with the FID in every manifest row. Checks every ``every_n_steps`` can overshoot the target by far when the FID falls
 fast (Animal-MNIST: 159 -> 52 within 50 steps, against a target of ~120): ``refine_every_n_steps`` checks that often
@@ -21,7 +29,7 @@ from pathlib import Path
 import torch
 from lightning.pytorch import Callback
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import ConcatDataset, DataLoader
 
 from anomgen.data.generation import GeneratedBatch
 from anomgen.data.synthetic import write_set
@@ -96,7 +104,10 @@ class FIDEarlyStopping(Callback):
     def _real(self, trainer):
         if self._real_stats is None:
             dm = trainer.datamodule
-            self._real_stats = self._stats(DataLoader(dm.train_normals, batch_size=self.batch_size))
+            real = dm.train_normals
+            if self.target_factor is None and len(dm.val_normals) > 0:  # every normal training image
+                real = ConcatDataset([dm.train_normals, dm.val_normals])
+            self._real_stats = self._stats(DataLoader(real, batch_size=self.batch_size))
             if self.target_factor is not None and self.reference_fid is None:
                 if len(dm.val_normals) < 2:
                     raise ValueError("target_factor needs held-out normals for the reference FID "

@@ -1,7 +1,10 @@
 """``model=asyrp``: anomalies by a learned h-space edit of a frozen DDIM (Asyrp; :mod:`anomgen.generators.asyrp`).
 
-Thin wrapper: training inverts each support image once (the trajectories are kept by ``image_path`` for every epoch
-and for generation) and minimises the directional CLIP + L1 loss over :class:`~anomgen.generators.asyrp.DeltaH` only;
+Thin wrapper: training prepares each support image once (its x_T and the unedited trajectory's predictions, kept by
+``image_path`` for every epoch and for generation); each training step walks the edited trajectory through every
+t ≥ t_edit and takes one optimizer step per t on the directional CLIP + L1 loss (manual optimization, as Asyrp's
+reference loop does), over :class:`~anomgen.generators.asyrp.DeltaH` only; with K edit timesteps a batch is K
+optimizer steps (``trainer.max_steps`` counts them). Training draws nothing at random;
 ``predict_step`` edits each request's source image with a strength α drawn uniformly from [``alpha_min``,
 ``alpha_max``] by the sample's own generator (seeded by its global index) and records α in the manifest (``params``).
 Checkpoints hold the DeltaH weights only; the frozen UNet and CLIP come from their config.
@@ -17,7 +20,7 @@ from lightning.pytorch import LightningModule
 from anomgen.data.generation import GeneratedBatch
 from anomgen.diffusion.ddim import DEFAULT_BETAS, DDIMSchedule
 from anomgen.generators.asyrp import Asyrp
-from anomgen.seeding import sample_generator, sample_seed
+from anomgen.seeding import sample_generator
 
 TRAINABLE_PREFIX = "asyrp.delta_h."
 
@@ -50,27 +53,38 @@ class AsyrpModel(LightningModule):
         self.asyrp = Asyrp(unet, clip, schedule, **asyrp)
         self.optimizer_factory = optimizer
         self.seed = seed
-        self.trajectories: dict[str, torch.Tensor] = {}  # image_path -> K × 3 × H × W (CPU), inverted once
+        self.automatic_optimization = False  # one optimizer step per edit timestep, inside the training step
+        self.sources: dict[str, torch.Tensor] = {}  # image_path -> (1 + K) × 3 × H × W (CPU), prepared once
 
-    def source_trajectories(self, images: torch.Tensor, image_paths: Sequence[str]) -> torch.Tensor:
-        """The inversion trajectories (B × K × 3 × H × W) of the images, inverting only those not seen before."""
-        missing = {p: i for i, p in enumerate(image_paths) if p not in self.trajectories}
+    def source_states(self, images: torch.Tensor, image_paths: Sequence[str]) -> torch.Tensor:
+        """:meth:`Asyrp.prepare` of the images (B × (1 + K) × 3 × H × W; column 0 is x_T), computing only those not
+        seen before."""
+        missing = {p: i for i, p in enumerate(image_paths) if p not in self.sources}
         if missing:
-            inverted = self.asyrp.invert(images[list(missing.values())])
-            for path, trajectory in zip(missing, inverted):
-                self.trajectories[path] = trajectory.cpu()
-        return torch.stack([self.trajectories[p] for p in image_paths]).to(images.device)
+            prepared = self.asyrp.prepare(images[list(missing.values())])
+            for path, state in zip(missing, prepared):
+                self.sources[path] = state.cpu()
+        return torch.stack([self.sources[p] for p in image_paths]).to(images.device)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         images = batch["image"]
-        trajectories = self.source_trajectories(images, list(batch["image_path"]))
-        generator = torch.Generator().manual_seed(sample_seed(self.seed, self.global_step))
-        loss, parts = self.asyrp.loss(images, trajectories, generator, categories=list(batch["category"]))
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"the Asyrp loss is {loss.item()} at step {self.global_step}; lower the "
-                                     "learning rate or check the data")
+        sources = self.source_states(images, list(batch["image_path"]))
+        optimizer = self.optimizers()
+        losses, parts_sum = [], {}
+        for t, loss, parts in self.asyrp.training_losses(images, sources, categories=list(batch["category"])):
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"the Asyrp loss is {loss.item()} at t = {t}, step {self.global_step}; "
+                                         "lower the learning rate or check the data")
+            optimizer.zero_grad()
+            self.manual_backward(loss)
+            optimizer.step()
+            losses.append(loss.detach())
+            for name, value in parts.items():
+                parts_sum[name] = parts_sum.get(name, 0.0) + value
+        loss = torch.stack(losses).mean()  # the mean over the edit timesteps of this batch
         self.log("train/loss", loss, prog_bar=True, batch_size=len(images))
-        self.log_dict({f"train/{name}": value for name, value in parts.items()}, batch_size=len(images))
+        self.log_dict({f"train/{name}": value / len(losses) for name, value in parts_sum.items()},
+                      batch_size=len(images))
         return loss
 
     def configure_optimizers(self):
@@ -82,7 +96,7 @@ class AsyrpModel(LightningModule):
         generators = [sample_generator(self.seed, i) for i in indices]
         low, high = self.hparams.alpha_min, self.hparams.alpha_max
         alphas = [low + (high - low) * float(torch.rand((), generator=g)) for g in generators]
-        x_T = self.source_trajectories(source["image"], list(source["image_path"]))[:, 0]
+        x_T = self.source_states(source["image"], list(source["image_path"]))[:, 0]
         images = self.asyrp.generate(x_T, alphas, generators)
         categories = list(source["category"])
         texts = self.asyrp.target_texts(categories, len(indices))

@@ -96,3 +96,17 @@ def test_validation_never_defaults_to_the_test_split():
     for path in sorted((CONFIGS / "datamodule").glob("*.yaml")):
         cfg = OmegaConf.load(path)
         assert cfg.get("validation", "holdout") != "test", f"{path.name} validates on the test split by default"
+
+
+@pytest.mark.parametrize("experiment", ["fitymi_cifar10", "fitymi_mvtec", "fitymi_cub"])
+def test_fitymi_paper_configs_sample_with_the_references_step_count(compose_config, experiment):
+    """score_sde (configs/default_cifar10_configs.py, vp/cifar10_ddpmpp*.py) samples over sde.N = model.num_scales =
+    1000 steps; the paper configs do too (num_steps null = every step), and debug=tiny shrinks them."""
+    cfg = compose_config("train", [f"experiment={experiment}"])
+    assert cfg.model.num_steps is None and cfg.model.sde.N == 1000 and cfg.model.sde.kind == "vp"
+    assert compose_config("train", [f"experiment={experiment}", "debug=tiny"]).model.num_steps == 10
+
+
+@pytest.mark.parametrize("experiment", ["fitymi_digits", "fitymi_animals", "sde_digits"])
+def test_cpu_sde_experiments_keep_a_short_sampling_grid(compose_config, experiment):
+    assert compose_config("train", [f"experiment={experiment}"]).model.num_steps == 100

@@ -1,9 +1,9 @@
 """Zero-shot CLIP anomaly detection with one pair of prompts.
 
-The normal prompt names the class ("a photo of a cardinal."), the anomalous prompt a generic word in the same
-template ("a photo of a some bird."). An image's anomaly score is the softmax probability of the anomalous prompt
-over the two, with the cosine similarities of the L2-normalised embeddings multiplied by the model's logit scale,
-as in open_clip zero-shot classification.
+The normal prompt names the class ("a photo of a cardinal."), the anomalous prompt a generic phrase in the same
+template ("a photo of some bird.": :func:`anomgen.selection.prompts.fill_slot` makes the article agree). An image's
+anomaly score is the softmax probability of the anomalous prompt over the two, with the cosine similarities of the
+L2-normalised embeddings multiplied by the model's logit scale, as in open_clip zero-shot classification.
 """
 
 from __future__ import annotations

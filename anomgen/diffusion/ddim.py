@@ -1,17 +1,23 @@
 """DDIM (Song, Meng & Ermon 2021): the step, deterministic inversion and generation, written out.
 
-The ᾱ table and the timesteps come from a diffusers ``DDIMScheduler`` (linear betas 1e-4 → 0.02 over T = 1000 by
-default, the guided-diffusion / DDPM schedule); the loops are here, so that h-space edits
+The ᾱ table comes from a diffusers ``DDIMScheduler`` (linear betas 1e-4 → 0.02 over T = 1000 by default, the
+guided-diffusion / DDPM schedule); the timestep grid and the loops are here, so that h-space edits
 (:mod:`anomgen.diffusion.hspace`) and the asymmetric step of DiffStyle / Asyrp can be put inside them.
 
-Conventions
------------
+Conventions (those of Asyrp_official and InjectFusion, the DiffStyle / Asyrp reference code)
+--------------------------------------------------------------------------------------------
 * Images are in the diffusion range [-1, 1] (``anomgen.pixels.to_diffusion_range``).
-* ``schedule.timesteps`` run downwards (generation order), e.g. 980, 960, ..., 0 for 50 steps. Generation at
-  timestep ``t`` evaluates ε(x_t, t) and steps to the next timestep below (ᾱ = 1 after the last one).
-* Inversion runs the same timesteps upwards: the step *to* level ``t`` evaluates the model at the current x with the
-  label ``t`` (diffusers' ``DDIMInverseScheduler`` convention), so inversion and generation call the model with the
-  same timestep labels, one call per timestep each way.
+* The grid: ``spacing="linspace"`` (default) is the references' ``int(s + 1e-6)`` of ``linspace(0, 1, n) · (T − 1)``,
+  which reaches T − 1: 999, 978, 958, ..., 20, 0 for 50 steps. ``spacing="leading"`` is diffusers' grid
+  (980, 960, ..., 0), kept for comparisons with diffusers' schedulers.
+* ``schedule.timesteps`` run downwards (generation order). Generation at timestep ``t`` evaluates ε(x_t, t) and steps
+  to the next timestep below (ᾱ = 1 after the last one, 0): ``n`` model calls.
+* Inversion runs the same grid upwards and also evaluates the model at the current x with its own level's label: the
+  step from level ``s`` to the next level ``t`` above uses ε(x_s, s). The clean image stands at the lowest timestep
+  (0, ᾱ_0 = 1 − β_0), as in the references, so inversion makes ``n − 1`` model calls, at every timestep but the
+  top one. Whatever is read during the call at ``s`` (the h-space of DiffStyle's content image) is h(x_s, s): the
+  label and the noise level agree, as they do in generation.
+  (diffusers' ``DDIMInverseScheduler`` instead evaluates ε(x_s, t), the *target* level's label.)
 * An ``eps_model(x, t)`` returns ε with the shape of ``x``; :class:`EpsModel` wraps a diffusers ``UNet2DModel``
   (also one converted from guided-diffusion, whose extra σ channels are dropped).
 """
@@ -28,21 +34,40 @@ EpsFn = Callable[[torch.Tensor, int], torch.Tensor]
 DEFAULT_BETAS = {"num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02, "beta_schedule": "linear"}
 
 
+SPACINGS = ("linspace", "leading")
+
+
+def linspace_timesteps(num_inference_steps: int, num_train_timesteps: int = 1000) -> list[int]:
+    """The references' grid, descending: ``int(s + 1e-6)`` for ``s`` in ``linspace(0, 1, n) · (T − 1)`` (Asyrp_official
+    and InjectFusion, ``seq_inv``): from T − 1 down to 0, e.g. 999, 978, 958, ..., 20, 0 for n = 50."""
+    import numpy as np
+
+    grid = np.linspace(0, 1, num_inference_steps) * (num_train_timesteps - 1)
+    return sorted({int(s + 1e-6) for s in grid}, reverse=True)
+
+
 class DDIMSchedule:
-    """ᾱ_t of the training schedule and the ``num_inference_steps`` timesteps DDIM visits ("leading" spacing)."""
+    """ᾱ_t of the training schedule and the ``num_inference_steps`` timesteps DDIM visits (``spacing``: "linspace",
+    the references' grid up to T − 1, or "leading", diffusers' grid; see the module docstring)."""
 
     def __init__(self, num_inference_steps: int = 50, num_train_timesteps: int = 1000, beta_start: float = 1e-4,
-                 beta_end: float = 0.02, beta_schedule: str = "linear") -> None:
+                 beta_end: float = 0.02, beta_schedule: str = "linear", spacing: str = "linspace") -> None:
         from diffusers import DDIMScheduler
 
-        if not 1 <= num_inference_steps <= num_train_timesteps:
-            raise ValueError(f"num_inference_steps must be in [1, {num_train_timesteps}], got {num_inference_steps}")
+        if not 2 <= num_inference_steps <= num_train_timesteps:
+            raise ValueError(f"num_inference_steps must be in [2, {num_train_timesteps}], got {num_inference_steps}")
+        if spacing not in SPACINGS:
+            raise ValueError(f"DDIM spacing must be one of {SPACINGS}, got {spacing!r}")
         scheduler = DDIMScheduler(num_train_timesteps=num_train_timesteps, beta_start=beta_start, beta_end=beta_end,
                                   beta_schedule=beta_schedule, clip_sample=False, set_alpha_to_one=True,
                                   steps_offset=0, timestep_spacing="leading")
         scheduler.set_timesteps(num_inference_steps)
         self.alphas_cumprod = scheduler.alphas_cumprod.double()
-        self.timesteps = [int(t) for t in scheduler.timesteps]  # descending
+        if spacing == "linspace":
+            self.timesteps = linspace_timesteps(num_inference_steps, num_train_timesteps)
+        else:
+            self.timesteps = [int(t) for t in scheduler.timesteps]  # descending
+        self.spacing = spacing
         self.num_train_timesteps = num_train_timesteps
 
     def alpha_bar(self, t: int) -> float:
@@ -55,9 +80,10 @@ class DDIMSchedule:
         return iter(zip(ts, [*ts[1:], -1]))
 
     def inversion_pairs(self) -> Iterator[tuple[int, int]]:
-        """``(t_from, t)`` in inversion order: from the clean image (-1) up to the largest timestep."""
+        """``(s, t)`` in inversion order: from the lowest timestep (where the clean image stands) up to the largest;
+        the step evaluates the model at level ``s`` with label ``s``."""
         ts = self.timesteps[::-1]
-        return iter(zip([-1, *ts[:-1]], ts))
+        return iter(zip(ts[:-1], ts[1:]))
 
 
 def predict_x0(x_t: torch.Tensor, eps: torch.Tensor, alpha_bar_t: float) -> torch.Tensor:
@@ -105,14 +131,15 @@ class EpsModel(nn.Module):
 @torch.no_grad()
 def ddim_invert(eps_model: EpsFn, x0: torch.Tensor, schedule: DDIMSchedule,
                 on_step: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
-    """Deterministic DDIM inversion x_0 → x_T (one model call per timestep). ``on_step(t, x)`` is called after the
-    model call at label ``t`` (e.g. to keep the h-space features a hook captured)."""
+    """Deterministic DDIM inversion x_0 → x_T: the clean image taken as the state at the lowest timestep, then one
+    step up per timestep with ε(x_s, s) (``len(timesteps) − 1`` model calls). ``on_step(s, x_s)`` is called after
+    the model call at level and label ``s`` (e.g. to keep the h-space features a hook captured there)."""
     x = x0
-    for t_from, t in schedule.inversion_pairs():
-        eps = eps_model(x, t)
+    for s, t in schedule.inversion_pairs():
+        eps = eps_model(x, s)
         if on_step is not None:
-            on_step(t, x)
-        x = ddim_step(x, eps, schedule.alpha_bar(t_from), schedule.alpha_bar(t))
+            on_step(s, x)
+        x = ddim_step(x, eps, schedule.alpha_bar(s), schedule.alpha_bar(t))
     return x
 
 

@@ -4,15 +4,19 @@ frozen DDIM.
 A small network f_θ(h, t) (:class:`DeltaH`) predicts Δh, which is added to the UNet's middle-block output for every
 timestep t ≥ ``t_edit``: h' = h + α·f_θ(h, t), α the edit strength.
 
-Training (:meth:`Asyrp.loss`). Each source image x (a normal support image) is inverted once with deterministic DDIM;
-its trajectory x_t at the timesteps t ≥ ``t_edit`` is kept (:meth:`Asyrp.invert`). At one such t per batch, ε (the
-UNet's own h) and ε̃ (h + Δh) give the edited prediction x̂_0 = P_t(ε̃) and
+Training (:meth:`Asyrp.training_losses`), as Asyrp_official's ``run_training`` does it. Each source image x (a normal
+support image) is inverted once with deterministic DDIM (:meth:`Asyrp.invert`); from its x_T two trajectories run down
+through every timestep t ≥ ``t_edit``: the unedited DDIM one (fixed, so its predictions P_t(ε) are computed once, by
+:meth:`Asyrp.prepare`) and the edited one, which takes the asymmetric step with the current Δh. At each t, ε̃ (h + Δh)
+at the edited state x_t gives x̂_0 = P_t(ε̃) and
 
-    loss = λ_clip · mean(1 − cos(E_I(x̂_0) − E_I(x), E_T(y) − E_I(x))) + λ_l1 · mean |x̂_0 − P_t(ε)|,
+    loss_t = λ_clip · mean(1 − cos(E_I(x̂_0) − E_I(x), E_T(y) − E_I(x))) + λ_l1 · mean |x̂_0 − P_t(ε(x_t^plain))|,
 
 a directional CLIP loss with no source text (the source's image embedding stands in for it), y the target text
-(``{class}`` in it is replaced by the sample's category), plus an L1 term that keeps x̂_0 near the unedited one.
-Only θ trains; the UNet and CLIP stay frozen.
+(``{class}`` in it is replaced by the sample's category), plus an L1 term that keeps x̂_0 near the unedited
+trajectory's prediction. The caller takes one optimizer step per t (the reference's ``optim_ft.step()`` inside its
+loop over t); the next edited state is computed in the same pass, with Δh as it was before that step, and detached.
+Only θ trains; the UNet and CLIP stay frozen. Nothing in training is random (η = 0 throughout).
 
 Generation (:meth:`Asyrp.generate`): from the source's x_T, DDIM with the asymmetric step for t ≥ ``t_edit`` (P_t from
 ε̃ with h + α·Δh, the direction from ε), plain steps below, optional quality boosting (stochastic steps for
@@ -25,13 +29,13 @@ to the images) and ``encode_texts(list[str]) -> N × D`` (L2-normalised); :class
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from anomgen.diffusion.ddim import DDIMSchedule, EpsModel, ddim_invert, predict_x0
+from anomgen.diffusion.ddim import DDIMSchedule, EpsModel, ddim_invert, ddim_step, predict_x0
 from anomgen.diffusion.hspace import HSpace, edited_generation, eps_and_edited_eps
 from anomgen.pixels import from_diffusion_range, to_diffusion_range
 
@@ -140,7 +144,7 @@ class Asyrp(nn.Module):
         self.clip = clip
         self.schedule = schedule
         self.t_edit = int(t_edit)
-        self.edit_timesteps = edit_timesteps  # descending; column k of a trajectory is x at edit_timesteps[k]
+        self.edit_timesteps = edit_timesteps  # descending: the timesteps Δh acts at (and trains at)
         self.target_text = target_text
         self.lambda_clip, self.lambda_l1 = float(lambda_clip), float(lambda_l1)
         self.t_boost, self.eta_boost = int(t_boost), float(eta_boost)
@@ -186,39 +190,53 @@ class Asyrp(nn.Module):
     # -- the algorithm ---------------------------------------------------------------------------------------------
     @torch.no_grad()
     def invert(self, images: torch.Tensor) -> torch.Tensor:
-        """Deterministic DDIM inversion of [0, 1] images: B × K × 3 × H × W, column k holding x at level
-        ``edit_timesteps[k]`` (column 0 is x_T, where generation starts)."""
-        level_of_label = {t: t_from for t_from, t in self.schedule.inversion_pairs()}
-        states: dict[int, torch.Tensor] = {}
+        """Deterministic DDIM inversion of [0, 1] images: their x_T (B × 3 × H × W, diffusion range)."""
+        return ddim_invert(self.eps_model, to_diffusion_range(self.resize(images)), self.schedule)
 
-        def keep(t: int, x: torch.Tensor) -> None:  # x is at the level the step labelled t starts from
-            if level_of_label[t] >= self.t_edit:
-                states[level_of_label[t]] = x
+    @torch.no_grad()
+    def unedited_predictions(self, x_T: torch.Tensor) -> torch.Tensor:
+        """P_t(ε(x_t, t)) along the unedited DDIM trajectory from ``x_T``, at each edit timestep: B × K × 3 × H × W
+        (column k at ``edit_timesteps[k]``), the targets of the L1 term."""
+        x, predictions = x_T, []
+        for t, t_next in self.schedule.generation_pairs():
+            if t < self.t_edit:
+                break
+            eps = self.eps_model(x, t)
+            predictions.append(predict_x0(x, eps, self.schedule.alpha_bar(t)))
+            x = ddim_step(x, eps, self.schedule.alpha_bar(t), self.schedule.alpha_bar(t_next))
+        return torch.stack(predictions, dim=1)
 
-        states[self.schedule.timesteps[0]] = ddim_invert(self.eps_model, to_diffusion_range(self.resize(images)),
-                                                         self.schedule, on_step=keep)
-        return torch.stack([states[t] for t in self.edit_timesteps], dim=1)
+    @torch.no_grad()
+    def prepare(self, images: torch.Tensor) -> torch.Tensor:
+        """What training needs of each source image, computed once: B × (1 + K) × 3 × H × W, column 0 its x_T
+        (where generation starts too), column 1 + k the unedited prediction at ``edit_timesteps[k]``."""
+        x_T = self.invert(images)
+        return torch.cat([x_T[:, None], self.unedited_predictions(x_T)], dim=1)
 
-    def loss(self, images: torch.Tensor, trajectories: torch.Tensor, generator: torch.Generator,
-             categories: Sequence[str] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The training loss at one timestep t ≥ ``t_edit`` drawn from ``generator`` (a CPU generator), for source
-        images in [0, 1] and their :meth:`invert` trajectories. Returns (loss, {"clip", "l1", "timestep"})."""
-        k = int(torch.randint(len(self.edit_timesteps), (1,), generator=generator))
-        t = self.edit_timesteps[k]
-        x_t = trajectories[:, k]
-        alpha_bar = self.schedule.alpha_bar(t)
-        eps, eps_edited = eps_and_edited_eps(self.eps_model, self.hspace, x_t, t, lambda h: h + self.delta_h(h, t))
-        x0_edited = predict_x0(x_t, eps_edited, alpha_bar)
-        x0_plain = predict_x0(x_t, eps, alpha_bar).detach()
+    def training_losses(self, images: torch.Tensor, sources: torch.Tensor,
+                        categories: Sequence[str] | None = None
+                        ) -> Iterator[tuple[int, torch.Tensor, dict[str, torch.Tensor]]]:
+        """Walk the edited trajectory from x_T down through every t ≥ ``t_edit`` (descending), yielding
+        ``(t, loss_t, {"clip", "l1"})`` at each; take the optimizer step before asking for the next one.
+        ``images``: the sources in [0, 1]; ``sources``: their :meth:`prepare` tensors."""
+        x = sources[:, 0]
         with torch.no_grad():
             source = self.clip.encode_images(self.resize(images)).float()
             direction = self.text_embeddings(self.target_texts(categories, len(images)), source.device) - source
-        edited = self.clip.encode_images(from_diffusion_range(x0_edited)).float()
-        loss_clip = (1.0 - F.cosine_similarity(edited - source, direction, dim=-1)).mean()
-        loss_l1 = (x0_edited - x0_plain).abs().mean()
-        loss = self.lambda_clip * loss_clip + self.lambda_l1 * loss_l1
-        return loss, {"clip": loss_clip.detach(), "l1": loss_l1.detach(),
-                      "timestep": torch.tensor(float(t), device=loss.device)}
+        pairs = dict(self.schedule.generation_pairs())
+        for k, t in enumerate(self.edit_timesteps):
+            alpha_bar = self.schedule.alpha_bar(t)
+            eps, eps_edited = eps_and_edited_eps(self.eps_model, self.hspace, x, t,
+                                                 lambda h, t=t: h + self.delta_h(h, t))
+            x0_edited = predict_x0(x, eps_edited, alpha_bar)
+            edited = self.clip.encode_images(from_diffusion_range(x0_edited)).float()
+            loss_clip = (1.0 - F.cosine_similarity(edited - source, direction, dim=-1)).mean()
+            loss_l1 = (x0_edited - sources[:, 1 + k]).abs().mean()
+            loss = self.lambda_clip * loss_clip + self.lambda_l1 * loss_l1
+            # the next edited state, from this pass (Δh before the caller's step), as the reference computes it
+            x_next = ddim_step(x, eps_edited, alpha_bar, self.schedule.alpha_bar(pairs[t]), eps_direction=eps)
+            yield t, loss, {"clip": loss_clip.detach(), "l1": loss_l1.detach()}
+            x = x_next.detach()
 
     @torch.no_grad()
     def generate(self, x_T: torch.Tensor, alphas: torch.Tensor | Sequence[float],

@@ -6,8 +6,12 @@ The whole algorithm, given a frozen ε-prediction UNet (guided-diffusion's Image
 1. The support set is split at random into X_style, X_content and held-out normals X_in
    (:class:`DiffStylePlan`, built on :func:`anomgen.data.tasks.split_support`).
 2. Every style and content image is inverted **once** with deterministic DDIM (η = 0); the style image's x_T is
-   kept, and so is the content image's h (the UNet middle-block output) at every inversion step with t ≥ t_edit
-   (:meth:`DiffStyle.invert`).
+   kept, and so is the content image's h_t = h(x_t, t) (the UNet middle-block output at the content's inversion
+   state x_t, with the label t of that same level) at every timestep t ≥ t_edit (:meth:`DiffStyle.invert`). This is
+   InjectFusion's convention (``precompute_pairs_with_h`` keeps the h of the call at level i under key i; generation
+   at label i injects the h of key i). Inversion calls the UNet at every timestep but the top one (see
+   :mod:`anomgen.diffusion.ddim`); the content's h at the top timestep T comes from one more call, h(x_T, T), where
+   InjectFusion falls back to the nearest stored h (that of the level below).
 3. Each (style, content) pair of the cross product makes one anomaly, generated from the style x_T
    (:meth:`DiffStyle.generate`, through :func:`anomgen.diffusion.hspace.edited_generation`):
    - t ≥ t_edit: h replaced by h_gen = (1 − γ) h_style + γ h_content (``mix="lerp"``, γ = 0.7) or by the slerp of
@@ -19,7 +23,8 @@ The whole algorithm, given a frozen ε-prediction UNet (guided-diffusion's Image
 
 Sample ``i`` of an S × C set is the pair (style ``i // C``, content ``i % C``); the held-out normals follow as
 samples S·C, S·C + 1, ... (label 0), so that the set is a validation set on its own. The cost is the minimum:
-S + C inversions and S·C generations (each generation step with t ≥ t_edit is one UNet pass over a batch of 2).
+S + C inversions (n − 1 UNet calls each, plus one for a content image's h at the top timestep) and S·C
+generations (n calls each; a step with t ≥ t_edit is one UNet pass over a batch of 2).
 
 The hyperparameters (steps, t_edit, t_boost, γ, mix, η_boost, the noise schedule) are declared once, with the paper's
 defaults, by :class:`DiffStyleConfig`; the Lightning wrapper forwards its keyword arguments to it.
@@ -66,7 +71,8 @@ class CountingEps(nn.Module):
 @dataclass(frozen=True)
 class DiffStyleConfig:
     """DiffStyle's hyperparameters, declared once; the defaults are the paper's (50 DDIM steps over the linear
-    1e-4 → 0.02 schedule of 1000 steps, h mixed at t ≥ 400 with γ = 0.7 by lerp, quality boosting at t ≤ 200).
+    1e-4 → 0.02 schedule of 1000 steps, on the reference grid 999, 978, ..., 0; h mixed at t ≥ 400 with γ = 0.7 by
+    lerp, quality boosting at t ≤ 200).
     The wrapper (``models.diffstyle.DiffStyleModel``) forwards its keyword arguments here."""
 
     num_inference_steps: int = 50
@@ -123,15 +129,20 @@ class DiffStyle:
 
     @torch.no_grad()
     def invert(self, images: torch.Tensor, keep_h: bool = True) -> list[Inversion]:
-        """DDIM-invert a batch of [0, 1] images; ``keep_h`` keeps h at every t ≥ t_edit (content images need it)."""
+        """DDIM-invert a batch of [0, 1] images; ``keep_h`` keeps h_t = h(x_t, t) at every t ≥ t_edit (content
+        images need it): the h of the inversion's call at level t, and one more call at x_T for the top t."""
         device = next(self.unet.parameters()).device
         hs: dict[int, torch.Tensor] = {}
 
-        def keep(t: int, x: torch.Tensor) -> None:
+        def keep(t: int, x: torch.Tensor) -> None:  # called after the UNet call at (x_t, t)
             if keep_h and t >= self.t_edit:
                 hs[t] = self.hspace.h.detach().clone()
 
         x_T = ddim_invert(self.eps, to_diffusion_range(images.to(device)), self.schedule, on_step=keep)
+        if keep_h:
+            top = self.schedule.timesteps[0]
+            self.eps(x_T, top)
+            keep(top, x_T)
         return [Inversion(x_T[i], {t: h[i] for t, h in hs.items()}) for i in range(images.shape[0])]
 
     @torch.no_grad()

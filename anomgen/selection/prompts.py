@@ -1,7 +1,10 @@
 """Prompt selection for zero-shot CLIP anomaly detection, by synthetic validation.
 
 A :class:`PromptPool` holds templates with one ``{}`` slot: the normal prompt puts the class name in the slot, the
-anomalous prompt a generic word ("some bird", "something"). :func:`prompt_aurocs` gives the AUROC of every prompt
+anomalous prompt a generic phrase ("some bird", "something"), each made grammatical by :func:`fill_slot` ("a photo
+of a {}." gives "a photo of an apple.", "a photo of some bird.", "a photo of something."). The shipped pools are data
+files of the package, ``anomgen/prompts/<name>.yaml``, each saying in its header where its templates come from;
+:meth:`PromptPool.load` takes such a name or a path. :func:`prompt_aurocs` gives the AUROC of every prompt
 pair on one labelled set (real test data, a synthetic validation set, or normals against another dataset's images).
 :func:`select_prompts` picks one prompt per task by each strategy and reports how often the pick is the task's real
 best prompt and the mean real AUROC of the picks; :func:`render_prompt_table` lays that out as a markdown table.
@@ -23,6 +26,77 @@ from anomgen.detectors.clip_zero_shot import anomaly_probabilities
 from anomgen.metrics.functional import MissingClassError, as_labels
 
 POOL_KEYS = ("name", "anomaly_word", "default", "templates")
+#: the shipped pools (package data)
+POOL_DIR = Path(__file__).resolve().parent.parent / "prompts"
+
+#: words that open a noun phrase with their own determiner: they take the article's place ("some bird")
+DETERMINERS = frozenset({"some", "any", "another", "every", "each", "no", "this", "that", "these", "those", "my",
+                         "your", "its", "their", "our", "his", "her", "a", "an", "the"})
+#: indefinite pronouns: the article goes and the template's modifiers follow them ("something small")
+PRONOUNS = frozenset({"something", "anything", "nothing", "everything", "someone", "somebody", "anyone",
+                      "anybody", "everyone", "everybody"})
+_A_BEFORE = ("eu", "uni", "use", "usu", "uti", "one", "once")  # vowel letters with a consonant sound: "a unicorn"
+_AN_BEFORE = ("hour", "honest", "honor", "honour", "heir")      # a silent h: "an hour"
+
+
+def shipped_pools() -> list[str]:
+    """The names of the pools shipped with the package (``anomgen/prompts/*.yaml``)."""
+    return sorted(p.stem for p in POOL_DIR.glob("*.yaml"))
+
+
+def indefinite_article(word: str) -> str:
+    """"a" or "an" before ``word``, by its first letters (with the common exceptions: "a unicorn", "an hour")."""
+    w = word.lower()
+    if w.startswith(_AN_BEFORE):
+        return "an"
+    if w.startswith(_A_BEFORE):
+        return "a"
+    return "an" if w[:1] in "aeiou" else "a"
+
+
+#: words that end a run of modifiers when read backwards from the slot ("a photo of {}" has no article of its own)
+_BOUNDARIES = frozenset({"of", "in", "on", "at", "for", "with", "by", "from", "into", "and", "or", "is", "are"})
+
+
+def fill_slot(template: str, phrase: str) -> str:
+    """``template`` (one ``{}`` slot) with ``phrase`` in it, the article in front of the slot's noun phrase made to
+    agree. Read backwards from the slot over modifier words ("a photo of a small {}": "small") to an article:
+
+    - a plain phrase (a class name) gets the right indefinite article ("an apple", "a small apple"); "the" stays;
+    - a phrase with its own determiner takes the article's place ("a photo of some small bird");
+    - an indefinite pronoun takes the article's place and the modifiers follow it ("a photo of something small").
+
+    With no article before the slot ("a photo of {}", "{} in a video game") the phrase goes in as it is.
+    """
+    if template.count("{}") != 1:
+        raise ValueError(f"a prompt template needs exactly one '{{}}' slot, got {template!r}")
+    head, tail = template.split("{}")
+    words = phrase.split()
+    if not words or (head and not head[-1].isspace()):
+        return f"{head}{phrase}{tail}"
+    head_words = head.split()
+    i = len(head_words) - 1
+    while i >= 0 and head_words[i].lower() not in ("a", "an", "the"):
+        word = head_words[i]
+        if word.lower() in _BOUNDARIES or not all(c.isalnum() or c == "-" for c in word):
+            return f"{head}{phrase}{tail}"
+        i -= 1
+    if i < 0:
+        return f"{head}{phrase}{tail}"
+    prefix, article, modifiers = head_words[:i], head_words[i], head_words[i + 1:]
+    first = words[0].lower()
+    if first in DETERMINERS:
+        body = [words[0], *modifiers, *words[1:]]
+    elif first in PRONOUNS:
+        body = [*words, *modifiers]
+    elif article.lower() == "the":
+        body = [article, *modifiers, *words]
+    else:
+        body = [indefinite_article((modifiers or words)[0]), *modifiers, *words]
+    if not prefix and article[:1].isupper():
+        body[0] = body[0][:1].upper() + body[0][1:]
+    return " ".join([*prefix, *body]) + tail
+
 
 #: Row labels of :func:`render_prompt_table`, in table order.
 STRATEGY_LABELS = {
@@ -49,12 +123,16 @@ class PromptPool:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> PromptPool:
-        """Read a pool from a YAML file with keys ``name``, ``anomaly_word``, ``default``, ``templates``."""
+        """Read a pool from a YAML file with keys ``name``, ``anomaly_word``, ``default``, ``templates``: a path, or
+        the name of a shipped pool (``anomgen/prompts/<name>.yaml``: :func:`shipped_pools`)."""
         import yaml
 
+        if isinstance(path, str) and path in shipped_pools():
+            path = POOL_DIR / f"{path}.yaml"
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"prompt pool file {path} not found")
+            raise FileNotFoundError(f"prompt pool file {path} not found (shipped pools: "
+                                    f"{', '.join(shipped_pools())})")
         with path.open(encoding="utf-8") as f:
             data = yaml.safe_load(f)
         return cls.from_mapping(data, source=str(path))
@@ -99,7 +177,7 @@ class PromptPool:
         """``(normal, anomalous)`` prompt per template: ``class_name`` / the anomaly word in the slot.
 
         ``class_name`` goes in as given (e.g. "metal nut", not the folder name "metal_nut")."""
-        return [(t.format(class_name), t.format(self.anomaly_word)) for t in self.templates]
+        return [(fill_slot(t, class_name), fill_slot(t, self.anomaly_word)) for t in self.templates]
 
 
 def _check_template(template, index: int, source: str) -> None:

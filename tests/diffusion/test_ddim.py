@@ -1,4 +1,5 @@
-"""DDIM step, inversion and generation against diffusers' DDIM schedulers; h-space hooks and mixing."""
+"""DDIM: the references' grid, the step and generation against diffusers' DDIM scheduler, inversion written out as the
+references do it; h-space hooks and mixing."""
 
 from __future__ import annotations
 
@@ -32,19 +33,28 @@ def unet():
     return tiny_score_unet("vp", image_size=8, channels=3).eval()
 
 
-def _diffusers_ddim(steps: int, inverse: bool = False):
-    from diffusers import DDIMInverseScheduler, DDIMScheduler
+def _diffusers_ddim(steps: int):
+    from diffusers import DDIMScheduler
 
-    cls = DDIMInverseScheduler if inverse else DDIMScheduler
-    sched = cls(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear", clip_sample=False,
-                set_alpha_to_one=True, steps_offset=0, timestep_spacing="leading")
+    sched = DDIMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
+                          clip_sample=False, set_alpha_to_one=True, steps_offset=0, timestep_spacing="leading")
     sched.set_timesteps(steps)
     return sched
 
 
+def test_the_default_grid_is_the_references_and_reaches_999():
+    """Asyrp_official / InjectFusion: seq = [int(s + 1e-6) for s in linspace(0, 1, n) * 999], run downwards."""
+    assert DDIMSchedule(10).timesteps == [999, 888, 777, 666, 555, 444, 333, 222, 111, 0]
+    fifty = DDIMSchedule(50).timesteps
+    assert len(fifty) == 50 and fifty[:4] == [999, 978, 958, 937] and fifty[-3:] == [40, 20, 0]
+    assert DDIMSchedule(10, spacing="leading").timesteps == [900, 800, 700, 600, 500, 400, 300, 200, 100, 0]
+    with pytest.raises(ValueError, match="spacing"):
+        DDIMSchedule(10, spacing="trailing")
+
+
 @torch.no_grad()
 def test_generation_matches_diffusers_ddim_scheduler(unet):
-    schedule, sched = DDIMSchedule(10), _diffusers_ddim(10)
+    schedule, sched = DDIMSchedule(10, spacing="leading"), _diffusers_ddim(10)
     assert schedule.timesteps == [int(t) for t in sched.timesteps]
     eps = EpsModel(unet)
     x_T = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
@@ -67,16 +77,21 @@ def test_stochastic_step_matches_diffusers_eta_one(unet):
 
 
 @torch.no_grad()
-def test_inversion_matches_diffusers_inverse_scheduler(unet):
-    schedule, sched = DDIMSchedule(10), _diffusers_ddim(10, inverse=True)
+def test_inversion_evaluates_each_level_with_its_own_label(unet):
+    """Written out as Asyrp_official / InjectFusion invert (``precompute_pairs``): the clean image stands at level 0;
+    the step from level s to the next level t above uses ε(x_s, s) and ᾱ_s, ᾱ_t; no call at the top level."""
+    levels = [0, 111, 222, 333, 444, 555, 666, 777, 888, 999]
+    alpha_bar = torch.cumprod(1.0 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)
     x0 = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(4)) * 2 - 1
     x = x0
-    for t in sched.timesteps:
-        x = sched.step(unet(x, t).sample, t, x).prev_sample
+    for s, t in zip(levels[:-1], levels[1:]):
+        eps = unet(x, torch.full((2,), s)).sample
+        a_s, a_t = float(alpha_bar[s]), float(alpha_bar[t])
+        x = a_t**0.5 * (x - (1 - a_s) ** 0.5 * eps) / a_s**0.5 + (1 - a_t) ** 0.5 * eps
     seen = []
-    ours = ddim_invert(EpsModel(unet), x0, schedule, on_step=lambda t, _: seen.append(t))
+    ours = ddim_invert(EpsModel(unet), x0, DDIMSchedule(10), on_step=lambda t, _: seen.append(t))
     torch.testing.assert_close(ours, x, atol=1e-5, rtol=1e-5)
-    assert seen == sorted(schedule.timesteps)
+    assert seen == levels[:-1]
 
 
 def test_asymmetric_step_independent_formula():
@@ -165,7 +180,8 @@ def test_edited_generation_edits_only_at_and_above_t_edit_and_boosts_below(unet)
     with HSpace(unet) as hs:
         identity = edited_generation(eps_model, hs, x_T, schedule, edit, t_edit=500)
         assert sorted(set(edited_at)) == [t for t in sorted(schedule.timesteps) if t >= 500]
-        torch.testing.assert_close(identity, ddim_generate(eps_model, x_T, schedule), atol=1e-5, rtol=1e-5)
+        # the batch-2B pass rounds differently; at t = 999, P_t divides by √ᾱ_999 ≈ 0.006, which grows it to ~1e-5
+        torch.testing.assert_close(identity, ddim_generate(eps_model, x_T, schedule), atol=1e-4, rtol=1e-4)
         # boosting: stochastic, reproducible per sample generator, independent of the batch it is in
         gens = lambda: [sample_generator(0, i) for i in (4, 9)]  # noqa: E731
         a = edited_generation(eps_model, hs, x_T, schedule, edit, 500, t_boost=200, generators=gens())

@@ -11,7 +11,7 @@ from anomgen.diffusion import tiny_score_unet
 from anomgen.diffusion.ddim import DDIMSchedule, EpsModel, ddim_generate, ddim_invert
 from anomgen.generators.asyrp import Asyrp, DeltaH, OpenCLIPGuide
 
-STEPS, T_EDIT = 6, 400  # timesteps 830, 664, 498, 332, 166, 0: the first three are edited
+STEPS, T_EDIT = 6, 400  # timesteps 999, 799, 599, 399, 199, 0: the first three are edited
 
 
 
@@ -48,75 +48,107 @@ def test_untrained_edit_is_no_edit(tiny_clip_name):
     assert torch.allclose(edited, ((plain + 1) / 2).clamp(0, 1), atol=1e-4)
 
 
-def test_inversion_trajectory_matches_written_out_ddim(tiny_clip_name):
-    from diffusers import DDIMScheduler
+_ALPHA_BAR = torch.cumprod(1.0 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)
+_LEVELS = [0, 199, 399, 599, 799, 999]  # int(s + 1e-6) of linspace(0, 1, 6) · 999
 
+
+def _a(t: int) -> float:
+    return 1.0 if t < 0 else float(_ALPHA_BAR[t])
+
+
+def _hand_eps(unet, x, t, delta_h=None):
+    """ε(x, t) of the bare UNet; with ``delta_h``, the mid-block output h is replaced by h + delta_h(h, t)."""
+    handle = None if delta_h is None else unet.mid_block.register_forward_hook(
+        lambda m, args, out: out + delta_h(out, t))
+    try:
+        return unet(x, torch.full((len(x),), t)).sample
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
+def _hand_x_T(unet, images):
+    """Upwards from the clean image at level 0: the step from level s calls the model at x_s with label s."""
+    x = images * 2 - 1
+    for s, t in zip(_LEVELS[:-1], _LEVELS[1:]):
+        eps = _hand_eps(unet, x, s)
+        x = _a(t) ** 0.5 * (x - (1 - _a(s)) ** 0.5 * eps) / _a(s) ** 0.5 + (1 - _a(t)) ** 0.5 * eps
+    return x
+
+
+@torch.no_grad()
+def test_prepare_holds_x_T_and_the_unedited_trajectorys_predictions(tiny_clip_name):
     asyrp = _asyrp(tiny_clip_name)
     unet = asyrp.eps_model.unet
     images = _images()
-    trajectory = asyrp.invert(images)
-    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear")
-    scheduler.set_timesteps(STEPS)
-    alpha_bar = scheduler.alphas_cumprod.double()
-    # upwards through the timesteps: the step to level t calls the model at the current x with label t
-    x, prev, states = images * 2 - 1, 1.0, {}
-    with torch.no_grad():
-        for t in sorted(int(s) for s in scheduler.timesteps):
-            eps = unet(x, torch.full((len(x),), t)).sample
-            x0 = (x - (1 - prev) ** 0.5 * eps) / prev**0.5
-            x = float(alpha_bar[t]) ** 0.5 * x0 + (1 - float(alpha_bar[t])) ** 0.5 * eps
-            states[t], prev = x, float(alpha_bar[t])
-    edited = [t for t in sorted(states, reverse=True) if t >= T_EDIT]
-    assert asyrp.edit_timesteps == edited == [830, 664, 498]
-    assert trajectory.shape == (3, len(edited), 3, 16, 16)
-    for k, t in enumerate(edited):
-        assert torch.allclose(trajectory[:, k], states[t], atol=1e-5), t
-    assert torch.allclose(trajectory[:, 0], ddim_invert(EpsModel(unet), images * 2 - 1, asyrp.schedule), atol=1e-6)
+    prepared = asyrp.prepare(images)
+    x_T = _hand_x_T(unet, images)
+    # the unedited DDIM trajectory from x_T, down through the edit timesteps: P_t(ε) at each
+    x, predictions = x_T, []
+    for t, t_next in [(999, 799), (799, 599), (599, 399)]:
+        eps = _hand_eps(unet, x, t)
+        predictions.append((x - (1 - _a(t)) ** 0.5 * eps) / _a(t) ** 0.5)
+        x = _a(t_next) ** 0.5 * predictions[-1] + (1 - _a(t_next)) ** 0.5 * eps
+    assert asyrp.edit_timesteps == [999, 799, 599]
+    assert prepared.shape == (3, 4, 3, 16, 16)
+    assert torch.allclose(prepared[:, 0], x_T, atol=1e-5)
+    for k, expected in enumerate(predictions):
+        # P_t at t = 999 divides by √ᾱ_999 ≈ 0.006 (a random UNet's predictions reach ~300): compare to the scale
+        assert (prepared[:, 1 + k] - expected).abs().max() <= 1e-4 * expected.abs().max(), k
+    assert torch.allclose(prepared[:, 0], ddim_invert(EpsModel(unet), images * 2 - 1, asyrp.schedule), atol=1e-6)
 
 
-def test_loss_matches_written_out_computation(tiny_clip_name):
+def test_training_walks_the_edited_trajectory_through_every_edit_timestep(tiny_clip_name):
+    """Asyrp_official's run_training, written out: from x_T, at each t ≥ t_edit (descending) the loss of the edited
+    prediction P_t(ε̃) at the *edited* state, the L1 target from the unedited trajectory at the same t, and the next
+    edited state by the asymmetric step (P_t from ε̃, direction from ε). An L1 target or a state from the unedited
+    inversion trajectory, or a single timestep, fails here."""
     import open_clip
-    from diffusers import DDIMScheduler
 
     asyrp = _asyrp(tiny_clip_name, target_text="a photo of a damaged {class}", lambda_clip=0.7, lambda_l1=2.0)
     _set_edit(asyrp)
     images, categories = _images(), ["screw", "nut", "screw"]
-    trajectories = asyrp.invert(images)
-    loss, parts = asyrp.loss(images, trajectories, torch.Generator().manual_seed(5), categories=categories)
-    t = int(parts["timestep"])
-    assert t in asyrp.edit_timesteps
-    x_t = trajectories[:, asyrp.edit_timesteps.index(t)]
-
+    prepared = asyrp.prepare(images)
     unet, model = asyrp.eps_model.unet, asyrp.clip.encoder.model
-    alpha_bar = float(DDIMScheduler(beta_schedule="linear", beta_start=1e-4, beta_end=0.02).alphas_cumprod[t])
-    timestep = torch.full((3,), t)
+    visited = []
+    spy = unet.register_forward_pre_hook(lambda m, args: visited.append((int(args[1][0]), args[0].detach().clone())))
+    with torch.no_grad():  # Δh is not updated between the steps here: the trajectory is the edited generation's
+        steps = [(t, loss, parts) for t, loss, parts in asyrp.training_losses(images, prepared, categories)]
+    spy.remove()
+    assert [t for t, _, _ in steps] == [999, 799, 599] == [t for t, _ in visited]  # one batched (2B) pass per t
+
+    mean = torch.tensor(model.visual.image_mean).view(1, 3, 1, 1)
+    std = torch.tensor(model.visual.image_std).view(1, 3, 1, 1)
+
+    def embed_images(x):
+        x = F.interpolate(x, size=(32, 32), mode="bicubic", align_corners=False).clamp(0, 1)
+        f = model.encode_image((x - mean) / std)
+        return f / f.norm(dim=-1, keepdim=True)
+
     with torch.no_grad():
-        eps = unet(x_t, timestep).sample
-        handle = unet.mid_block.register_forward_hook(lambda m, args, out: out + asyrp.delta_h(out, t))
-        eps_edited = unet(x_t, timestep).sample
-        handle.remove()
-        x0_edited = (x_t - (1 - alpha_bar) ** 0.5 * eps_edited) / alpha_bar**0.5
-        x0_plain = (x_t - (1 - alpha_bar) ** 0.5 * eps) / alpha_bar**0.5
-        mean = torch.tensor(model.visual.image_mean).view(1, 3, 1, 1)
-        std = torch.tensor(model.visual.image_std).view(1, 3, 1, 1)
-
-        def embed_images(x):
-            x = F.interpolate(x, size=(32, 32), mode="bicubic", align_corners=False).clamp(0, 1)
-            f = model.encode_image((x - mean) / std)
-            return f / f.norm(dim=-1, keepdim=True)
-
-        tokenize = open_clip.get_tokenizer(tiny_clip_name)
-        texts = model.encode_text(tokenize([f"a photo of a damaged {c}" for c in categories]))
+        texts = model.encode_text(open_clip.get_tokenizer(tiny_clip_name)(
+            [f"a photo of a damaged {c}" for c in categories]))
         texts = texts / texts.norm(dim=-1, keepdim=True)
         source = embed_images(images)
-        edited = embed_images(((x0_edited + 1) / 2).clamp(0, 1))
-        a, b = edited - source, texts - source
-        expected_clip = (1 - (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))).mean()
-        expected_l1 = (x0_edited - x0_plain).abs().mean()
-    assert expected_l1 > 0  # the edit is not trivial
-    assert torch.allclose(parts["clip"], expected_clip, atol=1e-5)
-    assert torch.allclose(parts["l1"], expected_l1, atol=1e-6)
-    assert torch.allclose(loss, 0.7 * expected_clip + 2.0 * expected_l1, atol=1e-5)
+        x = x_plain = _hand_x_T(unet, images)
+        for (t, loss, parts), (_, seen), t_next in zip(steps, visited, [799, 599, 399]):
+            a, a_next = _a(t), _a(t_next)
+            assert torch.allclose(seen[:3], x, atol=1e-3, rtol=1e-4), t  # the UNet ran at the edited state
+            eps, eps_edited = _hand_eps(unet, x, t), _hand_eps(unet, x, t, asyrp.delta_h)
+            x0_edited = (x - (1 - a) ** 0.5 * eps_edited) / a**0.5
+            eps_plain = _hand_eps(unet, x_plain, t)
+            x0_plain = (x_plain - (1 - a) ** 0.5 * eps_plain) / a**0.5
+            edited = embed_images(((x0_edited + 1) / 2).clamp(0, 1))
+            d_img, d_txt = edited - source, texts - source
+            expected_clip = (1 - (d_img * d_txt).sum(-1) / (d_img.norm(dim=-1) * d_txt.norm(dim=-1))).mean()
+            expected_l1 = (x0_edited - x0_plain).abs().mean()
+            assert expected_l1 > 0  # the edit is not trivial
+            assert torch.allclose(parts["clip"], expected_clip, atol=1e-4), t
+            assert torch.allclose(parts["l1"], expected_l1, rtol=1e-3), t
+            assert torch.allclose(loss, 0.7 * expected_clip + 2.0 * expected_l1, rtol=1e-3, atol=1e-4), t
+            x = a_next**0.5 * x0_edited + (1 - a_next) ** 0.5 * eps  # the asymmetric step
+            x_plain = a_next**0.5 * x0_plain + (1 - a_next) ** 0.5 * eps_plain
+        assert (x - x_plain).abs().max() > 1e-3  # the two trajectories parted
 
 
 def test_guide_keeps_gradients_and_matches_the_detector_encoder(tiny_clip_name):
@@ -135,27 +167,28 @@ def test_guide_keeps_gradients_and_matches_the_detector_encoder(tiny_clip_name):
 
 
 def test_training_reduces_the_loss_and_only_deltah_changes(tiny_clip_name):
-    asyrp = _asyrp(tiny_clip_name, lambda_l1=0.5)
+    # the CLIP term alone: at Δh = 0 the L1 term grows at first order in every direction (|·| at 0)
+    asyrp = _asyrp(tiny_clip_name, lambda_l1=0.0)
     asyrp.train()
     assert not asyrp.eps_model.training and not asyrp.clip.training  # frozen parts stay in eval mode
     frozen = {name: p.detach().clone() for name, p in asyrp.named_parameters() if not name.startswith("delta_h.")}
     assert frozen and not any(p.requires_grad for n, p in asyrp.named_parameters() if not n.startswith("delta_h."))
     images = _images(2)
-    trajectories = asyrp.invert(images)
+    prepared = asyrp.prepare(images)
     optimizer = torch.optim.Adam(asyrp.delta_h.parameters(), lr=1e-2)
 
-    def step_loss():  # the same timestep every time
-        return asyrp.loss(images, trajectories, torch.Generator().manual_seed(0))[0]
+    def total_loss():  # the losses of one walk down the edited trajectory, Δh fixed
+        with torch.no_grad():
+            return sum(loss.item() for _, loss, _ in asyrp.training_losses(images, prepared))
 
-    with torch.no_grad():
-        before = step_loss().item()
-    for _ in range(8):
-        optimizer.zero_grad()
-        step_loss().backward()
-        optimizer.step()
-    with torch.no_grad():
-        after = step_loss().item()
-    assert after < before - 1e-3, (before, after)
+    before = total_loss()
+    for _ in range(3):
+        for _, loss, _ in asyrp.training_losses(images, prepared):  # one optimizer step per edit timestep
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    after = total_loss()
+    assert after < before - 0.1, (before, after)
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in asyrp.delta_h.parameters())
     for name, p in asyrp.named_parameters():
         if name in frozen:
@@ -171,7 +204,7 @@ def test_alpha_scales_the_edit_only_at_t_edit_and_above(tiny_clip_name):
     hook = asyrp.delta_h.register_forward_pre_hook(lambda m, args: calls.append(int(args[1])))
     one = asyrp.generate(x_T, [1.0, 1.0])
     hook.remove()
-    assert calls == [830, 664, 498]  # one call per edited step, none below t_edit
+    assert calls == [999, 799, 599]  # one call per edited step, none below t_edit
     assert torch.allclose(asyrp.generate(x_T, [0.0, 0.0]), plain, atol=1e-4)
     two = asyrp.generate(x_T, [2.0, 2.0])
     assert (one - plain).abs().max() > 1e-3 and (two - one).abs().max() > 1e-3
@@ -197,8 +230,8 @@ def test_boosting_noise_comes_from_each_samples_generator(tiny_clip_name):
 
 
 def test_bad_settings_are_errors(tiny_clip_name):
-    with pytest.raises(ValueError, match="t_edit=900"):
-        _asyrp(tiny_clip_name, t_edit=900)
+    with pytest.raises(ValueError, match="t_edit=1000"):
+        _asyrp(tiny_clip_name, t_edit=1000)
     asyrp = _asyrp(tiny_clip_name, target_text="a photo of a damaged {class}")
     with pytest.raises(ValueError, match="category"):
         asyrp.target_texts(None, 2)

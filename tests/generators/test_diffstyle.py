@@ -56,7 +56,8 @@ def test_cross_product_inverts_each_image_once(unet):
     indices = [i for idx, _ in out for i in idx]
     assert indices == list(range(n_style * n_content))
     n_edit = sum(t >= 400 for t in ds.schedule.timesteps)
-    inversions = (n_style + n_content) * steps
+    # n − 1 calls per inversion (none at the top level), plus one at x_T for each content image's top h
+    inversions = (n_style + n_content) * (steps - 1) + n_content
     generations = n_style * n_content * (steps + n_edit)  # one extra (batched) pass per edit step
     assert ds.eps.evaluations == inversions + generations
     # seeded by global index: a sample does not depend on the batch it was made in
@@ -182,10 +183,12 @@ def test_predict_requests_is_pure_and_the_model_plans_in_setup(unet):
 
 # --- the edited generation, step by step, by hand -------------------------------------------------------------------
 # Written out from METHODS.md §1 without the code under test (no DDIMSchedule, ddim_step, HSpace, mix_h or
-# edited_generation): the ᾱ table from the linear betas, the "leading" timesteps, h read and replaced by a hook of the
-# test's own, and each update formula spelled out.
+# edited_generation): the ᾱ table from the linear betas, the references' timesteps (Asyrp_official / InjectFusion:
+# int(s + 1e-6) of linspace(0, 1, n) · 999, here written out as a list), h read and replaced by a hook of the test's
+# own, and each update formula spelled out.
 
 _HAND_ALPHA_BAR = torch.cumprod(1.0 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)
+_HAND_TIMESTEPS = [999, 888, 777, 666, 555, 444, 333, 222, 111, 0]  # 10 steps, generation order
 
 
 def _hand_alpha_bar(t: int) -> float:
@@ -233,24 +236,24 @@ def _hand_mix(h_s, h_c, gamma, mode):
 
 @pytest.mark.parametrize("mode", ["lerp", "slerp"])
 def test_generation_matches_the_hand_computed_asymmetric_steps(unet, mode):
-    """10 DDIM steps (timesteps 900, 800, ..., 0), t_edit = 700, t_boost = 200, γ = 0.7:
-    - t = 900, 800, 700 (three edited steps): ε̃ with h ← mix(h_own, h_content[t]), ε with the UNet's own h;
+    """10 DDIM steps (timesteps 999, 888, ..., 111, 0), t_edit = 700, t_boost = 250, γ = 0.7:
+    - t = 999, 888, 777 (three edited steps): ε̃ with h ← mix(h_own, h_content[t]), ε with the UNet's own h;
       x_next = √ᾱ_next · (x_t − √(1 − ᾱ_t) ε̃)/√ᾱ_t + √(1 − ᾱ_next) · ε;
-    - t = 600 ... 300: plain DDIM (η = 0, ε everywhere);
-    - t = 200, 100: η = 1, σ = √((1 − ᾱ_next)/(1 − ᾱ_t)) √(1 − ᾱ_t/ᾱ_next), noise z from each sample's generator;
+    - t = 666 ... 333: plain DDIM (η = 0, ε everywhere);
+    - t = 222, 111: η = 1, σ = √((1 − ᾱ_next)/(1 − ᾱ_t)) √(1 − ᾱ_t/ᾱ_next), noise z from each sample's generator;
     - t = 0: the last step, to ᾱ = 1 (σ = 0, no draw).
     The content h differs at every edit timestep, so that one timestep's h used everywhere shows; the symmetric step
     (direction from ε̃) shows too."""
     from anomgen.generators.diffstyle import Inversion
 
     model = _GaussianPriorUNet(unet)
-    gamma, t_edit, t_boost = 0.7, 700, 200
+    gamma, t_edit, t_boost = 0.7, 700, 250
     ds = DiffStyle(model, num_inference_steps=10, t_edit=t_edit, t_boost=t_boost, gamma=gamma, mix=mode)
-    timesteps = [900, 800, 700, 600, 500, 400, 300, 200, 100, 0]
-    assert ds.schedule.timesteps == timesteps  # "leading" spacing: 1000 // 10 apart, from 0
+    timesteps = _HAND_TIMESTEPS
+    assert ds.schedule.timesteps == timesteps
     g = torch.Generator().manual_seed(123)
     x_T = torch.randn(2, 3, 8, 8, generator=g)
-    h_content = {t: 3.0 * torch.randn(2, 32, 4, 4, generator=g) for t in (900, 800, 700)}
+    h_content = {t: 3.0 * torch.randn(2, 32, 4, 4, generator=g) for t in (999, 888, 777)}
     styles = [Inversion(x_T[i]) for i in range(2)]
     contents = [Inversion(torch.zeros(3, 8, 8), {t: h[i] for t, h in h_content.items()}) for i in range(2)]
     seeds = (11, 12)
@@ -278,3 +281,33 @@ def test_generation_matches_the_hand_computed_asymmetric_steps(unet, mode):
     inside = (expected > 0) & (expected < 1)
     assert inside.float().mean() > 0.6  # most pixels are compared unclamped
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_content_h_is_read_at_its_own_level_with_that_levels_label(unet):
+    """InjectFusion's convention, written out: the content image is inverted from level 0 up with ε(x_s, s), and the
+    h kept for timestep t is the mid-block output of the call at (x_t, t), the content's state at level t with the
+    label t (for the top level, one call at (x_T, 999)); generation at label t injects that h. A convention that
+    read h at (x_{t−Δ}, t), the state one level below, fails here."""
+    model = _GaussianPriorUNet(unet)
+    ds = DiffStyle(model, num_inference_steps=10, t_edit=700, t_boost=-1)
+    images = _images(2, 8)
+    (first, second) = ds.invert(images)
+    ds.close()
+
+    levels = _HAND_TIMESTEPS[::-1]
+    x, hand_h = images * 2 - 1, {}
+    with torch.no_grad():
+        for s, t in zip(levels[:-1], levels[1:]):
+            seen = {}
+            eps = _hand_eps(model, x, s, lambda h: seen.setdefault("h", h.clone()))
+            hand_h[s] = seen["h"]
+            a_s, a_t = _hand_alpha_bar(s), _hand_alpha_bar(t)
+            x = a_t**0.5 * (x - (1 - a_s) ** 0.5 * eps) / a_s**0.5 + (1 - a_t) ** 0.5 * eps
+        seen = {}
+        _hand_eps(model, x, 999, lambda h: seen.setdefault("h", h.clone()))
+        hand_h[999] = seen["h"]
+    assert sorted(first.h) == [777, 888, 999]
+    for i, inversion in enumerate((first, second)):
+        torch.testing.assert_close(inversion.x_T, x[i], atol=1e-5, rtol=1e-5)
+        for t in (999, 888, 777):
+            torch.testing.assert_close(inversion.h[t], hand_h[t][i], atol=1e-5, rtol=1e-5)

@@ -49,12 +49,12 @@ def test_fit_then_export_records_alpha_and_is_batch_size_independent(tiny_clip_n
     model = _model(tiny_clip_name)
     trainer = _trainer(fast_dev_run=2)
     trainer.fit(model, datamodule=_datamodule(batch_size=4))
-    assert {"train/loss", "train/clip", "train/l1", "train/timestep"} <= set(trainer.callback_metrics)
+    assert {"train/loss", "train/clip", "train/l1"} <= set(trainer.callback_metrics)
     assert model.asyrp.delta_h.conv_out.weight.abs().sum() > 0  # DeltaH left its zero start
 
     sets = {}
     for batch_size in (1, 3):
-        model.trajectories.clear()  # invert again, in other batches
+        model.sources.clear()  # invert again, in other batches
         out = tmp_path / f"bs{batch_size}"
         _trainer(callbacks=[SyntheticSetExport(str(out))]).predict(
             model, datamodule=_datamodule(num_generated=5, eval_batch_size=batch_size), return_predictions=False)
@@ -86,12 +86,26 @@ def test_fit_then_export_records_alpha_and_is_batch_size_independent(tiny_clip_n
 
 def test_each_training_image_is_inverted_once(tiny_clip_name):
     model = _model(tiny_clip_name)
-    inverted = []
-    invert = model.asyrp.invert
-    model.asyrp.invert = lambda images: inverted.append(len(images)) or invert(images)
+    prepared = []
+    prepare = model.asyrp.prepare
+    model.asyrp.prepare = lambda images: prepared.append(len(images)) or prepare(images)
     _trainer(max_epochs=3).fit(model, datamodule=_datamodule(k_shot=4, batch_size=2))
-    assert sum(inverted) == 4 and len(model.trajectories) == 4  # 3 epochs of 2 batches, 4 images inverted once
-    assert all(t.shape == (len(model.asyrp.edit_timesteps), 3, 16, 16) for t in model.trajectories.values())
+    assert sum(prepared) == 4 and len(model.sources) == 4  # 3 epochs of 2 batches, 4 images prepared once
+    # x_T and the unedited prediction at each edit timestep
+    assert all(t.shape == (1 + len(model.asyrp.edit_timesteps), 3, 16, 16) for t in model.sources.values())
+
+
+def test_a_training_step_walks_every_edit_timestep_with_one_optimizer_step_each(tiny_clip_name):
+    """Asyrp_official's loop: one batch visits every t ≥ t_edit, descending, along the edited trajectory (the
+    generator test writes that trajectory out), with an optimizer step at each t; not one random t per batch."""
+    model = _model(tiny_clip_name)
+    assert model.asyrp.edit_timesteps == [999, 749, 499]  # 5 steps: 999, 749, 499, 249, 0; t_edit = 400
+    visited = []
+    model.asyrp.delta_h.register_forward_pre_hook(lambda m, args: visited.append(int(args[1])))
+    trainer = _trainer(max_epochs=1, limit_train_batches=2)
+    trainer.fit(model, datamodule=_datamodule(k_shot=4, batch_size=2))
+    assert visited == [999, 749, 499] * 2
+    assert trainer.global_step == 6  # optimizer steps: one per edit timestep of each batch
 
 
 def test_only_deltah_is_optimised_and_checkpointed(tiny_clip_name, tmp_path):

@@ -183,6 +183,40 @@ def test_fid_reference_reads_the_normal_training_images_never_the_test_split(mon
     torch.testing.assert_close(mu, pixels.flatten(1).mean(0).to(mu.dtype), atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("validation", ["holdout", "none"])
+def test_with_an_absolute_target_the_fid_reference_reads_every_normal_training_image(validation):
+    """The paper's FID is against every normal training image. With an absolute target, a spy dataset shows that the
+    reference statistics read each class-3 image of the train split exactly once (listed here from the parser's
+    entries, not from the datamodule), the datamodule's held-out normals included, and nothing of the test split.
+    With ``validation="none"`` (the paper pipelines' sde stage) there is no holdout, so the SDE's training data and its
+    fake count (one per support image) are every normal training image too."""
+    _SpyDigits.reads = []
+    fid = FIDEarlyStopping(RawPixels(), every_n_steps=2, num_samples=8, target=1e-9, grid_size=0)
+    dm = AnomalyDataModule(dataset=functools.partial(_SpyDigits), normal_class="3", batch_size=32,
+                           validation=validation)
+    dm.setup("fit")
+    _SpyDigits.reads = []
+    fid._real(type("T", (), {"datamodule": dm})())
+    every_normal = sorted(e.image_path for e in Digits(split="train").entries if e.category == "3")
+    reads = _SpyDigits.reads
+    assert {split for split, _ in reads} == {"train"}
+    assert sorted(path for _, path in reads) == every_normal  # each once, held-out ones included
+    assert fid.reference_fid is None
+    if validation == "none":
+        assert len(dm.support) == len(every_normal)  # what the SDE trains on and how many fakes it makes
+    else:
+        assert 0 < len(dm.val_normals) < len(every_normal)
+
+
+def test_the_paper_pipelines_sde_stage_keeps_no_holdout(compose_config):
+    """configs/fitymi/paper.yaml: the sde stage runs with datamodule.validation=none and an absolute FID target."""
+    for experiment in ("fitymi_cifar10", "fitymi_mvtec", "fitymi_cub"):
+        cfg = compose_config("train", [f"experiment={experiment}"])
+        assert "datamodule.validation=none" in cfg.pipeline.sde.overrides
+        assert cfg.callbacks.fid_early_stopping.target is not None
+        assert cfg.callbacks.fid_early_stopping.target_factor is None
+
+
 def test_fid_check_samples_with_the_ema_after_that_steps_update(monkeypatch):
     """The FID check at step N must sample with the EMA of N updates (the weights after step N averaged in), not N − 1
     (the callbacks' ``on_train_batch_end`` runs before the module's). A recorder callback keeps the raw weights after

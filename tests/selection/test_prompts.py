@@ -14,23 +14,78 @@ from sklearn.metrics import roc_auc_score
 from anomgen.metrics import MissingClassError, auroc
 from anomgen.selection.prompts import PromptPool, prompt_aurocs, rank_aurocs, render_prompt_table, select_prompts
 
-POOLS = Path(__file__).resolve().parents[2] / "configs" / "prompts"
+POOLS = Path(__file__).resolve().parents[2] / "anomgen" / "prompts"
 
 # ----------------------------------------------------------------------------------------------------- pools
 
+ANOMALY_PHRASES = {"cub": "some bird", "flowers": "some flower", "mvtec": "something", "mvtec_27": "something"}
+#: the default prompt's anomalous text, written out
+DEFAULT_ANOMALOUS = {"cub": "a photo of some bird.", "flowers": "a photo of some flower.",
+                     "mvtec": "a photo of something.", "mvtec_27": "a photo of something."}
 
-@pytest.mark.parametrize("pool_name, size, word", [("cub", 10, "some bird"), ("flowers", 10, "some flower"),
-                                                   ("mvtec", 10, "something"), ("mvtec_27", 27, "something")])
-def test_shipped_pools_load(pool_name, size, word):
-    pool = PromptPool.load(POOLS / f"{pool_name}.yaml")
-    assert (pool.name, len(pool), pool.anomaly_word) == (pool_name, size, word)
+
+@pytest.mark.parametrize("pool_name, size", [("cub", 10), ("flowers", 10), ("mvtec", 10), ("mvtec_27", 27)])
+def test_shipped_pools_load(pool_name, size):
+    from anomgen.selection.prompts import shipped_pools
+
+    assert shipped_pools() == ["cub", "flowers", "mvtec", "mvtec_27"]
+    pool = PromptPool.load(pool_name)  # by name: package data
+    assert PromptPool.load(POOLS / f"{pool_name}.yaml").templates == pool.templates  # or by path
+    assert (pool.name, len(pool), pool.anomaly_word) == (pool_name, size, ANOMALY_PHRASES[pool_name])
     assert pool.default == "a photo of a {}."
     pairs = pool.pairs("metal nut")
     assert len(pairs) == size and len(set(pairs)) == size
-    assert pairs[pool.default_index] == ("a photo of a metal nut.", f"a photo of a {word}.")
-    for template, (normal, anomalous) in zip(pool.templates, pairs):
-        head, tail = template.split("{}")
-        assert normal == f"{head}metal nut{tail}" and anomalous == f"{head}{word}{tail}"
+    assert pairs[pool.default_index] == ("a photo of a metal nut.", DEFAULT_ANOMALOUS[pool_name])
+    header = (POOLS / f"{pool_name}.yaml").read_text().split("\nname:")[0]
+    assert "Provenance" in header and "NOT the paper's" in header and "anomgen's own" in header
+
+
+CLASS_NAMES = ["metal nut", "apple", "orange dahlia", "black footed albatross", "hazelnut", "screw"]
+
+
+@pytest.mark.parametrize("pool_name", ["cub", "flowers", "mvtec", "mvtec_27"])
+def test_no_prompt_has_an_article_before_a_determiner_or_a_wrong_article(pool_name):
+    import re
+
+    pool = PromptPool.load(pool_name)
+    for class_name in CLASS_NAMES:
+        for normal, anomalous in pool.pairs(class_name):
+            for prompt in (normal, anomalous):
+                words = re.findall(r"[\w-]+", prompt.lower())
+                for left, right in zip(words, words[1:]):
+                    assert not (left in ("a", "an", "the") and right in ("a", "an", "the", "some", "something")), \
+                        prompt
+                    if left == "a":
+                        assert right[0] not in "aeiou", prompt  # no "a apple", "a orange", "a origami"
+                    if left == "an":
+                        assert right[0] in "aeiou", prompt
+            assert "{}" not in normal and "{}" not in anomalous
+
+
+def test_fill_slot_written_out():
+    from anomgen.selection.prompts import fill_slot
+
+    cases = {
+        ("a photo of a {}.", "apple"): "a photo of an apple.",
+        ("a photo of a {}.", "metal nut"): "a photo of a metal nut.",
+        ("a photo of a {}.", "some bird"): "a photo of some bird.",
+        ("a photo of a {}.", "something"): "a photo of something.",
+        ("a photo of a small {}.", "apple"): "a photo of a small apple.",
+        ("a photo of a small {}.", "some bird"): "a photo of some small bird.",
+        ("a photo of a hard to see {}.", "something"): "a photo of something hard to see.",
+        ("a photo of the large {}.", "apple"): "a photo of the large apple.",
+        ("a photo of the large {}.", "some flower"): "a photo of some large flower.",
+        ("a origami {}.", "apple"): "an origami apple.",
+        ("a {} in a video game.", "something"): "something in a video game.",
+        ("A {} in a video game.", "unicorn"): "A unicorn in a video game.",
+        ("a photo of an {}.", "hour glass"): "a photo of an hour glass.",
+        ("a photo of {}.", "some bird"): "a photo of some bird.",  # no article of its own: as it is
+        ("a photo of a {}, a type of bird.", "some bird"): "a photo of some bird, a type of bird.",
+    }
+    for (template, phrase), expected in cases.items():
+        assert fill_slot(template, phrase) == expected, (template, phrase)
+    with pytest.raises(ValueError, match="one"):
+        fill_slot("a {} and a {}", "x")
 
 
 def test_mvtec_27_is_built_from_open_clips_imagenet_templates():
@@ -77,7 +132,7 @@ def test_pool_from_mapping_takes_the_default_by_text():
     pool = PromptPool.from_mapping({"name": "x", "anomaly_word": "some bird", "default": "the {}.",
                                     "templates": ["a {}.", "the {}."]})
     assert pool.default_index == 1
-    assert pool.pairs("wren") == [("a wren.", "a some bird."), ("the wren.", "the some bird.")]
+    assert pool.pairs("wren") == [("a wren.", "some bird."), ("the wren.", "some bird.")]
 
 
 # --------------------------------------------------------------------------------------------- prompt AUROCs
