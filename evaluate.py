@@ -49,6 +49,7 @@ from anomgen.runtime import (  # noqa: E402
     finish_loggers,
     instantiate_group,
     report_errors,
+    tidy_lightning_logging,
     used_config,
     with_config_paths,
     write_metrics,
@@ -133,6 +134,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict, Path]:
 
     from anomgen.selection import image_metrics, score_dataset
 
+    tidy_lightning_logging()  # one copy of each line, no adverts
     L.seed_everything(cfg.seed, workers=True)
     run_dir = Path(cfg.paths.output_dir)
     if cfg.get("selection"):

@@ -38,6 +38,7 @@ from anomgen.runtime import (  # noqa: E402
     finish_loggers,
     instantiate_group,
     report_errors,
+    tidy_lightning_logging,
     used_config,
     with_config_paths,
     write_metrics,
@@ -64,6 +65,7 @@ def run_stage(cfg: DictConfig) -> tuple[dict, Path, bool]:
 
     from callbacks.export import SyntheticSetExport
 
+    tidy_lightning_logging()  # one copy of each line, no adverts
     L.seed_everything(cfg.seed, workers=True)
     run_dir = Path(cfg.paths.output_dir)
     datamodule = hydra.utils.instantiate(cfg.datamodule)
