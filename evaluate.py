@@ -28,6 +28,7 @@ The project's own errors (:mod:`anomgen.errors`) end the run with one ``error: .
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import sys
@@ -56,6 +57,7 @@ from anomgen.runtime import (  # noqa: E402
 )
 
 pipeline.register_resolvers()
+log = logging.getLogger("anomgen")
 
 
 def synthetic_validation(datamodule, synthetic_set: str):
@@ -157,8 +159,10 @@ def evaluate(cfg: DictConfig) -> tuple[dict, Path]:
             real.update(pixel)
             report["detectors"][name]["test_pixel_metrics"] = pixels.describe()
         metrics.setdefault("test", {})[name] = real
+        log.info("%s: test image AUROC %.4f", name, real.get("image_AUROC", float("nan")))
         for set_name, (dataset, anomalies) in validation.items():
             synth, _ = image_metrics(*score_dataset(detector, dataset, batch_size))
+            log.info("%s: synthetic set %r image AUROC %.4f", name, set_name, synth.get("image_AUROC", float("nan")))
             metrics.setdefault(set_name, {})[name] = {**synth, "num_anomalies": len(anomalies),
                                                       "num_normals": len(datamodule.val_normals)}
 

@@ -16,6 +16,7 @@ index, so every rank computes the same FID and takes the same decision.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -29,6 +30,8 @@ from anomgen.encoders.base import extract_features
 from anomgen.metrics.generation import feature_statistics, frechet_distance
 from anomgen.visualize import image_grid
 from callbacks.image_log import log_image
+
+log = logging.getLogger(__name__)
 
 
 def band_name(band) -> str:
@@ -145,6 +148,8 @@ class FIDEarlyStopping(Callback):
         pl_module.train(was_training)
         self.curve.append((step, fid))
         pl_module.last_fid = fid
+        if trainer.is_global_zero:
+            self._announce(fid, step)
         if trainer.is_global_zero and self.grid_size and self.last_samples is not None:
             grid = image_grid(self.last_samples)
             for logger in trainer.loggers:
@@ -163,6 +168,15 @@ class FIDEarlyStopping(Callback):
         if target is not None and fid <= target:
             self.stopped_at = (step, fid)
             trainer.should_stop = True
+
+    def _announce(self, fid: float, step: int) -> None:
+        """One line per check: ``FID 45.20 at step 100 (target 6.26)``, or ``FID 2.03 ≤ target 6.26 at step 150:
+        stopping``."""
+        target = self.target_fid
+        if target is not None and fid <= target:
+            log.info("FID %.2f ≤ target %.2f at step %d: stopping", fid, target, step)
+        else:
+            log.info("FID %.2f at step %d%s", fid, step, "" if target is None else f" (target {target:.2f})")
 
     @property
     def stage_outputs(self) -> dict:
@@ -186,6 +200,8 @@ class FIDEarlyStopping(Callback):
             )
             write_set(out, batch, {"generator": generator, "fid": fid, "band": name, "step": trainer.global_step},
                       overwrite=True)
+            log.info("FID %.2f in band %s at step %d: exported %d samples to %s", fid, name, trainer.global_step, n,
+                     out)
         trainer.strategy.barrier("fid_early_stopping:export")
 
     # -- resuming continues the schedule ------------------------------------------------------------------------

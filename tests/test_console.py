@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -73,3 +74,55 @@ def test_tidy_lightning_logging_keeps_lightning_s_handler_without_root_handlers(
     assert sum(isinstance(f, DropLightningAdverts) for f in rank_zero.filters) == 1
     tidy_lightning_logging()  # idempotent
     assert sum(isinstance(f, DropLightningAdverts) for f in rank_zero.filters) == 1
+
+
+def test_train_log_holds_the_stages_and_their_events(cli_run):
+    """train.log (Hydra's job log in the run folder) tells the run: each stage's start and end, the export, the
+    outlier-exposure summary, the evaluation's figures; the console shows the same lines."""
+    stdout, stderr, run_dir = cli_run
+    logged = _log_messages(run_dir / "train.log")
+    record = json.loads((run_dir / "pipeline.json").read_text())
+    assert record["order"] == ["backbone", "sde", "oe", "evaluate"]
+    for number, name in enumerate(record["order"], start=1):
+        folder = record["stages"][name]
+        label = f"stage {number}/4 {name!r}"
+        assert sum(m.startswith(f"{label} (") and m.endswith(f"): started in {folder}") for m in logged) == 1, logged
+        assert sum(re.fullmatch(rf"{re.escape(label)}: done in \d+ s", m) is not None for m in logged) == 1, logged
+    assert any(m.startswith("stage 2/4 'sde' (model=SDENearND): started in ") for m in logged), logged
+    assert any(m.startswith("stage 4/4 'evaluate' (evaluate): started in ") for m in logged), logged
+    assert f"exported 8 samples to {run_dir / 'sde' / 'synthetic_set'}" in logged, logged
+    assert sum(m.startswith("OE: 1 epoch, 1 step, ") and "val acc" in m for m in logged) == 1, logged
+    assert any(re.fullmatch(r"knn_pixels: test image AUROC \d\.\d{4}", m) for m in logged), logged
+    console = stdout + stderr
+    assert "exported 8 samples to" in console and "stage 4/4 'evaluate': done in" in console
+
+
+def test_fid_checks_say_what_they_found_and_when_they_stop(tmp_path, caplog, one_thread):
+    import functools
+
+    import torch
+    from lightning.pytorch import Trainer
+
+    from anomgen.data import Digits
+    from anomgen.diffusion import tiny_score_unet
+    from anomgen.encoders import RawPixels
+    from callbacks import FIDEarlyStopping
+    from datamodules import AnomalyDataModule
+    from models.sde_nearnd import SDENearND
+
+    torch.manual_seed(0)
+    model = SDENearND(unet=tiny_score_unet("vp", image_size=8, channels=1), sde={"kind": "vp"},
+                      optimizer=functools.partial(torch.optim.Adam, lr=2e-3), warmup_steps=1, num_steps=2,
+                      corrector_steps=1, seed=0)
+    fid = FIDEarlyStopping(RawPixels(), every_n_steps=2, num_samples=8, target=1e9, bands=[[None, None]],
+                           export_dir=str(tmp_path / "bands"), export_size=3)
+    trainer = Trainer(accelerator="cpu", devices=1, max_steps=10, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, callbacks=[fid])
+    with caplog.at_level(logging.INFO, logger="callbacks"):
+        trainer.fit(model, datamodule=AnomalyDataModule(dataset=functools.partial(Digits), normal_class="3",
+                                                        batch_size=16))
+    value = fid.stopped_at[1]
+    messages = [r.getMessage() for r in caplog.records if r.name == "callbacks.fid_early_stopping"]
+    band = tmp_path / "bands" / "fid_0-inf"
+    assert messages == [f"FID {value:.2f} ≤ target 1000000000.00 at step 2: stopping",
+                        f"FID {value:.2f} in band fid_0-inf at step 2: exported 3 samples to {band}"]
