@@ -34,6 +34,7 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from anomgen import pipeline  # noqa: E402
 from anomgen.errors import ConfigError  # noqa: E402
 from anomgen.files import write_json  # noqa: E402
+from anomgen.progress import progress_enabled  # noqa: E402
 from anomgen.runtime import (  # noqa: E402
     code_version,
     finish_loggers,
@@ -81,7 +82,9 @@ def run_stage(cfg: DictConfig) -> tuple[dict, Path, bool]:
         export.check_target()  # an existing set is refused before any training, not after it
     loggers = instantiate_group(cfg.get("logger"))
     try:
-        trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+        # Lightning's bar (fit, predict: the export) follows the project's switch unless the config sets it
+        bar = {} if "enable_progress_bar" in cfg.trainer else {"enable_progress_bar": progress_enabled()}
+        trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **bar)
         config = used_config(cfg)
         version = code_version()
         for logger in loggers:

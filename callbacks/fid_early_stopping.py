@@ -28,6 +28,7 @@ from anomgen.data.generation import GeneratedBatch
 from anomgen.data.synthetic import write_set
 from anomgen.encoders.base import extract_features
 from anomgen.metrics.generation import feature_statistics, frechet_distance
+from anomgen.progress import progress
 from anomgen.visualize import image_grid
 from callbacks.image_log import log_image
 
@@ -126,9 +127,9 @@ class FIDEarlyStopping(Callback):
             return self.refine_every_n_steps
         return self.every_n_steps
 
-    def _samples(self, pl_module, indices: list[int], seed: int) -> torch.Tensor:
+    def _samples(self, pl_module, indices: list[int], seed: int, desc: str = "FID check: sampling") -> torch.Tensor:
         chunks = [indices[i : i + self.batch_size] for i in range(0, len(indices), self.batch_size)]
-        return torch.cat([pl_module.sample(c, seed=seed).cpu() for c in chunks])
+        return torch.cat([pl_module.sample(c, seed=seed).cpu() for c in progress(chunks, desc=desc)])
 
     def measure(self, trainer, pl_module) -> float:
         real = self._real(trainer)
@@ -189,7 +190,7 @@ class FIDEarlyStopping(Callback):
         if trainer.is_global_zero:
             n = self.export_size or len(trainer.datamodule.support)
             seed = getattr(pl_module, "seed", 0)
-            images = self._samples(pl_module, list(range(n)), seed)
+            images = self._samples(pl_module, list(range(n)), seed, desc=f"FID band {name}: sampling")
             category = trainer.datamodule.normal_class or ""
             generator = pl_module.generator_name
             batch = GeneratedBatch(

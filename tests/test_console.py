@@ -97,7 +97,15 @@ def test_train_log_holds_the_stages_and_their_events(cli_run):
     assert "exported 8 samples to" in console and "stage 4/4 'evaluate': done in" in console
 
 
-def test_fid_checks_say_what_they_found_and_when_they_stop(tmp_path, caplog, one_thread):
+def test_no_progress_bars_without_a_terminal(cli_run):
+    """Bars (Lightning's for fit and predict, the project's tqdm ones for features) are for a terminal; in a log
+    they are noise (ANOMGEN_PROGRESS=1 brings them back: tests/test_progress.py)."""
+    stdout, stderr, _ = cli_run
+    for bar in ("Predicting", "Epoch 0/0", "it/s", ": bank", ": score"):
+        assert bar not in stdout + stderr, bar
+
+
+def test_fid_checks_say_what_they_found_and_when_they_stop(tmp_path, caplog, capsys, monkeypatch, one_thread):
     import functools
 
     import torch
@@ -118,6 +126,7 @@ def test_fid_checks_say_what_they_found_and_when_they_stop(tmp_path, caplog, one
                            export_dir=str(tmp_path / "bands"), export_size=3)
     trainer = Trainer(accelerator="cpu", devices=1, max_steps=10, logger=False, enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False, callbacks=[fid])
+    monkeypatch.setenv("ANOMGEN_PROGRESS", "1")  # the sampling of a check has a bar (on a terminal)
     with caplog.at_level(logging.INFO, logger="callbacks"):
         trainer.fit(model, datamodule=AnomalyDataModule(dataset=functools.partial(Digits), normal_class="3",
                                                         batch_size=16))
@@ -126,3 +135,5 @@ def test_fid_checks_say_what_they_found_and_when_they_stop(tmp_path, caplog, one
     band = tmp_path / "bands" / "fid_0-inf"
     assert messages == [f"FID {value:.2f} ≤ target 1000000000.00 at step 2: stopping",
                         f"FID {value:.2f} in band fid_0-inf at step 2: exported 3 samples to {band}"]
+    err = capsys.readouterr().err
+    assert "FID check: sampling" in err and "FID band fid_0-inf: sampling" in err

@@ -23,6 +23,8 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
+from anomgen.progress import progress
+
 EpsFn = Callable[[torch.Tensor, int], torch.Tensor]
 #: the DDPM / guided-diffusion schedule
 DEFAULT_BETAS = {"num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02, "beta_schedule": "linear"}
@@ -108,7 +110,7 @@ def ddim_invert(eps_model: EpsFn, x0: torch.Tensor, schedule: DDIMSchedule,
     """Deterministic DDIM inversion x_0 → x_T (one model call per timestep). ``on_step(t, x)`` is called after the
     model call at label ``t`` (e.g. to keep the h-space features a hook captured)."""
     x = x0
-    for t_from, t in schedule.inversion_pairs():
+    for t_from, t in progress(schedule.inversion_pairs(), desc="DDIM inversion", total=len(schedule.timesteps)):
         eps = eps_model(x, t)
         if on_step is not None:
             on_step(t, x)
