@@ -28,6 +28,7 @@ The project's own errors (:mod:`anomgen.errors`) end the run with one ``error: .
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import sys
@@ -49,12 +50,14 @@ from anomgen.runtime import (  # noqa: E402
     finish_loggers,
     instantiate_group,
     report_errors,
+    tidy_lightning_logging,
     used_config,
     with_config_paths,
     write_metrics,
 )
 
 pipeline.register_resolvers()
+log = logging.getLogger("anomgen")
 
 
 def synthetic_validation(datamodule, synthetic_set: str):
@@ -133,6 +136,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict, Path]:
 
     from anomgen.selection import image_metrics, score_dataset
 
+    tidy_lightning_logging()  # one copy of each line, no adverts
     L.seed_everything(cfg.seed, workers=True)
     run_dir = Path(cfg.paths.output_dir)
     if cfg.get("selection"):
@@ -155,8 +159,10 @@ def evaluate(cfg: DictConfig) -> tuple[dict, Path]:
             real.update(pixel)
             report["detectors"][name]["test_pixel_metrics"] = pixels.describe()
         metrics.setdefault("test", {})[name] = real
+        log.info("%s: test image AUROC %.4f", name, real.get("image_AUROC", float("nan")))
         for set_name, (dataset, anomalies) in validation.items():
             synth, _ = image_metrics(*score_dataset(detector, dataset, batch_size))
+            log.info("%s: synthetic set %r image AUROC %.4f", name, set_name, synth.get("image_AUROC", float("nan")))
             metrics.setdefault(set_name, {})[name] = {**synth, "num_anomalies": len(anomalies),
                                                       "num_normals": len(datamodule.val_normals)}
 

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
@@ -33,11 +34,13 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from anomgen import pipeline  # noqa: E402
 from anomgen.errors import ConfigError  # noqa: E402
 from anomgen.files import write_json  # noqa: E402
+from anomgen.progress import progress_enabled  # noqa: E402
 from anomgen.runtime import (  # noqa: E402
     code_version,
     finish_loggers,
     instantiate_group,
     report_errors,
+    tidy_lightning_logging,
     used_config,
     with_config_paths,
     write_metrics,
@@ -64,6 +67,7 @@ def run_stage(cfg: DictConfig) -> tuple[dict, Path, bool]:
 
     from callbacks.export import SyntheticSetExport
 
+    tidy_lightning_logging()  # one copy of each line, no adverts
     L.seed_everything(cfg.seed, workers=True)
     run_dir = Path(cfg.paths.output_dir)
     datamodule = hydra.utils.instantiate(cfg.datamodule)
@@ -78,7 +82,9 @@ def run_stage(cfg: DictConfig) -> tuple[dict, Path, bool]:
         export.check_target()  # an existing set is refused before any training, not after it
     loggers = instantiate_group(cfg.get("logger"))
     try:
-        trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+        # Lightning's bar (fit, predict: the export) follows the project's switch unless the config sets it
+        bar = {} if "enable_progress_bar" in cfg.trainer else {"enable_progress_bar": progress_enabled()}
+        trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **bar)
         config = used_config(cfg)
         version = code_version()
         for logger in loggers:
@@ -87,7 +93,9 @@ def run_stage(cfg: DictConfig) -> tuple[dict, Path, bool]:
         metrics: dict = {}
         outputs: dict = {}
         fitted = bool(cfg.fit and getattr(model, "trainable", True))
+        name = type(model).__name__
         if fitted:
+            started = time.monotonic()
             # a Lightning checkpoint holds the hyperparameters (optimizer partials, configs), not only tensors, so it is
             # unpickled in full: give ckpt_path only checkpoints you made yourself
             trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=False)
@@ -95,6 +103,10 @@ def run_stage(cfg: DictConfig) -> tuple[dict, Path, bool]:
             checkpoint = getattr(trainer.checkpoint_callback, "last_model_path", None)
             found = checkpoint and Path(checkpoint).is_file()
             outputs["checkpoint"] = str(Path(checkpoint).resolve()) if found else None
+            if trainer.is_global_zero:
+                steps = trainer.global_step
+                log.info("%s: fit done in %s (%d step%s)", name, duration(time.monotonic() - started), steps,
+                         "" if steps == 1 else "s")
             if getattr(model, "tests_after_fit", False):
                 # the model's own test, on the weights it selected while fitting (e.g. the defect-type classifier on the
                 # real held-out anomalies; it selected on held-out generated ones, never on the test split)
@@ -102,6 +114,7 @@ def run_stage(cfg: DictConfig) -> tuple[dict, Path, bool]:
                 metrics.update({k: v for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
         if generates:
             export.set_info.update(config=config, task=datamodule.describe(), code_version=version)
+            started = time.monotonic()
             # without fitting, ckpt_path says which weights generate (e.g. export again from a finished run)
             trainer.predict(model, datamodule=datamodule, return_predictions=False,
                             ckpt_path=None if fitted else cfg.get("ckpt_path"), weights_only=False)
@@ -109,6 +122,7 @@ def run_stage(cfg: DictConfig) -> tuple[dict, Path, bool]:
                 from anomgen.data.synthetic import SyntheticSet
 
                 metrics["predict/num_exported"] = len(SyntheticSet(export.dirpath))
+                log.info("%s: generation done in %s", name, duration(time.monotonic() - started))
         for part in (model, *callbacks):  # what the model and callbacks wrote: a backbone, FID-band sets, a kept set
             outputs.update(getattr(part, "stage_outputs", None) or {})
         if trainer.is_global_zero:
@@ -142,20 +156,22 @@ def run_pipeline(cfg: DictConfig, overrides: list[str]) -> tuple[dict, Path, boo
     metrics: dict = {}
     records: dict = {}
     is_zero = True
-    for name, stage in stages.items():
+    for number, (name, stage) in enumerate(stages.items(), start=1):
         folder = Path(folders[name])
+        label = f"stage {number}/{len(stages)} {name!r}"
         own = [pipeline.resolve_override(o, cfg) for o in stage.get("overrides") or []]
         if pipeline.stage_done(folder):
             pipeline.check_same_stage(folder, name, own)
-            log.info("stage %s: finished before (%s), skipped", name, folder)
+            log.info("%s: finished before (%s), skipped", label, folder)
         else:
-            log.info("stage %s: %s in %s", name, stage.get("entry", "train"), folder)
             pipeline.write_stage_overrides(folder, own)
             if stage.get("foreach") is not None:
-                is_zero = run_foreach(name, {**stage, "overrides": own}, cfg, overrides, run_dir, folder)
+                started = time.monotonic()
+                log.info("%s (foreach): started in %s", label, folder)
+                is_zero = run_foreach(name, {**stage, "overrides": own}, cfg, overrides, run_dir, folder, label)
+                log.info("%s: done in %s", label, duration(time.monotonic() - started))
             else:
-                is_zero = run_entry(compose_stage({**stage, "overrides": own}, overrides, run_dir, folder),
-                                    stage.get("entry", "train"))
+                is_zero = run_announced(label, {**stage, "overrides": own}, overrides, run_dir, folder)
         records[name] = pipeline.read_run_record(folder) or {}
         metrics_file = records[name].get("outputs", {}).get("metrics")
         if metrics_file and Path(metrics_file).is_file():
@@ -168,6 +184,41 @@ def run_pipeline(cfg: DictConfig, overrides: list[str]) -> tuple[dict, Path, boo
     return metrics, run_dir, is_zero
 
 
+def duration(seconds: float) -> str:
+    """``41 s``, ``3 min 05 s``, ``2 h 07 min``: how long a stage took, for a person."""
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds} s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes} min {seconds:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min"
+
+
+def stage_summary(stage_cfg: DictConfig, entry: str) -> str:
+    """What a stage runs, in a word: ``model=SDENearND`` (a train stage), ``evaluate``."""
+    if entry == "evaluate":
+        return "evaluate"
+    target = OmegaConf.select(stage_cfg, "model._target_", default=None)
+    return f"model={str(target).rsplit('.', 1)[-1]}" if target else "train"
+
+
+def run_announced(label: str, stage: dict, overrides: list[str], run_dir: Path, folder: Path) -> bool:
+    """Compose a stage (:func:`compose_stage`) and run it (:func:`run_entry`), announced: ``<label> (<what>):
+    started in <folder>``, the overrides that do not apply to it, and ``<label>: done in <time>``."""
+    entry = stage.get("entry", "train")
+    skipped: list[str] = []
+    stage_cfg = compose_stage(stage, overrides, run_dir, folder, skipped)
+    log.info("%s (%s): started in %s", label, stage_summary(stage_cfg, entry), folder)
+    if skipped:
+        log.info("  (overrides not for this stage: %s)", " ".join(skipped))
+    started = time.monotonic()
+    is_zero = run_entry(stage_cfg, entry)
+    log.info("%s: done in %s", label, duration(time.monotonic() - started))
+    return is_zero
+
+
 def run_entry(stage_cfg: DictConfig, entry: str) -> bool:
     """Run one composed stage (``train``: :func:`run_stage`, ``evaluate``: ``evaluate.evaluate``); whether rank 0."""
     if entry == "evaluate":
@@ -178,26 +229,27 @@ def run_entry(stage_cfg: DictConfig, entry: str) -> bool:
     return run_stage(stage_cfg)[2]
 
 
-def run_foreach(name: str, stage: dict, cfg: DictConfig, overrides: list[str], run_dir: Path, folder: Path) -> bool:
+def run_foreach(name: str, stage: dict, cfg: DictConfig, overrides: list[str], run_dir: Path, folder: Path,
+                label: str | None = None) -> bool:
     """A ``foreach`` stage: the stage once per value in ``<folder>/<value>`` with ``KEY=value`` added to its own
     overrides; finished values are skipped. Records ``VALUE.KEY`` outputs and ``runs`` in ``<folder>/run.json``."""
     spec = OmegaConf.to_container(cfg.pipeline[name].foreach, resolve=True)  # e.g. values: ${selection_tasks}
     key, values = pipeline.foreach_spec(spec, name)
+    label = label or f"stage {name!r}"
     if values == "all":
         values = pipeline.task_values(compose_stage(stage, overrides, run_dir, folder).datamodule)
-        log.info("stage %s: foreach %s over all %d: %s", name, key, len(values), ", ".join(values))
+        log.info("%s: foreach %s over all %d: %s", label, key, len(values), ", ".join(values))
     runs: dict = {}
     is_zero = True
-    for value in values:
+    for number, value in enumerate(values, start=1):
         sub = folder / str(value)
         runs[str(value)] = str(sub)
+        each = f"{label}, {key}={value} ({number}/{len(values)})"
         if pipeline.stage_done(sub):
-            log.info("stage %s, %s=%s: finished before (%s), skipped", name, key, value, sub)
+            log.info("%s: finished before (%s), skipped", each, sub)
             continue
-        log.info("stage %s, %s=%s: %s in %s", name, key, value, stage.get("entry", "train"), sub)
         own = [*stage["overrides"], f"{key}={pipeline.hydra_value(value)}"]
-        is_zero = run_entry(compose_stage({**stage, "overrides": own}, overrides, run_dir, sub),
-                            stage.get("entry", "train"))
+        is_zero = run_announced(each, {**stage, "overrides": own}, overrides, run_dir, sub)
     if is_zero:
         outputs, metrics = pipeline.foreach_record(runs)
         outputs["metrics"] = str(write_metrics(folder, metrics).resolve())
@@ -206,10 +258,12 @@ def run_foreach(name: str, stage: dict, cfg: DictConfig, overrides: list[str], r
     return is_zero
 
 
-def compose_stage(stage: dict, overrides: list[str], run_dir: Path, folder: Path) -> DictConfig:
+def compose_stage(stage: dict, overrides: list[str], run_dir: Path, folder: Path,
+                  skipped: list[str] | None = None) -> DictConfig:
     """A stage's config, as if its command line were: the user's overrides that apply to it, the stage's own, and its
     place in the pipeline. A ``bare`` stage starts from the bare groups (``~experiment``, no ``debug``), not from the
-    experiment: for a stage that shares nothing with the task (pretraining on another dataset)."""
+    experiment: for a stage that shares nothing with the task (pretraining on another dataset). The user's overrides
+    that do not apply go to ``skipped`` when given (else they are logged)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
@@ -229,7 +283,9 @@ def compose_stage(stage: dict, overrides: list[str], run_dir: Path, folder: Path
     groups_only = pipeline.group_choices(overrides, groups)
     base = _compose(groups_only)
     keep, skip = pipeline.applicable_overrides(overrides, base, groups)
-    if skip:
+    if skipped is not None:
+        skipped.extend(skip)
+    elif skip:
         log.info("  (overrides not for this stage: %s)", " ".join(skip))
     return _compose(keep) if keep != groups_only else base
 

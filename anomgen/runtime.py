@@ -1,6 +1,7 @@
 """What the entry points share that is not Lightning: config resolvers, the run's metrics file, code version, how
 the project's own errors end a run (:func:`report_errors`), the config's folders the library reads
-(:func:`with_config_paths`), how many data-loading workers a machine gets.
+(:func:`with_config_paths`), how many data-loading workers a machine gets, one copy of each log line
+(:func:`tidy_lightning_logging`).
 
 Resolvers (registered by :func:`anomgen.pipeline.register_resolvers`, which the entry points and tests call):
 
@@ -14,6 +15,7 @@ Resolvers (registered by :func:`anomgen.pipeline.register_resolvers`, which the 
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import re
 import subprocess
@@ -170,6 +172,44 @@ def report_errors() -> Iterator[None]:
             raise
         print(f"error: {error_message(own)}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
+
+
+# ------------------------------------------------------------------------------------------------------------ logging
+
+#: Lightning's info lines that advertise rather than inform (the "litlogger" tip of every Trainer)
+LIGHTNING_ADVERTS = ("litlogger",)
+#: the loggers of Lightning that may carry a console handler of their own (``lightning`` always adds one on import,
+#: ``lightning.pytorch`` and ``lightning.fabric`` when the root logger had none at their import)
+LIGHTNING_LOGGERS = ("lightning", "lightning.pytorch", "lightning.fabric")
+
+
+class DropLightningAdverts(logging.Filter):
+    """Drops the records of :data:`LIGHTNING_ADVERTS` (e.g. "💡 Tip: ... try installing [litlogger] ...")."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(advert in message for advert in LIGHTNING_ADVERTS)
+
+
+def tidy_lightning_logging() -> None:
+    """One copy of every Lightning log line, and no adverts; call after ``import lightning`` (train.py's
+    ``run_stage`` and evaluate.py's ``evaluate`` do). Idempotent.
+
+    ``import lightning`` gives the ``lightning`` logger a console handler of its own (``INFO: ...`` on stderr) and
+    lets its records propagate as well, so that under Hydra's job logging (handlers on the root logger: the console
+    and ``<run>/<job>.log``) every line came out twice. When the root logger has handlers, Lightning's own console
+    handlers are removed and its records propagate to them alone (and so reach the run's log file); without any (the
+    library used alone) they stay. Lightning's "litlogger" tip, printed by every Trainer, is dropped."""
+    if logging.getLogger().handlers:
+        for name in LIGHTNING_LOGGERS:
+            logger = logging.getLogger(name)
+            for handler in list(logger.handlers):
+                if type(handler) is logging.StreamHandler:  # Lightning's console handler, not a file handler
+                    logger.removeHandler(handler)
+            logger.propagate = True
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")  # rank_zero_info's logger
+    if not any(isinstance(f, DropLightningAdverts) for f in rank_zero.filters):
+        rank_zero.addFilter(DropLightningAdverts())
 
 
 # ------------------------------------------------------------------------------------------------------ data loading

@@ -16,8 +16,25 @@ def overlay_mask(images: torch.Tensor, masks: torch.Tensor | None, color=(1.0, 0
     return images * (1 - alpha * m) + tint * (alpha * m)
 
 
-def image_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 2, pad_value: float = 1.0):
-    """Tile B × 3 × H × W images into one 3 × H' × W' image (row-major)."""
+#: the smallest side of a tile in a grid, in pixels: smaller images are enlarged (8×8 digits would make a grid ~40 px
+#: wide, unreadable in W&B and in the PNGs)
+MIN_TILE = 64
+
+
+def upscale_nearest(images: torch.Tensor, min_side: int = MIN_TILE) -> torch.Tensor:
+    """B × C × H × W images enlarged by the smallest whole factor that makes both sides at least ``min_side``, each
+    pixel repeated as a block (nearest neighbour: no blur, no new values); as given when already large enough."""
+    factor = max(1, math.ceil(min_side / max(1, min(images.shape[-2:]))))
+    if factor == 1:
+        return images
+    return images.repeat_interleave(factor, dim=-2).repeat_interleave(factor, dim=-1)
+
+
+def image_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 2, pad_value: float = 1.0,
+               min_tile: int = MIN_TILE):
+    """Tile B × 3 × H × W images into one 3 × H' × W' image (row-major); images smaller than ``min_tile`` pixels a
+    side are enlarged first by :func:`upscale_nearest` (``min_tile=1``: as they are)."""
+    images = upscale_nearest(images.detach().cpu(), min_tile)
     b, c, h, w = images.shape
     nrow = nrow or max(1, math.ceil(math.sqrt(b)))
     ncol = math.ceil(b / nrow)
@@ -26,7 +43,7 @@ def image_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 2, 
     for i in range(b):
         r, col = divmod(i, nrow)
         top, left = padding + r * (h + padding), padding + col * (w + padding)
-        grid[:, top : top + h, left : left + w] = images[i].cpu()
+        grid[:, top : top + h, left : left + w] = images[i]
     return grid
 
 

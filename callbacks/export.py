@@ -12,12 +12,15 @@ unless ``overwrite=True``; what interrupted runs left beside the set (shards, te
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from anomgen.data.generation import GeneratedBatch
-from anomgen.data.synthetic import SetWriter, check_target, merge_shards, remove_leftovers, shard_path
+from anomgen.data.synthetic import SetWriter, check_target, merge_shards, read_manifest, remove_leftovers, shard_path
+
+log = logging.getLogger(__name__)
 
 
 class SyntheticSetExport(Callback):
@@ -64,5 +67,6 @@ class SyntheticSetExport(Callback):
                     **(getattr(pl_module, "set_info", None) or {}), **self.set_info}
             info.setdefault("generator", getattr(pl_module, "generator_name", type(pl_module).__name__))
             merge_shards(shards, self.dirpath, info, overwrite=self.overwrite)
+            log.info("exported %d samples to %s", len(read_manifest(self.dirpath)), self.dirpath)
         trainer.strategy.barrier("synthetic_set_export:merged")
         self.exported = self.dirpath

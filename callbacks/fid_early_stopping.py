@@ -24,6 +24,7 @@ index, so every rank computes the same FID and takes the same decision.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -35,8 +36,11 @@ from anomgen.data.generation import GeneratedBatch
 from anomgen.data.synthetic import write_set
 from anomgen.encoders.base import extract_features
 from anomgen.metrics.generation import feature_statistics, frechet_distance
+from anomgen.progress import progress
 from anomgen.visualize import image_grid
 from callbacks.image_log import log_image
+
+log = logging.getLogger(__name__)
 
 
 def band_name(band) -> str:
@@ -134,9 +138,9 @@ class FIDEarlyStopping(Callback):
             return self.refine_every_n_steps
         return self.every_n_steps
 
-    def _samples(self, pl_module, indices: list[int], seed: int) -> torch.Tensor:
+    def _samples(self, pl_module, indices: list[int], seed: int, desc: str = "FID check: sampling") -> torch.Tensor:
         chunks = [indices[i : i + self.batch_size] for i in range(0, len(indices), self.batch_size)]
-        return torch.cat([pl_module.sample(c, seed=seed).cpu() for c in chunks])
+        return torch.cat([pl_module.sample(c, seed=seed).cpu() for c in progress(chunks, desc=desc)])
 
     def measure(self, trainer, pl_module) -> float:
         real = self._real(trainer)
@@ -156,6 +160,8 @@ class FIDEarlyStopping(Callback):
         pl_module.train(was_training)
         self.curve.append((step, fid))
         pl_module.last_fid = fid
+        if trainer.is_global_zero:
+            self._announce(fid, step)
         if trainer.is_global_zero and self.grid_size and self.last_samples is not None:
             grid = image_grid(self.last_samples)
             for logger in trainer.loggers:
@@ -175,6 +181,15 @@ class FIDEarlyStopping(Callback):
             self.stopped_at = (step, fid)
             trainer.should_stop = True
 
+    def _announce(self, fid: float, step: int) -> None:
+        """One line per check: ``FID 45.20 at step 100 (target 6.26)``, or ``FID 2.03 ≤ target 6.26 at step 150:
+        stopping``."""
+        target = self.target_fid
+        if target is not None and fid <= target:
+            log.info("FID %.2f ≤ target %.2f at step %d: stopping", fid, target, step)
+        else:
+            log.info("FID %.2f at step %d%s", fid, step, "" if target is None else f" (target {target:.2f})")
+
     @property
     def stage_outputs(self) -> dict:
         """What the run records (``run.json``): the folder of the FID-band sets, when any was exported."""
@@ -186,7 +201,7 @@ class FIDEarlyStopping(Callback):
         if trainer.is_global_zero:
             n = self.export_size or len(trainer.datamodule.support)
             seed = getattr(pl_module, "seed", 0)
-            images = self._samples(pl_module, list(range(n)), seed)
+            images = self._samples(pl_module, list(range(n)), seed, desc=f"FID band {name}: sampling")
             category = trainer.datamodule.normal_class or ""
             generator = pl_module.generator_name
             batch = GeneratedBatch(
@@ -197,6 +212,8 @@ class FIDEarlyStopping(Callback):
             )
             write_set(out, batch, {"generator": generator, "fid": fid, "band": name, "step": trainer.global_step},
                       overwrite=True)
+            log.info("FID %.2f in band %s at step %d: exported %d samples to %s", fid, name, trainer.global_step, n,
+                     out)
         trainer.strategy.barrier("fid_early_stopping:export")
 
     # -- resuming continues the schedule ------------------------------------------------------------------------

@@ -21,6 +21,7 @@ features of the normal training images, sum of squared distances to the k = 2 ne
 
 from __future__ import annotations
 
+import logging
 import warnings
 from pathlib import Path
 
@@ -33,6 +34,10 @@ from anomgen.encoders.vit import build_vit, load_pretrained, save_backbone
 from anomgen.pixels import augment_batch
 
 HEADS = ("binary", "regression")
+#: the figures of the one line that ends fitting ("OE: 30 epochs, train loss 0.21, val acc 0.85"), when logged
+SUMMARY = (("train/loss", "train loss"), ("train/acc", "train acc"), ("train/mae", "train mae"),
+           ("val/loss", "val loss"), ("val/acc", "val acc"), ("val/mae", "val mae"))
+log = logging.getLogger(__name__)
 
 
 class ViTOE(LightningModule):
@@ -165,3 +170,8 @@ class ViTOE(LightningModule):
         }
         self.saved_backbone_path = save_backbone(self.backbone, self.output_path(), info)
         self.stage_outputs = {"backbone": str(Path(self.saved_backbone_path).resolve())}  # recorded in run.json
+        found = self.trainer.callback_metrics
+        figures = [f"{label} {float(found[key]):.3f}" for key, label in SUMMARY if key in found]
+        epochs, steps = int(self.current_epoch), int(self.global_step)
+        log.info("OE: %d epoch%s, %s; backbone saved to %s", epochs, "" if epochs == 1 else "s",
+                 ", ".join([f"{steps} step{'' if steps == 1 else 's'}", *figures]), self.saved_backbone_path)

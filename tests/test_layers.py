@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1] / "anomgen"
 #: ground first; names on one line are one layer (siblings: neither imports the other, except inside the ground,
 #: whose small modules may build on each other as long as they make no circle)
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("files", "errors", "pixels", "seeding", "pretrained"),
+    ("files", "errors", "pixels", "seeding", "pretrained", "progress"),
     ("data",),
     ("encoders", "metrics"),
     ("detectors", "diffusion"),

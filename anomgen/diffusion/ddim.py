@@ -29,6 +29,8 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
+from anomgen.progress import progress
+
 EpsFn = Callable[[torch.Tensor, int], torch.Tensor]
 #: the DDPM / guided-diffusion schedule
 DEFAULT_BETAS = {"num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02, "beta_schedule": "linear"}
@@ -135,7 +137,8 @@ def ddim_invert(eps_model: EpsFn, x0: torch.Tensor, schedule: DDIMSchedule,
     step up per timestep with ε(x_s, s) (``len(timesteps) − 1`` model calls). ``on_step(s, x_s)`` is called after
     the model call at level and label ``s`` (e.g. to keep the h-space features a hook captured there)."""
     x = x0
-    for s, t in schedule.inversion_pairs():
+    steps = len(schedule.timesteps) - 1
+    for s, t in progress(schedule.inversion_pairs(), desc="DDIM inversion", total=steps):
         eps = eps_model(x, s)
         if on_step is not None:
             on_step(s, x)

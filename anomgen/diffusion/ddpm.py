@@ -55,7 +55,7 @@ def train_ddpm(unet: nn.Module, images: torch.Tensor, steps: int, batch_size: in
                schedule: Mapping | None = None) -> tuple[nn.Module, list[float]]:
     """Train ``unet`` on ``images`` (N × C × H × W in [0, 1]) for ``steps`` Adam steps; returns (the EMA copy of the
     weights, in eval mode, the loss per step)."""
-    from tqdm.auto import tqdm
+    from anomgen.progress import progress as progress_bar
 
     if images.dim() != 4 or len(images) == 0:
         raise ValueError(f"train_ddpm needs a non-empty N×C×H×W image tensor, got shape {tuple(images.shape)}")
@@ -66,7 +66,7 @@ def train_ddpm(unet: nn.Module, images: torch.Tensor, steps: int, batch_size: in
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
     optimizer = torch.optim.Adam(unet.parameters(), lr=lr)
     losses = []
-    for _ in tqdm(range(steps), desc="DDPM training", disable=not progress):
+    for _ in progress_bar(range(steps), desc="DDPM training", enabled=progress):
         batch = data[torch.randint(0, len(data), (min(batch_size, len(data)),), generator=gen)]
         loss = ddpm_loss(unet, batch, alpha_bars, gen)
         if not torch.isfinite(loss):

@@ -38,9 +38,9 @@ from __future__ import annotations
 import math
 
 import torch
-from tqdm.auto import tqdm
 
 from anomgen.diffusion.sde import SDE, GeneratorArg, ScoreFn, _as_time, _per_sample, randn
+from anomgen.progress import progress as progress_bar
 
 __all__ = [
     "euler_maruyama_predictor_step",
@@ -183,7 +183,7 @@ def pc_sample(
 
     x = sde.prior_sampling(shape, generator, device=device, dtype=dtype)
     x_mean = x
-    for k in tqdm(range(steps), disable=not progress, desc=f"{sde.kind.upper()}-SDE sampling", leave=False):
+    for k in progress_bar(range(steps), desc=f"{sde.kind.upper()}-SDE sampling", enabled=progress):
         t = times[k].expand(x.shape[0]).to(dtype)
         if n_steps_corrector > 0:
             x, x_mean = langevin_corrector_step(

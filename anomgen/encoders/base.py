@@ -22,10 +22,10 @@ def square(images: torch.Tensor, size: int | None) -> torch.Tensor:
 @torch.no_grad()
 def extract_features(extractor: nn.Module, batches, desc: str = "features") -> torch.Tensor:
     """Features (N × D, float32, CPU) of every image in ``batches`` (an iterable of record batches)."""
-    from tqdm.auto import tqdm
+    from anomgen.progress import progress
 
     extractor.eval()
-    feats = [extractor(batch["image"]).float().cpu() for batch in tqdm(batches, desc=desc, leave=False)]
+    feats = [extractor(batch["image"]).float().cpu() for batch in progress(batches, desc=desc)]
     if not feats:
         raise ValueError(f"{desc}: no images to extract features from")
     return torch.cat(feats)

@@ -200,7 +200,7 @@ class FeatureCache:
     def features(self, extractor_name: str, extractor: nn.Module, dataset: Dataset,
                  batch_size: int = 256) -> torch.Tensor:
         """Features (N × D) of every image of ``dataset`` (records), in order, computing only unseen ones."""
-        from tqdm.auto import tqdm
+        from anomgen.progress import progress
 
         what = f"{type(dataset).__name__} ({extractor_name})"
         if len(dataset) == 0:
@@ -224,7 +224,7 @@ class FeatureCache:
         computed = 0
         if source is not None:
             loader = DataLoader(source, batch_size=batch_size, shuffle=False, num_workers=self.num_workers)
-            for batch in tqdm(loader, desc=f"{extractor_name}: features", leave=False, total=len(loader)):
+            for batch in progress(loader, desc=f"{extractor_name}: features", total=len(loader)):
                 batch_paths = [str(p) for p in batch["image_path"]]
                 if expected is not None:
                     wanted = [next(expected) for _ in batch_paths]
