@@ -328,8 +328,14 @@ def prompt_selection(cfg: DictConfig, tasks: list, cache, out_dir: Path, files: 
             for key in ("match_rate", "auroc")}
 
 
+#: the columns of the ``selection/rank_agreement`` table after set, K and benchmark
+AGREEMENT_COLUMNS = ("spearman", "kendall", "top1_rate", "regret", "dataset_spearman", "dataset_top1")
+
+
 def log_selection_media(logger, files: dict) -> None:
-    """W&B: the real-vs-synthetic plots, the set grids and the mean real AUROC per candidate as a table."""
+    """W&B: the real-vs-synthetic plots (``selection/scatter_<set>_<benchmark>``), the set grids
+    (``selection/grid_<set>``), the mean real AUROC per candidate (``selection/mean_real_auroc``) and the rank
+    agreement of synthetic with real AUROC per set, K and benchmark (``selection/rank_agreement``) as tables."""
     if not hasattr(logger, "log_image"):
         return
     for key, path in files.items():
@@ -337,9 +343,16 @@ def log_selection_media(logger, files: dict) -> None:
             logger.log_image(key=f"selection/{Path(key).stem}", images=[str(path)])
     table = files.get("selection.json")
     if table and hasattr(logger, "log_table"):
-        data = json.loads(Path(table).read_text())["summary"]["mean_real"]
+        summary = json.loads(Path(table).read_text())["summary"]
+        data = summary["mean_real"]
         rows = [[c, *(data[key][c] for key in data)] for c in next(iter(data.values()))]
         logger.log_table(key="selection/mean_real_auroc", columns=["candidate", *data], data=rows)
+        rows = [[vs, str(k), key, stats["spearman"], stats["kendall"], stats["top1_rate"], stats["regret"],
+                 stats["dataset"]["spearman"], float(stats["dataset"]["top1_agreement"])]
+                for vs, by_k in summary["agreement"].items() for k, by_key in by_k.items()
+                for key, stats in by_key.items()]
+        logger.log_table(key="selection/rank_agreement", columns=["set", "K", "benchmark", *AGREEMENT_COLUMNS],
+                         data=rows)
 
 
 def save_set_grids(task, out_dir: Path, n: int = 32) -> dict:

@@ -54,3 +54,28 @@ def save_png(image: torch.Tensor, path) -> None:
     from anomgen.pixels import to_uint8
 
     Image.fromarray(to_uint8(image).permute(1, 2, 0).cpu().numpy()).save(path)
+
+
+def score_histogram(scores, kept, title: str = "", bins: int = 30) -> torch.Tensor:
+    """A 3 × H × W [0, 1] image of a histogram of ``scores``, the ``kept`` ones (bools, same order) stacked in another
+    colour, for loggers (quality scores of a synthetic set and the part that was kept)."""
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    values = np.asarray(list(scores), dtype=float)
+    kept = np.asarray(list(kept), dtype=bool)
+    fig = Figure(figsize=(5, 3.5), dpi=100)
+    canvas = FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    edges = np.histogram_bin_edges(values, bins=bins) if len(values) else bins
+    ax.hist([values[~kept], values[kept]], bins=edges, stacked=True, color=["#b0b0b0", "#d62728"],
+            label=[f"dropped ({int((~kept).sum())})", f"kept ({int(kept.sum())})"])
+    ax.set_xlabel("score")
+    ax.set_ylabel("anomalies")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    canvas.draw()
+    rgba = np.asarray(canvas.buffer_rgba())
+    return torch.from_numpy(rgba[..., :3].copy()).permute(2, 0, 1).float() / 255.0

@@ -13,10 +13,12 @@ with ``datamodule.validation=none``). With ``target_factor`` the held-out normal
 the FID is then against the other training normals (``train_normals``), which are also all the SDE trains on, its fake
 count and the kNN bank, while the reference FID is held-out vs ``train_normals``. ``bands`` (e.g. ``[[300, null],
 [100, 200], [30, 50], [null, 20]]``) export ``<export_dir>/fid_<lo>-<hi>`` the first time the FID falls in each band,
-with the FID in every manifest row. Checks every ``every_n_steps`` can overshoot the target by far when the FID falls
-fast (Animal-MNIST: 159 -> 52 within 50 steps, against a target of ~120): ``refine_every_n_steps`` checks that often
-instead once a check's FID is within ``refine_factor`` × the target, so the stop lands near the target from below
-for a few extra checks. Each check's first ``grid_size`` samples go to the loggers as an image grid.
+with the FID in every manifest row (and ``train/fid_band_export``, the FID of that check, in the log). Checks every
+``every_n_steps`` can overshoot the target by far when the FID falls fast (Animal-MNIST: 159 -> 52 within 50 steps,
+against a target of ~120): ``refine_every_n_steps`` checks that often instead once a check's FID is within
+``refine_factor`` × the target, so the stop lands near the target from below for a few extra checks. Each check's
+first ``grid_size`` samples go to the loggers as an image grid (``train/fid_samples``); the curve is ``train/fid``,
+with ``train/fid_target`` and ``train/fid_reference``.
 Features come from any ``nn.Module`` (raw pixels for small images; Inception where its weights are available). The
 LightningModule provides ``sample(indices, seed) -> images in [0, 1]``; the samples of a check are seeded by their
 index, so every rank computes the same FID and takes the same decision.
@@ -172,10 +174,11 @@ class FIDEarlyStopping(Callback):
         if self.reference_fid is not None:  # held-out real normals against the training normals
             pl_module.log("train/fid_reference", self.reference_fid, on_step=True, on_epoch=False,
                           rank_zero_only=False)
-        for band in self.bands:
-            name = band_name(band)
-            if in_band(fid, band) and name not in self.exported:
-                self._export(trainer, pl_module, name, fid)
+        entered = [band_name(b) for b in self.bands if in_band(fid, b) and band_name(b) not in self.exported]
+        for name in entered:
+            self._export(trainer, pl_module, name, fid)
+        if entered:  # a point on the FID curve where band sets were exported (their names are in run.json)
+            pl_module.log("train/fid_band_export", fid, on_step=True, on_epoch=False, rank_zero_only=False)
         target = self.target_fid
         if target is not None and fid <= target:
             self.stopped_at = (step, fid)

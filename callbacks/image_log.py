@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from lightning.pytorch import Callback
 
+from anomgen.pixels import to_uint8
 from anomgen.visualize import image_grid, overlay_mask, save_png
 
 
@@ -43,8 +44,8 @@ def log_image(logger, key: str, image: torch.Tensor, step: int = 0) -> None:
     """Send a 3 × H × W [0, 1] image to a Lightning logger, whatever its kind."""
     from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
-    if isinstance(logger, WandbLogger):
-        logger.log_image(key=key, images=[image.permute(1, 2, 0).numpy()], step=step)
+    if isinstance(logger, WandbLogger):  # as 8-bit: W&B stores a float array's values as they are (0 or 1: black)
+        logger.log_image(key=key, images=[to_uint8(image).permute(1, 2, 0).numpy()], step=step)
     elif isinstance(logger, TensorBoardLogger):
         logger.experiment.add_image(key, image, global_step=step)
     # CSV and other loggers take no images: the PNG in the run directory is the record.

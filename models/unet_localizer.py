@@ -9,7 +9,9 @@ steps).
 
 **Checkpoint selection.** After every validation epoch (held-out normals + held-out *generated* pairs, never the test
 split) the pixel metrics of p_anomalous are computed (binned over [0, 1], synced across processes) and logged as
-``val/pixel_AUROC``, ``val/pixel_AP`` (and ``val/image_AUROC``, ``val/image_AP`` of the image score); whenever
+``val/pixel_AUROC``, ``val/pixel_AP`` (and ``val/image_AUROC``, ``val/image_AP`` of the image score), with a grid
+of ``log_maps`` held-out examples (anomalous pairs first), one row each: the image, its true mask tinted red, the
+predicted map (``val/predicted_maps``, an image for W&B and TensorBoard); whenever
 ``val/<monitor>`` (default ``pixel_AP``) improves, rank 0 writes the network to ``weights_path`` (default
 ``<run dir>/localizer.pt``) with :func:`~anomgen.detectors.localizer.save_localizer`. That file is the stage's
 ``checkpoint`` output, which ``detector=unet_localizer`` reads. The AnomalyDiffusion paper (and its code) picked the
@@ -64,6 +66,7 @@ class UNetLocalizerModel(LightningModule):
         num_thresholds: int = 1000,
         score_kernel: int = SCORE_KERNEL,
         weights_path: str | None = None,
+        log_maps: int = 8,
     ) -> None:
         super().__init__()
         if monitor not in MONITORS:
@@ -76,6 +79,8 @@ class UNetLocalizerModel(LightningModule):
         self.monitor = monitor
         self.score_kernel = int(score_kernel)
         self.weights_path = weights_path
+        self.log_maps = int(log_maps)
+        self._map_examples: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]] = []
         self.pixel_metrics = anomaly_metrics(("AUROC", "AP"), prefix="pixel_", num_thresholds=num_thresholds,
                                              score_range=(0.0, 1.0))
         self.image_metrics = anomaly_metrics(("AUROC", "AP"), prefix="image_")
@@ -118,6 +123,12 @@ class UNetLocalizerModel(LightningModule):
         maps = anomaly_map(logits).clamp(0.0, 1.0)
         self.pixel_metrics.update(maps, masks)
         self.image_metrics.update(image_scores(maps, self.score_kernel), batch["label"])
+        if self.log_maps and not self.trainer.sanity_checking:
+            for i in range(len(images)):  # anomalous pairs first, then normals, up to log_maps
+                self._map_examples.append((images[i].detach().cpu(), masks[i].detach().cpu(),
+                                           maps[i].detach().float().cpu(), int(batch["label"][i])))
+            self._map_examples.sort(key=lambda e: -e[3])
+            del self._map_examples[self.log_maps:]
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:  # a couple of batches, often normals only: nothing to select on
@@ -129,10 +140,28 @@ class UNetLocalizerModel(LightningModule):
         self.image_metrics.reset()
         for key, value in values.items():
             self.log(f"val/{key}", value)
+        self._log_maps()
         value = values[self.monitor]
         if math.isfinite(value) and (self.best_value is None or value > self.best_value):
             self.best_value, self.best_epoch = value, int(self.current_epoch)
             self._save(f"best val/{self.monitor} over the validation epochs", values)
+
+    def _log_maps(self) -> None:
+        """``val/predicted_maps``: one row per kept example: image, true mask tinted red, predicted map."""
+        from anomgen.visualize import image_grid, overlay_mask
+        from callbacks.image_log import log_image
+
+        examples, self._map_examples = self._map_examples, []
+        if not examples or not self.trainer.is_global_zero:
+            return
+        tiles = []
+        for image, mask, prob, _ in examples:
+            image = image.float().clamp(0, 1)
+            prob = torch.nn.functional.interpolate(prob[None, None], size=image.shape[-2:], mode="bilinear")[0]
+            tiles += [image, overlay_mask(image[None], mask[None])[0], prob.expand(3, -1, -1).clamp(0, 1)]
+        grid = image_grid(torch.stack(tiles), nrow=3)
+        for logger in self.loggers:
+            log_image(logger, "val/predicted_maps", grid, step=self.global_step)
 
     # -- the product: the weights file -------------------------------------------------------------------------------
     def output_path(self) -> Path:

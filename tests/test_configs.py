@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import hydra
@@ -78,9 +79,27 @@ def test_every_logger_and_callback_instantiates(compose_config, group):
         assert len(objs) == expected
 
 
-def test_wandb_logger_is_offline_by_default(compose_config):
+def test_wandb_logger_is_offline_by_default(compose_config, monkeypatch):
+    """Offline unless WANDB_MODE says otherwise; Lightning's ``offline`` switch (which overwrites WANDB_MODE for the
+    whole process) stays off."""
+    monkeypatch.delenv("WANDB_MODE", raising=False)
     cfg = compose_config("train")
-    assert cfg.logger.wandb.offline is True
+    assert cfg.logger.wandb.mode == "offline" and cfg.logger.wandb.offline is False
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert compose_config("train").logger.wandb.mode == "disabled"
+    monkeypatch.setenv("WANDB_MODE", "online")
+    assert compose_config("train").logger.wandb.mode == "online"
+
+
+def test_nothing_logs_in_to_wandb():
+    """No code of the project calls ``wandb.login`` (a login can prompt); publishing a workspace
+    (``python -m anomgen.dashboards``) uses a login made beforehand with ``wandb login``."""
+    root = CONFIGS.parent
+    files = [root / "train.py", root / "evaluate.py"]
+    files += [p for folder in ("anomgen", "models", "callbacks", "datamodules", "benchmarks")
+              for p in sorted((root / folder).rglob("*.py"))]
+    login = re.compile(r"wandb\.login|from wandb import .*\blogin\b")
+    assert [p for p in files if login.search(p.read_text())] == []
 
 
 def test_unknown_config_key_is_an_error(compose_config):

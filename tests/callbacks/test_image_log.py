@@ -73,4 +73,4 @@ def test_callback_logs_a_grid_to_wandb_offline_and_saves_png(tmp_path):
     assert red_tint.any(), "the masks must be visible on the grid"
     media = list(tmp_path.glob("wandb/offline-run-*/files/media/images/**/*.png"))
     assert media, "the grid must be logged to W&B (offline)"
-    assert np.asarray(Image.open(media[0])).shape[:2] == png.shape[:2], "W&B gets the same enlarged grid"
+    assert np.array_equal(np.asarray(Image.open(media[0]).convert("RGB")), png), "W&B gets the same enlarged 8-bit grid"

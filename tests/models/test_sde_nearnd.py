@@ -53,6 +53,7 @@ def test_fid_factor_target_bands_and_resume(tmp_path):
     logged = trainer.callback_metrics
     assert logged["train/fid_reference"].item() == pytest.approx(fid.reference_fid)
     assert logged["train/fid_target"].item() == pytest.approx(fid.target_fid)
+    assert logged["train/fid_band_export"].item() == pytest.approx(fid.curve[0][1])  # the check that exported
     rows = read_manifest(tmp_path / "bands" / "fid_0-inf")
     assert len(rows) == 5 and all(r["params"]["fid"] == pytest.approx(fid.curve[0][1]) for r in rows)
     assert list(fid.exported) == ["fid_0-inf"]  # a band is exported once, when the FID first enters it
