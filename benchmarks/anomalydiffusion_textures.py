@@ -333,8 +333,8 @@ def run_category(stack_folder: Path, base_info: dict, category: str, args, work:
 
 def settings_of(args) -> dict:
     keys = ("image_size", "vae_steps", "unet_steps", "unet_width", "n_shapes", "embedding_steps", "mask_steps",
-            "pairs", "ddim_steps", "type_tokens", "aar", "classifier_epochs", "localizer_epochs", "localizer_samples", "localizer_width",
-            "threads", "seed")
+            "pairs", "ddim_steps", "type_tokens", "aar", "classifier_epochs", "localizer_epochs", "localizer_samples",
+            "localizer_width", "threads", "seed")
     return {k: getattr(args, k) for k in keys}
 
 
@@ -412,8 +412,8 @@ def parse_args(argv=None):
     if args.tiny:
         for key, value in (("vae_steps", 3), ("unet_steps", 3), ("unet_width", 16),
                            ("n_shapes", 6), ("embedding_steps", 2), ("mask_steps", 2), ("pairs", 2),
-                           ("ddim_steps", 2), ("type_tokens", 2), ("localizer_epochs", 1), ("localizer_samples", 8), ("classifier_epochs", 1),
-                           ("localizer_width", 8)):
+                           ("ddim_steps", 2), ("type_tokens", 2), ("localizer_epochs", 1), ("localizer_samples", 8),
+                           ("classifier_epochs", 1), ("localizer_width", 8)):
             setattr(args, key, value)
     return args
 
