@@ -370,7 +370,7 @@ def _ddp_scaling():
 
 def test_ddp_scaling_ratios_and_table(tmp_path):
     """The figures of ddp_scaling.py: samples/s per kind and process count as ratios to 1 process, the table, and
-    its block of the performance page (a copy). A real run starts 1 + 2 + 4 processes: see the slow test."""
+    its block of the performance page (a copy)."""
     ddp_scaling = _ddp_scaling()
     measured = {1: {"training": {"samples": 100, "seconds": 2.0}, "generation": {"samples": 64, "seconds": 4.0},
                     "device": "cpu (2 cores)"},
@@ -400,8 +400,8 @@ def test_ddp_scaling_ratios_and_table(tmp_path):
     assert "python benchmarks/ddp_scaling.py --tiny\n```\n\n| processes |" in page.read_text()
 
 
-@pytest.mark.slow  # two worker runs (1 + 2 processes), each importing the stack (about 60 s); pytest -m slow
 def test_ddp_scaling_tiny_runs_on_one_and_two_processes():
+    """Two worker runs (1 + 2 gloo processes), each importing the stack: about 30 s here (60 s beside other jobs)."""
     rows = _run("ddp_scaling.py", "--tiny", "--processes", "1", "2")
     assert [(r["name"], r["processes"]) for r in rows] == [("ddp_scaling_training", 1), ("ddp_scaling_training", 2),
                                                            ("ddp_scaling_generation", 1),
