@@ -9,6 +9,11 @@ A stage is one model, one datamodule, one Trainer: fit (when the model trains; t
 ``tests_after_fit``), then predict + export (when it generates). It records its outputs (checkpoint, synthetic set,
 backbone file ...) in ``<run>/run.json``. An experiment with a ``pipeline:`` runs its stages in order, each in
 ``<run>/<stage>``, a ``foreach`` stage once per value in ``<run>/<stage>/<value>`` (see :mod:`anomgen.pipeline`).
+``trainer.devices=N`` (N > 1, no strategy chosen) runs DDP, one process per device (gloo processes on a CPU
+machine); asking for more GPUs than the machine has is one error naming ``trainer.devices`` and the count found.
+Under DDP only rank 0 writes the run records; in a pipeline every rank waits after each stage until rank 0 has
+written its record, and ``evaluate`` stages and stages marked ``rank_zero: true`` (a cached backbone or DDPM, made
+the same whatever the device count) run on rank 0 alone, on one device, while the others wait.
 The run folder is the last line printed. The project's own errors (:mod:`anomgen.errors`: a missing dataset, a set
 that exists, missing weights, an inconsistent config) end the run with one ``error: ...`` message on stderr and exit
 code 1; ``ANOMGEN_TRACEBACK=1`` (or ``HYDRA_FULL_ERROR=1``) shows their traceback.
@@ -32,6 +37,7 @@ import hydra  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from anomgen import pipeline  # noqa: E402
+from anomgen.distributed import barrier, process_rank, trainer_settings  # noqa: E402
 from anomgen.errors import ConfigError  # noqa: E402
 from anomgen.files import write_json  # noqa: E402
 from anomgen.progress import progress_enabled  # noqa: E402
@@ -49,7 +55,7 @@ from anomgen.runtime import (  # noqa: E402
 pipeline.register_resolvers()
 log = logging.getLogger("anomgen")
 CONFIGS = ROOT / "configs"
-STAGE_KEYS = {"overrides", "entry", "bare", "dir", "foreach"}
+STAGE_KEYS = {"overrides", "entry", "bare", "dir", "foreach", "rank_zero"}
 
 
 def train(cfg: DictConfig, overrides: list[str] | None = None) -> tuple[dict, Path, bool]:
@@ -68,6 +74,8 @@ def run_stage(cfg: DictConfig) -> tuple[dict, Path, bool]:
     from callbacks.export import SyntheticSetExport
 
     tidy_lightning_logging()  # one copy of each line, no adverts
+    # more than one device and no strategy: DDP, one process per device (gloo on CPUs); too few GPUs: one error, now
+    settings = trainer_settings(cfg.trainer)
     L.seed_everything(cfg.seed, workers=True)
     run_dir = Path(cfg.paths.output_dir)
     datamodule = hydra.utils.instantiate(cfg.datamodule)
@@ -84,7 +92,7 @@ def run_stage(cfg: DictConfig) -> tuple[dict, Path, bool]:
     try:
         # Lightning's bar (fit, predict: the export) follows the project's switch unless the config sets it
         bar = {} if "enable_progress_bar" in cfg.trainer else {"enable_progress_bar": progress_enabled()}
-        trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **bar)
+        trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **settings, **bar)
         config = used_config(cfg)
         version = code_version()
         for logger in loggers:
@@ -150,12 +158,12 @@ def run_pipeline(cfg: DictConfig, overrides: list[str]) -> tuple[dict, Path, boo
            or stage.get("entry", "train") not in ("train", "evaluate")]
     if bad:
         raise ConfigError(f"pipeline stages {bad}: each stage is {{overrides: [...], entry: train|evaluate, "
-                         "bare: true|false, dir: optional folder, foreach: optional {key: ..., values: [...] | all}}}")
+                         "bare: true|false, dir: optional folder, foreach: optional {key: ..., values: [...] | all}, "
+                         "rank_zero: true|false}}")
     folders = {name: str(Path(cfg.pipeline[name].get("dir") or run_dir / name).resolve()) for name in stages}
     write_json(run_dir / pipeline.PIPELINE_RECORD, {"stages": folders, "order": list(folders)})
     metrics: dict = {}
     records: dict = {}
-    is_zero = True
     for number, (name, stage) in enumerate(stages.items(), start=1):
         folder = Path(folders[name])
         label = f"stage {number}/{len(stages)} {name!r}"
@@ -168,14 +176,15 @@ def run_pipeline(cfg: DictConfig, overrides: list[str]) -> tuple[dict, Path, boo
             if stage.get("foreach") is not None:
                 started = time.monotonic()
                 log.info("%s (foreach): started in %s", label, folder)
-                is_zero = run_foreach(name, {**stage, "overrides": own}, cfg, overrides, run_dir, folder, label)
+                run_foreach(name, {**stage, "overrides": own}, cfg, overrides, run_dir, folder, label)
                 log.info("%s: done in %s", label, duration(time.monotonic() - started))
             else:
-                is_zero = run_announced(label, {**stage, "overrides": own}, overrides, run_dir, folder)
+                run_announced(label, {**stage, "overrides": own}, overrides, run_dir, folder)
         records[name] = pipeline.read_run_record(folder) or {}
         metrics_file = records[name].get("outputs", {}).get("metrics")
         if metrics_file and Path(metrics_file).is_file():
             metrics.update({f"{name}/{k}": v for k, v in json.loads(Path(metrics_file).read_text()).items()})
+    is_zero = process_rank() == 0
     if is_zero:
         write_metrics(run_dir, metrics)
         pipeline.write_run_record(run_dir, pipeline.pipeline_outputs(records),
@@ -204,7 +213,7 @@ def stage_summary(stage_cfg: DictConfig, entry: str) -> str:
     return f"model={str(target).rsplit('.', 1)[-1]}" if target else "train"
 
 
-def run_announced(label: str, stage: dict, overrides: list[str], run_dir: Path, folder: Path) -> bool:
+def run_announced(label: str, stage: dict, overrides: list[str], run_dir: Path, folder: Path) -> None:
     """Compose a stage (:func:`compose_stage`) and run it (:func:`run_entry`), announced: ``<label> (<what>):
     started in <folder>``, the overrides that do not apply to it, and ``<label>: done in <time>``."""
     entry = stage.get("entry", "train")
@@ -214,23 +223,31 @@ def run_announced(label: str, stage: dict, overrides: list[str], run_dir: Path, 
     if skipped:
         log.info("  (overrides not for this stage: %s)", " ".join(skipped))
     started = time.monotonic()
-    is_zero = run_entry(stage_cfg, entry)
+    run_entry(stage_cfg, stage)
     log.info("%s: done in %s", label, duration(time.monotonic() - started))
-    return is_zero
 
 
-def run_entry(stage_cfg: DictConfig, entry: str) -> bool:
-    """Run one composed stage (``train``: :func:`run_stage`, ``evaluate``: ``evaluate.evaluate``); whether rank 0."""
-    if entry == "evaluate":
-        from evaluate import evaluate
+def run_entry(stage_cfg: DictConfig, stage: dict) -> None:
+    """Run one composed stage (``train``: :func:`run_stage`, ``evaluate``: ``evaluate.evaluate``), then wait until
+    every process of a DDP run gets here, so that no rank reads the stage's record before rank 0 has written it.
 
-        evaluate(stage_cfg)
-        return True
-    return run_stage(stage_cfg)[2]
+    ``evaluate`` (not distributed) and ``rank_zero`` stages (composed with one device) run on rank 0 alone; the other
+    ranks only wait. When such a stage comes first, no other process exists yet: the trainer of the first DDP stage
+    starts them, and they find it finished."""
+    entry = stage.get("entry", "train")
+    alone = entry == "evaluate" or bool(stage.get("rank_zero"))
+    if not alone or process_rank() == 0:
+        if entry == "evaluate":
+            from evaluate import evaluate
+
+            evaluate(stage_cfg)
+        else:
+            run_stage(stage_cfg)
+    barrier()
 
 
 def run_foreach(name: str, stage: dict, cfg: DictConfig, overrides: list[str], run_dir: Path, folder: Path,
-                label: str | None = None) -> bool:
+                label: str | None = None) -> None:
     """A ``foreach`` stage: the stage once per value in ``<folder>/<value>`` with ``KEY=value`` added to its own
     overrides; finished values are skipped. Records ``VALUE.KEY`` outputs and ``runs`` in ``<folder>/run.json``."""
     spec = OmegaConf.to_container(cfg.pipeline[name].foreach, resolve=True)  # e.g. values: ${selection_tasks}
@@ -240,7 +257,6 @@ def run_foreach(name: str, stage: dict, cfg: DictConfig, overrides: list[str], r
         values = pipeline.task_values(compose_stage(stage, overrides, run_dir, folder).datamodule)
         log.info("%s: foreach %s over all %d: %s", label, key, len(values), ", ".join(values))
     runs: dict = {}
-    is_zero = True
     for number, value in enumerate(values, start=1):
         sub = folder / str(value)
         runs[str(value)] = str(sub)
@@ -249,13 +265,13 @@ def run_foreach(name: str, stage: dict, cfg: DictConfig, overrides: list[str], r
             log.info("%s: finished before (%s), skipped", each, sub)
             continue
         own = [*stage["overrides"], f"{key}={pipeline.hydra_value(value)}"]
-        is_zero = run_announced(each, {**stage, "overrides": own}, overrides, run_dir, sub)
-    if is_zero:
+        run_announced(each, {**stage, "overrides": own}, overrides, run_dir, sub)
+    if process_rank() == 0:
         outputs, metrics = pipeline.foreach_record(runs)
         outputs["metrics"] = str(write_metrics(folder, metrics).resolve())
         pipeline.write_run_record(folder, outputs, {"task": cfg.task_name, "code_version": code_version(),
                                                     "foreach": {"key": key, "values": list(runs)}})
-    return is_zero
+    barrier()
 
 
 def compose_stage(stage: dict, overrides: list[str], run_dir: Path, folder: Path,
@@ -270,6 +286,8 @@ def compose_stage(stage: dict, overrides: list[str], run_dir: Path, folder: Path
     entry = stage.get("entry", "train")
     placed = [*stage["overrides"], "pipeline=null", f"pipeline_dir={pipeline.hydra_value(str(run_dir))}",
               f"paths.output_dir={pipeline.hydra_value(str(folder))}"]
+    if stage.get("rank_zero") and entry == "train":  # rank 0 alone: one device, whatever the user's trainer.devices
+        placed += ["trainer.devices=1", "++trainer.strategy=auto"]
     if stage.get("bare"):  # the pipeline's values (debug sizes included) reach it only through its own overrides
         overrides = ["~experiment", *(o for o in overrides if not o.lstrip("+~").startswith(("experiment=", "debug=")))]
     groups = {p.name for p in CONFIGS.iterdir() if p.is_dir()}

@@ -28,6 +28,10 @@ unfinished value. The stage's ``run.json`` records ``VALUE.KEY`` for every outpu
 ``Dog.synthetic_set``, read as ``${output:diffstyle.Dog.synthetic_set}``) and ``runs: {value: folder}``; its
 ``metrics.json`` holds ``VALUE/KEY`` for every metric of every value.
 
+Under DDP (``trainer.devices=N``) every process runs the pipeline; after each stage all wait until rank 0 has written
+its record. ``evaluate`` stages and stages with ``rank_zero: true`` (a product cached for every later run, made the
+same whatever the device count) run on rank 0 alone, on one device (``train.py``).
+
 Outside a pipeline ``${output:KEY}`` reads the last ``train.py`` run under ``paths.log_dir`` (for a pipeline run, its
 stages' outputs are there as ``STAGE.KEY``; a plain key is the last stage's that has it).
 """

@@ -4,6 +4,12 @@ The whole dataset is held as tensors (the shipped sets are small). Each epoch is
 batches; each batch is augmented as it is drawn, from the same seeded generator, so that a run is repeatable. Only
 the ``train`` split is used by default: no test image of the pretraining dataset is ever seen. Never pretrain on the
 task's out-classes: pretrain on the *other* shipped dataset (or leave classes out with ``exclude_classes``).
+
+Under DDP (the stage run alone with ``trainer.devices=N``; a pipeline runs its cached backbone and DDPM stages on
+rank 0 alone) the loader is an ``IterableDataset``, which Lightning's distributed sampler does not split: each rank
+takes every N-th image of the epoch's permutation (the same permutation on every rank, padded to a multiple of N as
+``DistributedSampler`` pads), so that N ranks share one epoch instead of each training on all of it, and augments
+from a generator of its own (``seed + rank``).
 """
 
 from __future__ import annotations
@@ -16,27 +22,36 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, IterableDataset
 
 from anomgen.data.shipped import load_images, make_dataset
+from anomgen.distributed import rank_generator
 from anomgen.pixels import augment_batch
 
 
 class EpochBatches(IterableDataset):
-    """Batches of (augmented images, class indices) in a fresh permutation each time it is iterated (one epoch)."""
+    """Batches of (augmented images, class indices) in a fresh permutation each time it is iterated (one epoch); with
+    ``world_size`` N > 1, rank ``rank``'s share: every N-th image of the (padded) permutation."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, image_size: int,
-                 augment: dict | None, seed: int) -> None:
+                 augment: dict | None, seed: int, rank: int = 0, world_size: int = 1) -> None:
         self.images, self.labels = images, labels
         self.batch_size, self.image_size = batch_size, image_size
         self.augment = augment
-        self.generator = torch.Generator().manual_seed(seed)
+        self.rank, self.world_size = rank, world_size
+        self.generator = torch.Generator().manual_seed(seed)  # the permutations: the same on every rank
+        self.augment_generator = self.generator if world_size == 1 else rank_generator(seed, rank)
 
     def __len__(self) -> int:
-        return math.ceil(len(self.images) / self.batch_size)
+        return math.ceil(math.ceil(len(self.images) / self.world_size) / self.batch_size)
 
     def __iter__(self):
         perm = torch.randperm(len(self.images), generator=self.generator)
+        if self.world_size > 1:
+            per_rank = math.ceil(len(perm) / self.world_size)
+            perm = perm.repeat(math.ceil(per_rank * self.world_size / len(perm)))[: per_rank * self.world_size]
+            perm = perm[self.rank :: self.world_size]
         for i in range(0, len(perm), self.batch_size):
             idx = perm[i : i + self.batch_size]
-            images = augment_batch(self.images[idx], self.image_size, generator=self.generator, **self.augment)
+            images = augment_batch(self.images[idx], self.image_size, generator=self.augment_generator,
+                                   **self.augment)
             yield {"image": images, "label": self.labels[idx]}
 
 
@@ -66,5 +81,8 @@ class ClassificationDataModule(LightningDataModule):
                 "augment": dict(self.augment), "batch_size": self.batch_size, "num_images": len(self.images)}
 
     def train_dataloader(self) -> DataLoader:
-        batches = EpochBatches(self.images, self.labels, self.batch_size, self.image_size, self.augment, self.seed)
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        batches = EpochBatches(self.images, self.labels, self.batch_size, self.image_size, self.augment, self.seed,
+                               rank, world)
         return DataLoader(batches, batch_size=None)

@@ -32,6 +32,7 @@ import torch
 from lightning.pytorch import LightningModule
 
 from anomgen.detectors import adp
+from anomgen.distributed import rank_generator
 
 PHASES = ("normal", "anomaly")
 
@@ -112,7 +113,7 @@ class ADPConcept(LightningModule):
         if self.pseudo_features is not None:
             self.pseudo_features = self.pseudo_features.to(self.device)
         self.concept.snapshot()
-        self._generator = torch.Generator(device=self.device).manual_seed(self.hparams.seed + self.global_rank)
+        self._generator = rank_generator(self.hparams.seed, self.global_rank, self.device)  # seed + rank
 
     # -- the objective ------------------------------------------------------------------------------------------
     def _state_embeddings(self) -> torch.Tensor:

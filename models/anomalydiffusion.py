@@ -35,6 +35,7 @@ from lightning.pytorch import LightningModule
 from torch import nn
 
 from anomgen.data.generation import GeneratedBatch
+from anomgen.distributed import rank_generator
 from anomgen.generators.anomalydiffusion import (
     NAME,
     AnomalyAugmentation,
@@ -119,7 +120,7 @@ class _TrainsInStack(LightningModule):
     def on_fit_start(self) -> None:
         """The stack is no submodule (its weights stay out of checkpoints): moved here."""
         self.stack.to(self.device)
-        self._generator = torch.Generator().manual_seed(int(self.hparams.seed) + self.global_rank)
+        self._generator = rank_generator(self.hparams.seed, self.global_rank)  # seed + rank
 
     def type_ids(self, batch: dict) -> list[int]:
         try:

@@ -5,7 +5,8 @@ Animal-MNIST tasks). This stage trains it on the images of a datamodule (``datam
 dataset; the labels are not used): the loss is :func:`anomgen.diffusion.ddpm.ddpm_loss` over the schedule DDIM later
 samples, with an EMA copy of the weights updated after every step. At the end of fitting the EMA UNet is saved as a
 diffusers folder, ``<run>/unet``, the run's ``unet`` output (``model.unet.source=${output:ddpm.unet}`` in a later
-stage). Steps: ``trainer.max_steps``.
+stage). Steps: ``trainer.max_steps``. Under DDP each rank draws its own timesteps and noises (a generator seeded with
+``seed + global_rank``; the global generators reseeded the same way when fitting starts, :mod:`anomgen.distributed`).
 
     python train.py model=ddpm datamodule=classification datamodule.dataset=digits datamodule.image_size=28 \
       datamodule.augment.kind=null datamodule.augment.flip=false ++trainer.max_steps=1500 trainer.max_epochs=-1
@@ -24,6 +25,7 @@ from lightning.pytorch import LightningModule
 from anomgen.diffusion.ddim import DEFAULT_BETAS
 from anomgen.diffusion.ddpm import alphas_cumprod, ddpm_loss, ddpm_unet
 from anomgen.diffusion.unets import save_diffusion_unet
+from anomgen.distributed import rank_generator, seed_process
 from anomgen.pixels import to_diffusion_range
 
 
@@ -40,13 +42,21 @@ class DDPMTraining(LightningModule):
         self.ema = copy.deepcopy(self.unet).requires_grad_(False)  # no dropout: its mode does not matter
         self.register_buffer("alpha_bars", alphas_cumprod(**DEFAULT_BETAS), persistent=False)
         self.stage_outputs: dict = {}
+        self._noise: torch.Generator | None = None  # this rank's timesteps and noises (on_fit_start)
+
+    def on_fit_start(self) -> None:
+        """Per-rank training randomness (``seed + global_rank``): ``seed_everything`` gave every rank the same
+        global state, so without this every rank would draw the same timesteps, noises and dropout masks. The loss
+        draws on the CPU and moves the draws to the device."""
+        self._noise = rank_generator(self.hparams.seed, self.global_rank)
+        seed_process(self.hparams.seed, self.global_rank)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         images = batch["image"]
         if tuple(images.shape[-2:]) != (self.hparams.image_size,) * 2:
             raise ValueError(f"DDPM stage: images are {tuple(images.shape[-2:])}, the UNet is "
                              f"{self.hparams.image_size}²: set datamodule.image_size={self.hparams.image_size}")
-        loss = ddpm_loss(self.unet, to_diffusion_range(images), self.alpha_bars)  # each rank its own noise
+        loss = ddpm_loss(self.unet, to_diffusion_range(images), self.alpha_bars, self._noise)  # each rank its own
         if not torch.isfinite(loss):
             raise FloatingPointError(f"DDPM training: loss is {loss.item()} at step {self.global_step}")
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=len(images))

@@ -4,6 +4,13 @@ Thin wrapper: the SDE, the loss, the samplers and the EMA live in :mod:`anomgen.
 denoising score-matching loss on images in [-1, 1]; sampling (``sample`` for the FID callback, ``predict_step`` for
 the export callback) uses the EMA weights and one generator per sample, seeded by its global index. The EMA is
 updated right after each optimizer step, so a check at step N samples with the EMA of N updates.
+
+Under DDP (``trainer.devices=N``): each rank draws its own training times and noises (a generator seeded with
+``seed + global_rank``, :mod:`anomgen.distributed`), so the averaged gradient is over N different draws, not N copies
+of one. The FID check (``callbacks.FIDEarlyStopping``) is not split over the ranks: every rank samples all of a
+check's images, each seeded by its index, with the same (synchronised) weights, so every rank computes the same FID
+and takes the same stopping decision without communicating; a band's set is written by rank 0 while the others wait.
+The export is split: each rank samples its share of the indices and rank 0 merges the shards.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from anomgen.diffusion import (
     pc_sample,
     score_fn_from_unet,
 )
+from anomgen.distributed import rank_generator, seed_process
 from anomgen.pixels import from_diffusion_range, to_diffusion_range
 from anomgen.seeding import sample_generator
 
@@ -55,9 +63,15 @@ class SDENearND(LightningModule):
         self.ema = EMA(self.unet, decay=ema_decay)
         self.seed = seed
         self.last_fid: float | None = None  # set by the FID callback; recorded with exported samples
+        self._noise: torch.Generator | None = None  # the training draws of this rank (on_fit_start)
 
     def on_fit_start(self) -> None:
+        """Per-rank training randomness: the loss's times and noises come from this rank's generator
+        (``seed + global_rank``), and the global generators are reseeded the same way, because dropout masks (and
+        anything else drawn while training) come from them and ``seed_everything`` gave every rank the same state."""
         self.ema.to(self.device)
+        self._noise = rank_generator(self.seed, self.global_rank, self.device)
+        seed_process(self.seed, self.global_rank)
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -69,7 +83,7 @@ class SDENearND(LightningModule):
         x0 = to_diffusion_range(batch["image"])
         if x0.shape[1] != self.unet.config.in_channels:  # grey data, one-channel model
             x0 = x0.mean(dim=1, keepdim=True)
-        loss = dsm_loss(score_fn_from_unet(self.unet, self.sde), x0, self.sde,
+        loss = dsm_loss(score_fn_from_unet(self.unet, self.sde), x0, self.sde, self._noise,
                         likelihood_weighting=self.hparams.likelihood_weighting)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"the score-matching loss is {loss.item()} at step {self.global_step}; "

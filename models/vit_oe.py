@@ -10,7 +10,9 @@ the set's anomalies (label 1), each with a float ``target``. The head is either
 
 The stem and the first ``freeze_blocks`` transformer blocks are frozen and left out of the optimizer, so they stay
 bit-identical. Images are augmented on the batch (``augment``: FITYMI's resize-crop-flip for 224 px, pad-crop-flip
-for the small shipped images; see :func:`anomgen.pixels.augment_batch`).
+for the small shipped images; see :func:`anomgen.pixels.augment_batch`). The crops and flips come from a generator
+seeded with ``seed + global_rank`` and the global generators (dropout) are reseeded the same way when fitting starts,
+so that under DDP each rank augments its own way (:mod:`anomgen.distributed`).
 
 Pretrained weights are loaded when fitting starts (``setup("fit")``), not at construction, so that the config
 instantiates offline; a missing file fails then, with a message naming it and how to make it. At the end of fitting
@@ -30,6 +32,7 @@ import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from torch import nn
 
+from anomgen.distributed import rank_generator, seed_process
 from anomgen.encoders.vit import build_vit, load_pretrained, save_backbone
 from anomgen.pixels import augment_batch
 
@@ -53,6 +56,7 @@ class ViTOE(LightningModule):
         augment: dict | None = None,
         backbone_path: str | None = None,
         pretrained_on: str | None = None,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         if head not in HEADS:
@@ -69,6 +73,8 @@ class ViTOE(LightningModule):
         self.backbone_path = backbone_path
         self.pretrained_on = pretrained_on
         self._weights_loaded = self.pretrained is None
+        self.seed = seed
+        self._augment_generator: torch.Generator | None = None  # this rank's crops and flips (on_fit_start)
 
     # -- weights ---------------------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -107,7 +113,7 @@ class ViTOE(LightningModule):
     def _augment(self, images: torch.Tensor) -> torch.Tensor:
         if self.augment is None:
             return images
-        return augment_batch(images, self.backbone.image_size, **self.augment)
+        return augment_batch(images, self.backbone.image_size, generator=self._augment_generator, **self.augment)
 
     def _step(self, batch: dict, stage: str, augment: bool) -> torch.Tensor:
         images = self._augment(batch["image"]) if augment else batch["image"]
@@ -126,6 +132,13 @@ class ViTOE(LightningModule):
                                      "lower the learning rate")
         self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=n)
         return loss
+
+    def on_fit_start(self) -> None:
+        """Per-rank training randomness: crops and flips from this rank's generator (``seed + global_rank``, on the
+        CPU, where :func:`~anomgen.pixels.augment_batch` draws them), and the global generators reseeded the same way,
+        because dropout masks come from them and ``seed_everything`` gave every rank the same state."""
+        self._augment_generator = rank_generator(self.seed, self.global_rank)
+        seed_process(self.seed, self.global_rank)
 
     def on_train_epoch_start(self) -> None:
         # frozen blocks in eval mode too (they hold no dropout or batch statistics by default, but a config may add

@@ -356,3 +356,59 @@ def test_anomalydiffusion_tables_resume_and_make_the_four_tables(tmp_path, monke
     assert "| **mean** | 82.0 | 83.0 | 84.0 | 85.0 |" in text  # (0.92 + 0.72) / 2
     assert "| paper (mean) | 99.1 | 81.4 | 76.3 | 94.0 |" in text
     assert "| paper (mean) | 66.1 |" in text  # Table 4
+
+
+    assert "| paper (mean; test-set picked) | 99.1 | 81.4 | 76.3 | 94.0 |" in text
+    assert "| paper (mean; test-set picked) | 66.1 |" in text  # Table 4
+
+
+def _ddp_scaling():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import ddp_scaling
+        import docpage  # noqa: F401  (ddp_scaling.markdown imports it)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    return ddp_scaling
+
+
+def test_ddp_scaling_ratios_and_table(tmp_path):
+    """The figures of ddp_scaling.py: samples/s per kind and process count as ratios to 1 process, the table, and
+    its block of the performance page (a copy)."""
+    ddp_scaling = _ddp_scaling()
+    measured = {1: {"training": {"samples": 100, "seconds": 2.0}, "generation": {"samples": 64, "seconds": 4.0},
+                    "device": "cpu (2 cores)"},
+                2: {"training": {"samples": 200, "seconds": 2.5}, "generation": {"samples": 64, "seconds": 2.0},
+                    "device": "cpu (2 cores)"}}
+    rows = ddp_scaling.results(measured)
+    assert [(r["name"], r["processes"]) for r in rows] == [("ddp_scaling_training", 1), ("ddp_scaling_training", 2),
+                                                           ("ddp_scaling_generation", 1),
+                                                           ("ddp_scaling_generation", 2)]
+    assert [r["samples_per_s"] for r in rows] == [50.0, 80.0, 16.0, 32.0]
+    assert [r["ratio"] for r in rows] == [1.0, 1.6, 1.0, 2.0]
+    text = ddp_scaling.markdown(rows)
+    assert text.splitlines() == [
+        "| processes | training samples/s | ratio to 1 | generation + export samples/s | ratio to 1 |",
+        "|---|---|---|---|---|",
+        "| 1 | 50.0 | 1.00× | 16.0 | 1.00× |",
+        "| 2 | 80.0 | 1.60× | 32.0 | 2.00× |",
+    ]
+    page = tmp_path / "performance.md"
+    page.write_text((BENCHMARKS.parent / "docs" / "results" / "performance.md").read_text())
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from docpage import write_doc
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    write_doc(page, "ddp_scaling", "ddp_scaling.py", ["--tiny"], text)
+    assert "python benchmarks/ddp_scaling.py --tiny\n```\n\n| processes |" in page.read_text()
+
+
+def test_ddp_scaling_tiny_runs_on_one_and_two_processes():
+    """Two worker runs (1 + 2 gloo processes), each importing the stack: about 30 s here (60 s beside other jobs)."""
+    rows = _run("ddp_scaling.py", "--tiny", "--processes", "1", "2")
+    assert [(r["name"], r["processes"]) for r in rows] == [("ddp_scaling_training", 1), ("ddp_scaling_training", 2),
+                                                           ("ddp_scaling_generation", 1),
+                                                           ("ddp_scaling_generation", 2)]
+    assert all(r["samples_per_s"] > 0 for r in rows) and rows[0]["ratio"] == rows[2]["ratio"] == 1.0
+    assert [r["samples"] for r in rows] == [24, 48, 8, 8]  # 3 timed steps × 8 images × N; the whole set, once

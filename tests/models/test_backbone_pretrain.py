@@ -110,3 +110,23 @@ def test_stage_from_the_command_line(compose_config, tmp_path):
     record = json.loads((tmp_path / "run" / "run.json").read_text())
     assert record["outputs"]["backbone"] == str((tmp_path / "run" / "backbone.pt").resolve())
     assert load_backbone(record["outputs"]["backbone"]).info["epochs"] == 1
+
+
+def test_ranks_share_an_epoch_instead_of_each_training_on_all_of_it():
+    """The loader is an IterableDataset, which Lightning's distributed sampler does not split: before, every rank
+    of a DDP run trained on the same batches (N times the work for one epoch's worth of gradient)."""
+    from datamodules.classification import EpochBatches
+
+    n = 21
+    images, labels = torch.rand(n, 3, 8, 8), torch.arange(n)
+    kw = {"batch_size": 4, "image_size": 8, "augment": {"kind": "pad_crop", "padding": 1, "flip": True}, "seed": 0}
+    shards = [EpochBatches(images, labels, rank=r, world_size=2, **kw) for r in (0, 1)]
+    for _ in range(2):  # two epochs: a fresh permutation each, the same on both ranks
+        seen = [[b["label"] for b in shard] for shard in shards]
+        assert [len(s) for s in seen] == [len(shard) for shard in shards] == [3, 3]  # 11 images a rank
+        labels0, labels1 = torch.cat(seen[0]), torch.cat(seen[1])
+        assert len(labels0) == len(labels1) == 11
+        assert set(labels0.tolist()) | set(labels1.tolist()) == set(range(n))  # the epoch, shared
+        assert len(set(labels0.tolist()) & set(labels1.tolist())) == 1  # only the padding image twice
+    alone = EpochBatches(images, labels, **kw)
+    assert len(alone) == 6 and sorted(torch.cat([b["label"] for b in alone]).tolist()) == list(range(n))
