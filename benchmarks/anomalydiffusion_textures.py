@@ -290,8 +290,13 @@ def anomalydiffusion_overrides(args, stack_folder: Path) -> list[str]:
             f"anomalydiffusion.steps={args.ddim_steps}", f"anomalydiffusion.mask_steps={args.ddim_steps}",
             f"anomalydiffusion.num_type_tokens={args.type_tokens}", "anomalydiffusion.batch_size=4",
             f"anomalydiffusion.aar={args.aar}", "generation_metrics=null",  # IS / IC-LPIPS need Inception / AlexNet
-            f"defect_classifier.epochs={args.classifier_epochs}", f"defect_classifier.image_size={args.image_size}",
-            "pretrained.defect_classifier=null",  # ResNet-34 from random weights (no ImageNet weights here)
+            f"anomalydiffusion.mask_tokens={args.mask_tokens}",
+            f"anomalydiffusion.defect_types=[{','.join(args.generate_types)}]" if args.generate_types
+            else "anomalydiffusion.defect_types=null",
+            # the defect-type classifier needs pairs of every type the test holds
+            *(["~pipeline.classifier"] if args.generate_types else [
+                f"defect_classifier.epochs={args.classifier_epochs}", f"defect_classifier.image_size={args.image_size}",
+                "pretrained.defect_classifier=null"]),  # ResNet-34 from random weights (no ImageNet weights here)
             "anomalydiffusion.encoder={channels: [16, 32, 64, 128], "
             "head_channels: 128}"]
 
@@ -333,8 +338,8 @@ def run_category(stack_folder: Path, base_info: dict, category: str, args, work:
 
 def settings_of(args) -> dict:
     keys = ("image_size", "vae_steps", "unet_steps", "unet_width", "n_shapes", "embedding_steps", "mask_steps",
-            "pairs", "ddim_steps", "type_tokens", "aar", "classifier_epochs", "localizer_epochs", "localizer_samples",
-            "localizer_width", "threads", "seed")
+            "pairs", "ddim_steps", "type_tokens", "mask_tokens", "generate_types", "aar", "classifier_epochs",
+            "localizer_epochs", "localizer_samples", "localizer_width", "threads", "seed")
     return {k: getattr(args, k) for k in keys}
 
 
@@ -397,7 +402,10 @@ def parse_args(argv=None):
     p.add_argument("--unet-width", type=int, default=32)
     p.add_argument("--n-shapes", type=int, default=512)
     p.add_argument("--embedding-steps", type=int, default=1000)
-    p.add_argument("--mask-steps", type=int, default=500)
+    p.add_argument("--mask-steps", type=int, default=1500)
+    p.add_argument("--mask-tokens", type=int, default=16, help="the mask model's vectors per type (code: 16)")
+    p.add_argument("--generate-types", nargs="*", default=["patch", "stain"],
+                   help="the defect types to generate pairs of (none given: every type)")
     p.add_argument("--pairs", type=int, default=60, help="pairs per defect type")
     p.add_argument("--ddim-steps", type=int, default=25)
     p.add_argument("--type-tokens", type=int, default=4)

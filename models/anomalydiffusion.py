@@ -278,10 +278,13 @@ class AnomalyDiffusionModel(LightningModule):
                  aar: str = "off", final_blend: bool = True, dilation_factor: int = 8,
                  templates: Sequence[str] | None = None, mask_steps: int = 100, mask_eta: float = 1.0,
                  mask_guidance_scale: float = 5.0, mask_threshold: float = 0.8, mask_border_fraction: float = 1 / 3,
-                 mask_max_tries: int = 100, seed: int = 0) -> None:
+                 mask_max_tries: int = 100, defect_types: Sequence[str] | None = None, seed: int = 0) -> None:
         super().__init__()
         self.save_hyperparameters()
         extra = {"templates": tuple(templates)} if templates else {}
+        if defect_types is not None and (isinstance(defect_types, str) or not len(defect_types)):
+            raise ValueError(f"model.defect_types must be null (every type of the files) or a non-empty list of "
+                             f"defect types, got {defect_types!r}")
         self.config = AnomalyDiffusionConfig(steps=steps, eta=eta, guidance_scale=guidance_scale, aar=aar,
                                              final_blend=final_blend, dilation_factor=dilation_factor, **extra)
         self.mask_config = MaskGenerationConfig(steps=mask_steps, eta=mask_eta, guidance_scale=mask_guidance_scale,
@@ -303,7 +306,8 @@ class AnomalyDiffusionModel(LightningModule):
         return str(hp.embedding), str(hp.masks)
 
     def read_types(self) -> list[str]:
-        """The defect types of the embedding file, checked against the mask file's (read from their metadata)."""
+        """The defect types to generate: every type of the embedding file (checked against the mask file's, read from
+        their metadata), or the ``defect_types`` asked for, each of which the files must hold."""
         from anomgen.generators.anomalydiffusion import read_file_info
 
         embedding, masks = self._files()
@@ -311,7 +315,14 @@ class AnomalyDiffusionModel(LightningModule):
         if sorted(types) != sorted(mask_types):
             raise ValueError(f"the embedding file {embedding} has defect types {types}, the mask file {masks} has "
                              f"{mask_types}: they must be learned on the same category")
-        return list(types)
+        asked = self.hparams.get("defect_types")
+        if asked is None:
+            return list(types)
+        unknown = [t for t in asked if t not in types]
+        if unknown:
+            raise ValueError(f"model.defect_types {unknown} are not in the embedding file {embedding} (its types: "
+                             f"{types})")
+        return [str(t) for t in asked]
 
     def predict_requests(self, support):
         """The requests over ``support`` (:class:`~anomgen.generators.anomalydiffusion_pairs.AnomalyDiffusionPlan`):

@@ -148,3 +148,20 @@ def test_generation_metrics_need_the_training_anomalies_and_named_sets():
         generation_figures(cfg, SimpleNamespace(anomaly_train=None), {"other": "x"})
     with pytest.raises(ValueError, match=r"names \['other'\], not among synthetic_sets \['anomalydiffusion'\]"):
         generation_figures(cfg, SimpleNamespace(anomaly_train=[0]), {"anomalydiffusion": "x"})
+
+
+def test_the_generation_stage_makes_only_the_defect_types_asked_for(run_train, tmp_path):
+    """``model.defect_types``: a subset of the files' types (the others get no pairs); a type the files do not hold
+    is an error naming it and the types they hold."""
+    from anomgen.data.synthetic import read_manifest
+
+    embedding, masks = saved_files(tmp_path / "files")
+    files = [f"model.embedding={embedding}", f"model.masks={masks}", "model.mask_threshold=0.3"]
+    with pytest.raises(ValueError, match=r"model.defect_types \['scratch'\] are not in the embedding file .*"
+                                         r"\['broken', 'crack'\]"):
+        run_train([*GENERATE_STAGE, *files, "model.defect_types=[scratch]"], tmp_path / "unknown")
+    _, run_dir, _ = run_train([*GENERATE_STAGE, *files, "model.defect_types=[crack]", "model.num_per_type=2"],
+                              tmp_path / "crack")
+    outputs = json.loads((Path(run_dir) / "run.json").read_text())["outputs"]
+    rows = read_manifest(Path(outputs["synthetic_set"]))
+    assert [r["defect_type"] for r in rows] == ["crack", "crack"]
