@@ -412,3 +412,52 @@ def test_ddp_scaling_tiny_runs_on_one_and_two_processes():
                                                            ("ddp_scaling_generation", 2)]
     assert all(r["samples_per_s"] > 0 for r in rows) and rows[0]["ratio"] == rows[2]["ratio"] == 1.0
     assert [r["samples"] for r in rows] == [24, 48, 8, 8]  # 3 timed steps × 8 images × N; the whole set, once
+
+
+def test_gpu_timings_tiny_runs_every_part_and_writes_its_block(tmp_path):
+    """gpu_timings.py --tiny (about 25 s here): every part runs at toy sizes on the CPU, its rows say plumbing and
+    carry the versions and the device, the concept rows come from concept_speed.py's own function, and --doc rewrites
+    the gpu_timings block of a copy of the performance page and nothing else of it."""
+    source = (BENCHMARKS.parent / "docs" / "results" / "performance.md").read_text()
+    page = tmp_path / "performance.md"
+    page.write_text(source)
+    results = tmp_path / "rows.jsonl"
+    rows = _run("gpu_timings.py", "--tiny", "--results", str(results), "--doc", str(page))
+    *measured, summary = rows
+    assert [r["measurement"] for r in measured] == ["diffstyle_set", "sde_training_step", "pixel_metrics_binned",
+                                                     "pixel_metrics_exact", "concept_step_fp32",
+                                                     "concept_step_fp16_ckpt_cached"]
+    assert all(r["name"] == "gpu_timings" and r["plumbing"] and r["device"] == "cpu" and "error" not in r
+               and r["torch"] and "cuda" in r and "tf32_matmul" in r for r in measured)
+    diffstyle, sde, binned, exact, fp32, adp_setting = measured
+    assert diffstyle["images"] == 4 and diffstyle["ddim_steps"] == 10 and diffstyle["edited_steps"] == 6
+    # S + C inversions (n − 1 passes each, one more per content image) + S·C generations (n + N_edit passes each)
+    assert diffstyle["unet_passes"] == 4 * 9 + 2 + 4 * (10 + 6) and diffstyle["images_per_s"] > 0
+    assert sde["steps"] == 3 and sde["batch_size"] == 4 and sde["steps_per_s"] > 0 and sde["gradient_clip_val"] == 1.0
+    assert binned["num_thresholds"] == 10_000 and exact["num_thresholds"] is None
+    assert binned["max_abs_diff_exact_binned"] < 1e-3 and set(binned["values"]) == set(exact["values"])
+    assert fp32["config"] == "fp32" and fp32["speed_ratio"] == 1.0 and adp_setting["latents"] == "cached"
+    assert summary["name"] == "gpu_timings_summary" and set(summary["part_seconds"]) == {"diffstyle", "sde", "pixel",
+                                                                                         "concept"}
+    assert len(results.read_text().splitlines()) == len(rows)
+    text = page.read_text()
+    assert _outside_blocks(text) == _outside_blocks(source) and "Not yet run: no GPU" not in text
+    block = text.split("<!-- begin: gpu_timings -->\n", 1)[1].split("<!-- end: gpu_timings -->", 1)[0]
+    assert block.startswith("```bash\npython benchmarks/gpu_timings.py --tiny --results ") and "--doc" not in block
+    assert "**Plumbing, not results:**" in block and "| DiffStyle set |" in block
+    assert "| pixel metrics, exact |" in block and "| ADP concept step, `fp16_ckpt_cached` |" in block
+
+
+def test_gpu_timings_refuses_cuda_without_a_gpu_and_picks_parts(monkeypatch):
+    """Without CUDA the default device is refused with a pointer to --tiny; --parts keeps the script's order."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import gpu_timings
+
+    monkeypatch.setattr(gpu_timings.torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="--tiny"):
+        gpu_timings.main(["--parts", "pixel"])
+    args = gpu_timings.parse_args(["--parts", "concept", "diffstyle"])
+    assert args.parts == ["diffstyle", "concept"] and (args.styles, args.pixel_size, args.sde_steps) == (4, 1024, 60)
+    tiny = gpu_timings.parse_args(["--tiny"])
+    assert gpu_timings.resolve_device(tiny).type == "cpu" and (tiny.styles, tiny.pixel_size) == (2, 64)
+    assert "--scale" in gpu_timings.concept_argv(tiny, gpu_timings.torch.device("cpu"), 1.0)
