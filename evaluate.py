@@ -55,11 +55,13 @@ from anomgen import pipeline  # noqa: E402
 from anomgen.errors import ConfigError  # noqa: E402
 from anomgen.files import write_json  # noqa: E402
 from anomgen.runtime import (  # noqa: E402
+    EVALUATE_GROUPS,
     finish_loggers,
     instantiate_group,
     report_errors,
     tidy_lightning_logging,
     used_config,
+    validate_config,
     with_config_paths,
     write_metrics,
 )
@@ -199,6 +201,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict, Path]:
 
     from anomgen.selection import image_metrics, score_dataset
 
+    validate_config(cfg, EVALUATE_GROUPS)  # types, ranges and ??? values: one error naming the key, before any work
     tidy_lightning_logging()  # one copy of each line, no adverts
     L.seed_everything(cfg.seed, workers=True)
     run_dir = Path(cfg.paths.output_dir)

@@ -266,6 +266,30 @@ def test_evaluate_refuses_the_last_runs_set_made_for_another_task(compose_config
     assert metrics["synthetic"]["knn_pixels"]["num_anomalies"] == 4
 
 
+@pytest.mark.parametrize("override, key", [
+    ("trainer.max_epochs=abc", "trainer.max_epochs must be an integer >= -1 (-1: no limit) or null, got 'abc'"),
+    ("datamodule.holdout_fraction=abc",
+     "datamodule.holdout_fraction must be a number in [0.0, 1.0] or null, got 'abc'"),
+    ("datamodule=folder", "datamodule.dataset.category is required for datamodule=folder"),
+])
+def test_train_and_evaluate_check_the_config_before_any_work(compose_config, run_train, tmp_path, override, key):
+    """A value of the wrong type, or a ??? left, is one ConfigError naming the key, before anything is built:
+    trainer.max_epochs=abc trained nothing or ended in a bare AssertionError, datamodule.holdout_fraction=abc in a raw
+    TypeError, datamodule=folder without a category in "unknown category 'bottle'"."""
+    from anomgen.errors import ConfigError
+    from evaluate import evaluate
+
+    common = ["logger=none", "debug=tiny", override]
+    with pytest.raises(ConfigError) as err:
+        run_train(common, tmp_path / "train")
+    assert str(err.value).startswith(key)
+    assert not (tmp_path / "train" / "checkpoints").exists() and not (tmp_path / "train" / "run.json").exists()
+    if not override.startswith("trainer."):  # evaluate.py builds no trainer
+        with pytest.raises(ConfigError) as err:
+            evaluate(compose_config("evaluate", [*common, "synthetic_sets.synthetic=null"], run_dir=tmp_path / "e"))
+        assert str(err.value).startswith(key)
+
+
 def test_evaluate_rejects_an_incomplete_set(compose_config, tmp_path):
     from evaluate import evaluate
     from train import train
@@ -467,6 +491,13 @@ def test_cli_default_job_prints_the_run_directory_last(tmp_path):
     assert {k: v for k, v in again.items()} == {k.removeprefix("evaluate/"): v for k, v in saved.items()
                                                 if k.startswith("evaluate/")}
     assert list((eval_dir / "wandb").glob("offline-run-*")), "W&B must log offline into the run directory"
+
+
+def test_cli_folder_without_a_category_is_one_error_line(tmp_path):
+    out = _run("train.py", f"paths.log_dir={tmp_path}", "~experiment", "datamodule=folder", "logger=none", cwd=tmp_path)
+    assert out.returncode == 1, out.stderr[-3000:]
+    assert out.stderr.strip().splitlines()[-1].startswith(
+        "error: datamodule.dataset.category is required for datamodule=folder")
 
 
 def test_cli_unknown_key_fails_with_its_name(tmp_path):
