@@ -11,6 +11,13 @@ the held-out normals (never the test split) against that set's anomalies. The ru
 ``synthetic/knn_pixels/image_AUROC``), ``report.md``, ``report.json`` and ``run.json``; its path is the last line
 printed.
 
+A synthetic set is checked against the task it was made for (its set.json ``task``: the dataset, its root and
+category, the normal class). An entry written as ``${output:...}`` (the default ``synthetic_sets.synthetic``: the set
+the last train.py run exported, whatever its experiment; or a pipeline's earlier stage) whose set was made for
+another task is an error naming the folder, what it was made for and what the datamodule is, so that a set of
+another experiment is never scored by accident. A folder named explicitly (``synthetic_sets.<name>=<folder>`` on the
+command line, or a folder written in an experiment file) is scored anyway, with a warning.
+
 A detector with anomaly maps (``score_maps``; WinCLIP's ``predict`` gives scores and maps in one pass) also gets pixel
 metrics on a test split with masks (MVTec AD, VisA): ``test/<detector>/pixel_AUROC``, ``pixel_AP``, ``pixel_F1Max``,
 ``pixel_F1Max_threshold`` and ``pixel_AUPRO`` (FPR up to ``pixel_metrics.fpr_limit``, 0.3). They are binned over the
@@ -31,6 +38,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -47,11 +55,13 @@ from anomgen import pipeline  # noqa: E402
 from anomgen.errors import ConfigError  # noqa: E402
 from anomgen.files import write_json  # noqa: E402
 from anomgen.runtime import (  # noqa: E402
+    EVALUATE_GROUPS,
     finish_loggers,
     instantiate_group,
     report_errors,
     tidy_lightning_logging,
     used_config,
+    validate_config,
     with_config_paths,
     write_metrics,
 )
@@ -60,21 +70,76 @@ pipeline.register_resolvers()
 log = logging.getLogger("anomgen")
 
 
-def synthetic_validation(datamodule, synthetic_set: str):
-    """Held-out real normals (label 0) + the synthetic set's anomalies (label 1)."""
+#: what a synthetic set was made for (its set.json ``task``) that must match the datamodule: the dataset, its root and
+#: category (``dataset_kwargs``) and the normal class
+TASK_IDENTITY = ("dataset", "root", "category", "normal_class")
+#: a ``synthetic_sets`` entry written as ``${output:...}``: a set found through a run's record, not named by the user
+_FROM_A_RUN = re.compile(r"\$\{\s*output\s*:")
+
+
+def task_identity(task: dict) -> dict:
+    """The :data:`TASK_IDENTITY` fields of a ``describe()`` task (a set's or the datamodule's); the ones it does not
+    record are left out."""
+    kwargs = task.get("dataset_kwargs") or {}
+    out = {key: task[key] for key in ("dataset", "normal_class") if key in task}
+    out.update({key: str(kwargs[key]) for key in ("root", "category") if kwargs.get(key) is not None})
+    if "root" in out:
+        out["root"] = str(Path(out["root"]).expanduser().resolve())
+    if out.get("normal_class") is not None:
+        out["normal_class"] = str(out["normal_class"])
+    return out
+
+
+def task_mismatch(made_for: dict, task: dict) -> list[str]:
+    """The :data:`TASK_IDENTITY` fields in which the task a set was made for (its set.json ``task``) differs from the
+    datamodule's (``task``: ``datamodule.describe()``); empty when the set records no task."""
+    if not made_for:
+        return []
+    made, now = task_identity(made_for), task_identity(task)
+    return [key for key in TASK_IDENTITY if (key in made or key in now) and made.get(key) != now.get(key)]
+
+
+def _described(identity: dict) -> str:
+    return ", ".join(f"{key}={identity.get(key)!r}" for key in TASK_IDENTITY if key in identity)
+
+
+def synthetic_validation(datamodule, synthetic_set: str, name: str = "synthetic", strict: bool = False):
+    """Held-out real normals (label 0) + the synthetic set's anomalies (label 1).
+
+    A set made for another task (its set.json ``task``: another dataset, root, category or normal class than the
+    datamodule's) is a :class:`~anomgen.errors.ConfigError` with ``strict`` (a set found through a run's record,
+    ``${output:...}``) and a warning without (a set the user named)."""
     from torch.utils.data import ConcatDataset
 
     from anomgen.data.synthetic import SyntheticSet
 
     anomalies = SyntheticSet(synthetic_set, image_size=datamodule.support[0]["image"].shape[-2:], labels=(1,))
-    task = anomalies.info.get("task") or {}
-    if task.get("normal_class") not in (None, datamodule.normal_class):
-        warnings.warn(f"synthetic set {synthetic_set} was made for normal class {task.get('normal_class')!r}, "
-                      f"the datamodule's normal class is {datamodule.normal_class!r}", stacklevel=2)
+    made_for, task = anomalies.info.get("task") or {}, datamodule.describe()
+    differ = task_mismatch(made_for, task)
+    if differ:
+        what = (f"synthetic set {synthetic_set} (synthetic_sets.{name}) was made for "
+                f"{_described(task_identity(made_for))}; the datamodule is {_described(task_identity(task))} "
+                f"(they differ in {', '.join(differ)})")
+        if strict:
+            raise ConfigError(f"{what}. The set was found through ${{output:...}} (what a train.py run or an earlier "
+                              f"stage recorded), not named by you: evaluate it with the datamodule it was made for, "
+                              f"name it to score it anyway (synthetic_sets.{name}={synthetic_set}), or leave it out "
+                              f"(synthetic_sets.{name}=null)")
+        warnings.warn(f"{what}; scored because it was named explicitly", stacklevel=2)
     if len(datamodule.val_normals) == 0:
         raise ConfigError("synthetic validation needs held-out normal images: set datamodule.validation=holdout "
                          "(or synthetic) with datamodule.holdout_fraction > 0; the test split is never used for it")
     return ConcatDataset([datamodule.val_normals, anomalies]), anomalies
+
+
+def synthetic_sets_of(cfg: DictConfig) -> dict[str, tuple[str, bool]]:
+    """``synthetic_sets`` as {name: (folder, from a run)}: ``from a run`` when the entry is written as an
+    ``${output:...}`` interpolation (the set a train.py run or an earlier stage recorded, e.g. the default
+    ``${output:synthetic_set,null}``), not a folder the user named; entries that resolve to null are left out."""
+    sets = cfg.get("synthetic_sets") or {}
+    written = OmegaConf.to_container(sets, resolve=False) if OmegaConf.is_config(sets) else dict(sets)
+    return {str(name): (str(path), bool(_FROM_A_RUN.search(str(written.get(name, "")))))
+            for name, path in sets.items() if path}
 
 
 def named_detectors(cfg: DictConfig) -> dict:
@@ -136,6 +201,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict, Path]:
 
     from anomgen.selection import image_metrics, score_dataset
 
+    validate_config(cfg, EVALUATE_GROUPS)  # types, ranges and ??? values: one error naming the key, before any work
     tidy_lightning_logging()  # one copy of each line, no adverts
     L.seed_everything(cfg.seed, workers=True)
     run_dir = Path(cfg.paths.output_dir)
@@ -143,8 +209,10 @@ def evaluate(cfg: DictConfig) -> tuple[dict, Path]:
         return evaluate_selection(cfg, run_dir)
     datamodule = hydra.utils.instantiate(cfg.datamodule)
     datamodule.setup("test")
-    sets = {name: str(path) for name, path in (cfg.get("synthetic_sets") or {}).items() if path}
-    validation = {name: synthetic_validation(datamodule, path) for name, path in sets.items()}
+    found = synthetic_sets_of(cfg)
+    sets = {name: path for name, (path, _) in found.items()}
+    validation = {name: synthetic_validation(datamodule, path, name, strict=from_run)
+                  for name, (path, from_run) in found.items()}
     batch_size = datamodule.eval_batch_size
 
     report: dict = {"task": datamodule.describe(), "synthetic_sets": sets, "detectors": {}}

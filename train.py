@@ -14,9 +14,11 @@ machine); asking for more GPUs than the machine has is one error naming ``traine
 Under DDP only rank 0 writes the run records; in a pipeline every rank waits after each stage until rank 0 has
 written its record, and ``evaluate`` stages and stages marked ``rank_zero: true`` (a cached backbone or DDPM, made
 the same whatever the device count) run on rank 0 alone, on one device, while the others wait.
-The run folder is the last line printed. The project's own errors (:mod:`anomgen.errors`: a missing dataset, a set
-that exists, missing weights, an inconsistent config) end the run with one ``error: ...`` message on stderr and exit
-code 1; ``ANOMGEN_TRACEBACK=1`` (or ``HYDRA_FULL_ERROR=1``) shows their traceback.
+Each stage's config is checked before anything is built from it (:func:`anomgen.runtime.validate_config`: no ``???``
+left, ``trainer.max_epochs`` an integer, fractions in [0, 1] ...). The run folder is the last line printed. The
+project's own errors (:mod:`anomgen.errors`: a missing dataset, a set that exists, missing weights, an inconsistent
+config) end the run with one ``error: ...`` message on stderr and exit code 1; ``ANOMGEN_TRACEBACK=1`` (or
+``HYDRA_FULL_ERROR=1``) shows their traceback.
 """
 
 from __future__ import annotations
@@ -42,12 +44,14 @@ from anomgen.errors import ConfigError  # noqa: E402
 from anomgen.files import write_json  # noqa: E402
 from anomgen.progress import progress_enabled  # noqa: E402
 from anomgen.runtime import (  # noqa: E402
+    TRAIN_GROUPS,
     code_version,
     finish_loggers,
     instantiate_group,
     report_errors,
     tidy_lightning_logging,
     used_config,
+    validate_config,
     with_config_paths,
     write_metrics,
 )
@@ -73,6 +77,7 @@ def run_stage(cfg: DictConfig) -> tuple[dict, Path, bool]:
 
     from callbacks.export import SyntheticSetExport
 
+    validate_config(cfg, TRAIN_GROUPS)  # types, ranges and ??? values: one error naming the key, before anything runs
     tidy_lightning_logging()  # one copy of each line, no adverts
     # more than one device and no strategy: DDP, one process per device (gloo on CPUs); too few GPUs: one error, now
     settings = trainer_settings(cfg.trainer)

@@ -1,6 +1,7 @@
-"""What the entry points share that is not Lightning: config resolvers, the run's metrics file, code version, how
-the project's own errors end a run (:func:`report_errors`), the config's folders the library reads
-(:func:`with_config_paths`), how many data-loading workers a machine gets, one copy of each log line
+"""What the entry points share that is not Lightning: config resolvers, the run's metrics file, code version, the check
+of a composed config before anything is built from it (:func:`validate_config`: ``???`` values left, types and ranges,
+one error naming the key), how the project's own errors end a run (:func:`report_errors`), the config's folders the
+library reads (:func:`with_config_paths`), how many data-loading workers a machine gets, one copy of each log line
 (:func:`tidy_lightning_logging`).
 
 Resolvers (registered by :func:`anomgen.pipeline.register_resolvers`, which the entry points and tests call):
@@ -125,6 +126,137 @@ def with_config_paths(run: Callable) -> Callable:
             return run(cfg, *args, **kwargs)
 
     return wrapped
+
+
+# ----------------------------------------------------------------------------------------------- config validation
+
+#: the config groups each entry point instantiates (their ``???`` values must be given; the others may stay unset)
+TRAIN_GROUPS = ("datamodule", "model", "trainer", "callbacks", "logger")
+EVALUATE_GROUPS = ("datamodule", "detector", "detectors", "synthetic_sets", "selection", "pixel_metrics",
+                   "generation_metrics", "logger")
+
+
+def _integer(low: int, nullable: bool = True, note: str = "") -> tuple[Callable, str]:
+    what = f"an integer >= {low}{note}" + (" or null" if nullable else "")
+    return (lambda v: (v is None and nullable) or (isinstance(v, int) and not isinstance(v, bool) and v >= low)), what
+
+
+def _number(low: float, high: float, nullable: bool = True) -> tuple[Callable, str]:
+    what = f"a number in [{low}, {high}]" + (" or null" if nullable else "")
+    return (lambda v: (v is None and nullable) or (_is_number(v) and low <= v <= high)), what
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value  # not NaN
+
+
+def _batches(value) -> bool:
+    """Lightning's ``limit_*_batches``: a count (int >= 0) or a fraction of the loader (float in [0, 1])."""
+    if value is None:
+        return True
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value >= 0
+    return isinstance(value, float) and 0.0 <= value <= 1.0
+
+
+#: key -> (check, what it must be): the values Lightning and the datamodules take without checking their type
+CHECKED_VALUES: dict[str, tuple[Callable, str]] = {
+    "seed": _integer(0, nullable=False),
+    "trainer.max_epochs": _integer(-1, note=" (-1: no limit)"),
+    "trainer.min_epochs": _integer(0),
+    "trainer.max_steps": _integer(-1, nullable=False, note=" (-1: no limit)"),
+    "trainer.min_steps": _integer(0),
+    "trainer.accumulate_grad_batches": _integer(1, nullable=False),
+    "trainer.check_val_every_n_epoch": _integer(1),
+    "trainer.log_every_n_steps": _integer(1),
+    "trainer.num_sanity_val_steps": _integer(-1, note=" (-1: all)"),
+    "trainer.fast_dev_run": ((lambda v: isinstance(v, bool) or (isinstance(v, int) and v >= 0)),
+                             "true, false or a number of batches >= 0"),
+    "trainer.gradient_clip_val": ((lambda v: v is None or (_is_number(v) and v >= 0)), "a number >= 0 or null"),
+    **{f"trainer.limit_{split}_batches": (_batches, "a number of batches (an integer >= 0) or a fraction of them "
+                                                   "(a float in [0, 1]) or null")
+       for split in ("train", "val", "test", "predict")},
+    "datamodule.batch_size": _integer(1, nullable=False),
+    "datamodule.eval_batch_size": _integer(1),
+    "datamodule.num_workers": _integer(0, note=" (null: as many as the machine allows)"),
+    "datamodule.k_shot": _integer(1, note=" (null: every normal training image)"),
+    "datamodule.support_seed": _integer(0),
+    "datamodule.holdout_seed": _integer(0),
+    "datamodule.train_repeats": _integer(1, nullable=False),
+}
+#: every key of this name in the groups an entry point instantiates is a fraction: a number in [0, 1] or null
+FRACTION_SUFFIX = "_fraction"
+_ABSENT = object()
+
+
+def _group_choice(cfg, group: str) -> str | None:
+    """The option of config group ``group`` this run composed (``datamodule=folder``), when Hydra knows it: only for
+    the job's own config (a pipeline's stage is composed apart, with choices of its own that Hydra does not keep)."""
+    from omegaconf import OmegaConf
+
+    if OmegaConf.select(cfg, "pipeline_dir", default=None):
+        return None
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return HydraConfig.get().runtime.choices.get(group) if HydraConfig.initialized() else None
+    except Exception:  # noqa: BLE001 - a hint only
+        return None
+
+
+def _walk(node, prefix: str):
+    """``(dotted key, node)`` of every node under ``node``, read without resolving any interpolation (an
+    ``${output:...}`` that only a later stage can resolve is not touched)."""
+    from omegaconf import DictConfig, ListConfig
+
+    if isinstance(node, DictConfig):
+        keys = [(key, f"{prefix}.{key}") for key in node.keys()]
+    elif isinstance(node, ListConfig):
+        keys = [(i, f"{prefix}[{i}]") for i in range(len(node))]
+    else:
+        return
+    for key, name in keys:
+        child = node._get_node(key)
+        yield name, child
+        if not (child._is_missing() or child._is_none() or child._is_interpolation()):
+            yield from _walk(child, name)
+
+
+def validate_config(cfg, groups: tuple[str, ...] = TRAIN_GROUPS) -> None:
+    """Check a composed config before anything is instantiated from it; a :class:`~anomgen.errors.ConfigError`
+    names the key and its value. train.py's ``run_stage`` calls it with :data:`TRAIN_GROUPS`, evaluate.py's
+    ``evaluate`` with :data:`EVALUATE_GROUPS` (the groups each instantiates):
+
+    - no mandatory value (``???``) is left in those groups (e.g. ``datamodule.dataset.category`` of
+      ``datamodule=folder``);
+    - the values in :data:`CHECKED_VALUES` that are present have their type and range (``trainer.max_epochs``: an
+      integer >= -1 or null; ``datamodule.batch_size``: an integer >= 1 ...), the ``trainer.*`` ones only when
+      ``trainer`` is among ``groups``;
+    - every ``*_fraction`` key in those groups (``datamodule.holdout_fraction``, ``datamodule.dataset.test_fraction``,
+      ``model.min_fraction`` ...) is a number in [0, 1] or null (a constructor may narrow the range further).
+    """
+    from omegaconf import DictConfig, OmegaConf
+
+    present = [g for g in groups if isinstance(cfg.get(g), DictConfig)]
+    for group in present:
+        missing = [key for key, node in _walk(cfg[group], group) if node._is_missing()
+                   and not node._is_interpolation()]
+        if missing:
+            choice = _group_choice(cfg, group)
+            where = f" for {group}={choice}" if choice else ""
+            raise ConfigError(f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} required{where} (the "
+                              f"config leaves {'it' if len(missing) == 1 else 'them'} ???): give "
+                              + " ".join(f"{key}=<value>" for key in missing))
+    keys = [k for k in CHECKED_VALUES if k.partition(".")[0] in ("seed", *present)]
+    fractions = [key for group in present for key, _ in _walk(cfg[group], group)
+                 if key.rpartition(".")[2].endswith(FRACTION_SUFFIX)]
+    for key in [*keys, *fractions]:
+        value = OmegaConf.select(cfg, key, default=_ABSENT)
+        if value is _ABSENT:
+            continue
+        check, what = CHECKED_VALUES.get(key) or _number(0.0, 1.0)
+        if not check(value):
+            raise ConfigError(f"{key} must be {what}, got {value!r}")
 
 
 # ------------------------------------------------------------------------------------------ errors at the entry points

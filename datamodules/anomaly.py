@@ -33,6 +33,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset
 from anomgen.data import tasks
 from anomgen.data.generation import GenerationRequests
 from anomgen.data.record import GOOD, NORMAL
+from anomgen.errors import ConfigError
 from anomgen.runtime import loader_workers
 
 PROTOCOLS = ("one_vs_rest", "defects")
@@ -119,15 +120,15 @@ class AnomalyDataModule(LightningDataModule):
         ``"anomaly_train"``, what the training loader yields."""
         super().__init__()
         if protocol not in PROTOCOLS:
-            raise ValueError(f"datamodule.protocol must be one of {PROTOCOLS}, got {protocol!r}")
+            raise ConfigError(f"datamodule.protocol must be one of {PROTOCOLS}, got {protocol!r}")
         if protocol == "one_vs_rest" and normal_class is None:
-            raise ValueError("datamodule.normal_class is required with protocol=one_vs_rest (which class is normal)")
+            raise ConfigError("datamodule.normal_class is required with protocol=one_vs_rest (which class is normal)")
         if validation not in VALIDATION_SOURCES:
-            raise ValueError(f"datamodule.validation must be one of {VALIDATION_SOURCES}, got {validation!r}")
+            raise ConfigError(f"datamodule.validation must be one of {VALIDATION_SOURCES}, got {validation!r}")
         if validation == "synthetic" and not synthetic_set:
-            raise ValueError("datamodule.validation=synthetic needs datamodule.synthetic_set (a synthetic set folder)")
+            raise ConfigError("datamodule.validation=synthetic needs datamodule.synthetic_set (a synthetic set folder)")
         if not 0.0 <= holdout_fraction < 1.0:
-            raise ValueError(f"datamodule.holdout_fraction must be in [0, 1), got {holdout_fraction}")
+            raise ConfigError(f"datamodule.holdout_fraction must be in [0, 1), got {holdout_fraction}")
         self.dataset_factory = dataset
         self.protocol = protocol
         self.normal_class = None if normal_class is None else str(normal_class)
@@ -144,19 +145,19 @@ class AnomalyDataModule(LightningDataModule):
         self.outlier_exposure_set = outlier_exposure_set
         self.outlier_exposure_target = outlier_exposure_target
         if int(train_repeats) < 1:
-            raise ValueError(f"datamodule.train_repeats must be >= 1, got {train_repeats}")
+            raise ConfigError(f"datamodule.train_repeats must be >= 1, got {train_repeats}")
         self.train_repeats = int(train_repeats)
         if anomaly_train_fraction is not None:
             if protocol != "defects":
-                raise ValueError("datamodule.anomaly_train_fraction needs protocol=defects (a defect set whose test "
-                                 f"anomalies have masks: MVTec AD, VisA, Folder), got protocol={protocol!r}")
+                raise ConfigError("datamodule.anomaly_train_fraction needs protocol=defects (a defect set whose test "
+                                  f"anomalies have masks: MVTec AD, VisA, Folder), got protocol={protocol!r}")
             if not 0.0 < float(anomaly_train_fraction) < 1.0:
-                raise ValueError(f"datamodule.anomaly_train_fraction must be in (0, 1), got {anomaly_train_fraction}")
+                raise ConfigError(f"datamodule.anomaly_train_fraction must be in (0, 1), got {anomaly_train_fraction}")
         if train_on not in TRAIN_SOURCES:
-            raise ValueError(f"datamodule.train_on must be one of {TRAIN_SOURCES}, got {train_on!r}")
+            raise ConfigError(f"datamodule.train_on must be one of {TRAIN_SOURCES}, got {train_on!r}")
         if train_on == "anomaly_train" and anomaly_train_fraction is None:
-            raise ValueError("datamodule.train_on=anomaly_train needs datamodule.anomaly_train_fraction (e.g. 1/3: "
-                             "the share of each defect type's test anomalies set aside for training)")
+            raise ConfigError("datamodule.train_on=anomaly_train needs datamodule.anomaly_train_fraction (e.g. 1/3: "
+                              "the share of each defect type's test anomalies set aside for training)")
         self.anomaly_train_fraction = None if anomaly_train_fraction is None else float(anomaly_train_fraction)
         self.train_on = train_on
         self.train_normals = self.val_normals = self.support = self.test_set = self.val_set = None

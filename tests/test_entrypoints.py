@@ -209,6 +209,87 @@ def test_overwrite_of_a_folder_that_is_not_a_set_is_refused_before_fitting(compo
     assert (folder / "notes.txt").read_text() == "mine"
 
 
+def _set_made_for(folder: Path, task: dict) -> Path:
+    """A small synthetic set whose set.json says it was made for ``task``."""
+    import torch
+
+    from anomgen.data.synthetic import write_set
+
+    samples = [{"image": torch.rand(3, 8, 8), "generator": "noise", "category": "x"} for _ in range(4)]
+    return write_set(folder, samples, {"generator": "noise", "task": task})
+
+
+def _as_last_train_run(log_dir: Path, run_dir: Path, set_dir: Path) -> None:
+    """Record ``set_dir`` as the synthetic set of the last train.py run under ``log_dir``."""
+    from anomgen import pipeline
+
+    pipeline.write_run_record(run_dir, {"synthetic_set": str(set_dir)}, {"task": "train"})
+    pipeline.point_latest_run(log_dir, run_dir)
+
+
+@pytest.mark.parametrize("task, overrides, field, made_for", [
+    ("digits", [], "normal_class", "5"),
+    ("mvtec", ["datamodule=mvtec", "debug=tiny"], "category", "cable"),
+])
+def test_evaluate_refuses_the_last_runs_set_made_for_another_task(compose_config, tmp_path, task, overrides, field,
+                                                                   made_for):
+    """The default synthetic set (``${output:synthetic_set,null}``: whatever the last train.py run exported) made for
+    another normal class or category is an error naming the folder, what it was made for and what the datamodule is;
+    the same folder named on the command line is scored, with a warning."""
+    import hydra
+
+    from anomgen.errors import ConfigError
+    from evaluate import evaluate
+
+    base = ["logger=none", *overrides]
+    datamodule = hydra.utils.instantiate(compose_config("evaluate", base, run_dir=tmp_path / "probe").datamodule)
+    made = datamodule.describe()
+    if field == "category":
+        made["dataset_kwargs"] = {**made["dataset_kwargs"], "category": made_for}
+    else:
+        made[field] = made_for
+    now = datamodule.normal_class if field == "normal_class" else datamodule.describe()["dataset_kwargs"]["category"]
+    set_dir = _set_made_for(tmp_path / "other_task_set", made)
+    _as_last_train_run(tmp_path / "logs", tmp_path / "train_run", set_dir)
+    cfg = compose_config("evaluate", base, run_dir=tmp_path / "default")
+    assert cfg.synthetic_sets.synthetic == str(set_dir)
+    with pytest.raises(ConfigError) as err:
+        evaluate(cfg)
+    message = str(err.value)
+    assert str(set_dir) in message and "synthetic_sets.synthetic" in message
+    assert f"{field}={made_for!r}" in message and f"{field}={now!r}" in message
+    assert not (tmp_path / "default" / "metrics.json").exists()
+    assert f"differ in {field})" in message
+    with pytest.warns(UserWarning, match=rf"was made for .*{field}={made_for!r}.*the datamodule is .*{field}={now!r}"):
+        metrics, _ = evaluate(compose_config("evaluate", [*base, f"synthetic_sets.synthetic={set_dir}"],
+                                             run_dir=tmp_path / "named"))
+    assert metrics["synthetic"]["knn_pixels"]["num_anomalies"] == 4
+
+
+@pytest.mark.parametrize("override, key", [
+    ("trainer.max_epochs=abc", "trainer.max_epochs must be an integer >= -1 (-1: no limit) or null, got 'abc'"),
+    ("datamodule.holdout_fraction=abc",
+     "datamodule.holdout_fraction must be a number in [0.0, 1.0] or null, got 'abc'"),
+    ("datamodule=folder", "datamodule.dataset.category is required for datamodule=folder"),
+])
+def test_train_and_evaluate_check_the_config_before_any_work(compose_config, run_train, tmp_path, override, key):
+    """A value of the wrong type, or a ??? left, is one ConfigError naming the key, before anything is built:
+    trainer.max_epochs=abc trained nothing or ended in a bare AssertionError, datamodule.holdout_fraction=abc in a raw
+    TypeError, datamodule=folder without a category in "unknown category 'bottle'"."""
+    from anomgen.errors import ConfigError
+    from evaluate import evaluate
+
+    common = ["logger=none", "debug=tiny", override]
+    with pytest.raises(ConfigError) as err:
+        run_train(common, tmp_path / "train")
+    assert str(err.value).startswith(key)
+    assert not (tmp_path / "train" / "checkpoints").exists() and not (tmp_path / "train" / "run.json").exists()
+    if not override.startswith("trainer."):  # evaluate.py builds no trainer
+        with pytest.raises(ConfigError) as err:
+            evaluate(compose_config("evaluate", [*common, "synthetic_sets.synthetic=null"], run_dir=tmp_path / "e"))
+        assert str(err.value).startswith(key)
+
+
 def test_evaluate_rejects_an_incomplete_set(compose_config, tmp_path):
     from evaluate import evaluate
     from train import train
@@ -410,6 +491,13 @@ def test_cli_default_job_prints_the_run_directory_last(tmp_path):
     assert {k: v for k, v in again.items()} == {k.removeprefix("evaluate/"): v for k, v in saved.items()
                                                 if k.startswith("evaluate/")}
     assert list((eval_dir / "wandb").glob("offline-run-*")), "W&B must log offline into the run directory"
+
+
+def test_cli_folder_without_a_category_is_one_error_line(tmp_path):
+    out = _run("train.py", f"paths.log_dir={tmp_path}", "~experiment", "datamodule=folder", "logger=none", cwd=tmp_path)
+    assert out.returncode == 1, out.stderr[-3000:]
+    assert out.stderr.strip().splitlines()[-1].startswith(
+        "error: datamodule.dataset.category is required for datamodule=folder")
 
 
 def test_cli_unknown_key_fails_with_its_name(tmp_path):

@@ -43,6 +43,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from anomgen.errors import ConfigError
+
 GeneratorArg = torch.Generator | Sequence[torch.Generator] | None
 ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -283,13 +285,20 @@ class VPSDE(SDE):
         return self._alphas.to(x.device)[i].to(x.dtype)
 
 
+#: the parameters of each kind's schedule; ``N`` and ``eps`` are shared
+SDE_PARAMETERS = {"ve": ("sigma_min", "sigma_max"), "vp": ("beta_min", "beta_max")}
+
+
 def make_sde(kind: str, **kwargs) -> SDE:
-    """``"ve"`` / ``"vp"`` (any case) -> the SDE with ``kwargs``."""
+    """``"ve"`` / ``"vp"`` (any case) -> the SDE with ``kwargs``. ``kwargs`` may hold both kinds' schedules (a config
+    switches kind by ``sde.kind`` alone: ``sigma_min``/``sigma_max`` for VE, ``beta_min``/``beta_max`` for VP); the
+    other kind's are left out. Any other unknown keyword is an error."""
     kinds = {"ve": VESDE, "vp": VPSDE}
-    try:
-        return kinds[kind.lower()](**kwargs)
-    except KeyError:
-        raise ValueError(f"unknown SDE kind {kind!r}; expected one of {sorted(kinds)}") from None
+    chosen = str(kind).lower()
+    if chosen not in kinds:
+        raise ConfigError(f"unknown SDE kind {kind!r} (model.sde.kind); expected one of {sorted(kinds)}")
+    other = {name for k, names in SDE_PARAMETERS.items() if k != chosen for name in names}
+    return kinds[chosen](**{k: v for k, v in kwargs.items() if k not in other})
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -147,6 +147,21 @@ def test_make_sde():
         make_sde("subvp")
 
 
+def test_make_sde_takes_the_chosen_kind_s_schedule_from_both():
+    """A config holds both schedules and switches by kind alone (model.sde.kind=ve used to fail with "unexpected
+    keyword 'beta_min'"); any other unknown keyword is still an error."""
+    from anomgen.errors import ConfigError
+
+    both = {"beta_min": 0.2, "beta_max": 10.0, "sigma_min": 0.02, "sigma_max": 30.0, "N": 500}
+    ve, vp = make_sde("ve", **both), make_sde("vp", **both)
+    assert isinstance(ve, VESDE) and (ve.sigma_min, ve.sigma_max, ve.N) == (0.02, 30.0, 500)
+    assert isinstance(vp, VPSDE) and (vp.beta_min, vp.beta_max, vp.N) == (0.2, 10.0, 500)
+    with pytest.raises(TypeError, match="sigma_mxa"):
+        make_sde("ve", sigma_mxa=3.0)
+    with pytest.raises(ConfigError, match=r"unknown SDE kind 'subvp' \(model.sde.kind\)"):
+        make_sde("subvp", **both)
+
+
 # ---------------------------------------------------------------------------------------------------- DSM loss
 
 
