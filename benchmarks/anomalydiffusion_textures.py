@@ -325,6 +325,10 @@ def run_category(stack_folder: Path, base_info: dict, category: str, args, work:
     runs = {"anomalydiffusion": anomalydiffusion_overrides(args, stack_folder),
             "perlin": localizer_overrides(args, "perlin"), "oracle": localizer_overrides(args, "oracle")}
     for name in LOCALIZERS:
+        again = args.continue_run.get(name)
+        if again:  # the stages that finished there are skipped (train.py's pipeline), the rest run
+            runs[name] = [*runs[name], f"hydra.run.dir={again}"]
+            row.setdefault("continued", {})[name] = again
         run_dir, metrics = timed(name, lambda: run_pipeline(work / "runs", *runs[name], *common, env=env))
         prefix = "evaluate/test/unet_localizer/"
         row["metrics"][name] = {m: metrics.get(prefix + m) for m in METRICS}
@@ -369,19 +373,29 @@ def doc_body(rows: list[dict]) -> str:
     out.append(table(["category", "localizer trained on", "pixel AUROC", "pixel AUPRO", "pixel AP", "image AUROC"],
                      body))
     s = rows[-1]["settings"]
+    counts = {r["category"]: r["settings"]["pairs"] for r in rows}
+    types = s.get("generate_types") or "every type"
+    pairs = (str(s["pairs"]) if len(set(counts.values())) == 1
+             else ", ".join(f"{c} {n}" for c, n in counts.items())) + f" ({', '.join(types)})"
     out.append(f"\nSettings: {s['image_size']} px; base model VAE {s['vae_steps']} + UNet {s['unet_steps']} steps; "
-               f"embedding {s['embedding_steps']} steps, mask model {s['mask_steps']} steps, {s['pairs']} pairs per "
-               f"type, DDIM {s['ddim_steps']} steps, AAR {s['aar']}; localizer {s['localizer_epochs']} epochs × "
+               f"embedding {s['embedding_steps']} steps, mask model {s['mask_steps']} steps, pairs per type "
+               f"{pairs}, DDIM {s['ddim_steps']} steps, AAR {s['aar']}; localizer {s['localizer_epochs']} epochs × "
                f"{s['localizer_samples']} draws, base width {s['localizer_width']}; seed {s['seed']}.\n")
     time_rows = []
     for r in rows:
         base = r["base_model"].get("cpu_seconds", 0) / len(r["base_model"].get("categories", [1]))
         phases = [r["cpu_seconds"].get(p, 0) for p in LOCALIZERS]
-        time_rows.append([r["category"], f"{base / 60:.1f}", *(f"{v / 60:.1f}" for v in phases),
+        cont = r.get("continued") or {}
+        time_rows.append([r["category"], f"{base / 60:.1f}",
+                          *(f"{v / 60:.1f}" + (" (continued)" if name in cont else "") for name, v in zip(LOCALIZERS,
+                                                                                                          phases)),
                           f"{(base + sum(phases)) / 60:.1f}"])
     out.append("CPU minutes per category (the base model's, trained once for the three textures, split in three):\n")
     out.append(table(["category", "base model (1/3)", "AnomalyDiffusion (all stages)", "Perlin", "oracle",
                       "total"], time_rows))
+    if any(r.get("continued") for r in rows):
+        out.append("\n(continued): an interrupted run continued in its folder (`--continue-run`); only the stages "
+                   "that ran again are counted, the others' times are in that run's `train.log`.")
     b = rows[-1]["base_model"]
     if "vae" in b:
         out.append(f"\nBase model: VAE reconstruction PSNR {b['vae']['psnr']:.1f} dB on the training images; UNet "
@@ -416,7 +430,15 @@ def parse_args(argv=None):
     p.add_argument("--localizer-width", type=int, default=16)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--continue-run", nargs="*", default=[], metavar="NAME=DIR",
+                   help="continue an interrupted pipeline run of one category (anomalydiffusion, perlin or oracle) in "
+                        "its folder DIR: its finished stages are skipped; the row then says so and its CPU times "
+                        "count only what ran")
     args = p.parse_args(argv)
+    pairs = [item.split("=", 1) for item in args.continue_run]
+    if any(len(item) != 2 or item[0] not in LOCALIZERS for item in pairs):
+        p.error(f"--continue-run takes NAME=DIR with NAME one of {LOCALIZERS}, got {args.continue_run}")
+    args.continue_run = dict(pairs)
     if args.tiny:
         for key, value in (("vae_steps", 3), ("unet_steps", 3), ("unet_width", 16),
                            ("n_shapes", 6), ("embedding_steps", 2), ("mask_steps", 2), ("pairs", 2),
