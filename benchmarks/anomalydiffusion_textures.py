@@ -231,7 +231,6 @@ def base_model(root: str, args, work: Path) -> tuple[Path, dict]:
     """The base model, trained on the normal training crops of every texture of the task (one model for the three
     categories, as one LDM serves every MVTec category) and the generic shapes; a diffusers folder under ``work``,
     reused when the settings match."""
-    from anomgen.data.textures import TEXTURES
     from anomgen.diffusion.text2image import save_text_to_image
     from anomgen.generators.anomalydiffusion import TEMPLATES_SMALL
 
@@ -249,7 +248,9 @@ def base_model(root: str, args, work: Path) -> tuple[Path, dict]:
         return [TEMPLATES_SMALL[i].format(word) for i in gen.integers(len(TEMPLATES_SMALL), size=n)]
 
     images, texts = [], []
-    for category in TEXTURES:
+    # the task's categories, as written (the defect painter's module is the task's ground truth: not imported here)
+    textures = sorted(p.name for p in Path(root).iterdir() if p.is_dir())
+    for category in textures:
         normals = dihedral(normal_crops(root, category, args.image_size))
         images.append(normals)
         texts += captions(category, len(normals))
@@ -257,7 +258,7 @@ def base_model(root: str, args, work: Path) -> tuple[Path, dict]:
     images.append(shapes)
     texts += captions("mask", len(shapes))
     images = torch.cat(images)
-    info = {"categories": list(TEXTURES), "normal_images": len(images) - len(shapes), "shape_images": len(shapes),
+    info = {"categories": textures, "normal_images": len(images) - len(shapes), "shape_images": len(shapes),
             "unet_parameters": sum(p.numel() for p in stack.unet.parameters()),
             "vae_parameters": sum(p.numel() for p in stack.vae.parameters())}
     t0, c0 = time.time(), _cpu_seconds()
@@ -449,7 +450,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> list[dict]:
-    from anomgen.data.textures import write_texture_task
+    from anomgen.data import write_texture_task
 
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
