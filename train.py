@@ -159,6 +159,8 @@ def run_pipeline(cfg: DictConfig, overrides: list[str]) -> tuple[dict, Path, boo
     with open_dict(cfg):
         cfg.pipeline_dir = str(run_dir)  # ${output:STAGE.KEY} in the stages' overrides reads this pipeline
     stages = OmegaConf.to_container(cfg.pipeline, resolve=False)  # resolved one stage at a time, when it starts
+    # a stage set to null (an experiment's `pipeline: {classifier: null}`, or `pipeline.classifier=null`) is left out
+    stages = {name: stage for name, stage in stages.items() if stage is not None}
     bad = [name for name, stage in stages.items() if not isinstance(stage, dict) or set(stage) - STAGE_KEYS
            or stage.get("entry", "train") not in ("train", "evaluate")]
     if bad:
