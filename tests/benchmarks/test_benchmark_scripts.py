@@ -404,6 +404,7 @@ def test_ddp_scaling_ratios_and_table(tmp_path):
     assert "python benchmarks/ddp_scaling.py --tiny\n```\n\n| processes |" in page.read_text()
 
 
+@pytest.mark.slow  # three processes start (about 25 s); its table is checked in the default run above
 def test_ddp_scaling_tiny_runs_on_one_and_two_processes():
     """Two worker runs (1 + 2 gloo processes), each importing the stack: about 30 s here (60 s beside other jobs)."""
     rows = _run("ddp_scaling.py", "--tiny", "--processes", "1", "2")
@@ -414,6 +415,7 @@ def test_ddp_scaling_tiny_runs_on_one_and_two_processes():
     assert [r["samples"] for r in rows] == [24, 48, 8, 8]  # 3 timed steps × 8 images × N; the whole set, once
 
 
+@pytest.mark.slow  # every part at toy sizes (about 20 s); pytest -m slow runs it
 def test_gpu_timings_tiny_runs_every_part_and_writes_its_block(tmp_path):
     """gpu_timings.py --tiny (about 25 s here): every part runs at toy sizes on the CPU, its rows say plumbing and
     carry the versions and the device, the concept rows come from concept_speed.py's own function, and --doc rewrites
