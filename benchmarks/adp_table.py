@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from pipeline_runs import append_row, read_rows, run_pipeline  # noqa: E402
+from pipeline_runs import append_rows, read_rows, run_pipeline  # noqa: E402
 
 #: Table 1's detectors and Table 2's, as the evaluate stage names them
 TABLE1 = ("winclip_plus", "adp", "adp_l")
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> str:
                         continue
                     print(f"{args.experiment} {category} K={k} seed={seed} ...", flush=True)
                     row = run_one(args.experiment, category, k, seed, args.tiny, args.extra, Path(work))
-                    append_row(args.results, row)
+                    append_rows(args.results, [row])
                     rows.append(row)
     text = tables(rows, args.experiment)
     print(text)

@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from pipeline_runs import append_row, read_rows, run_pipeline  # noqa: E402
+from pipeline_runs import append_rows, read_rows, run_pipeline  # noqa: E402
 
 #: the tables' columns: (metric key in the run's metrics.json, column name)
 TABLE1 = (("evaluate/generation/anomalydiffusion/inception_score", "IS"),
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> str:
                 continue
             print(f"{args.experiment} {category} ...", flush=True)
             row = run_one(args.experiment, category, args.tiny, args.extra, Path(work))
-            append_row(args.results, row)
+            append_rows(args.results, [row])
             rows.append(row)
     text = tables(rows, args.experiment)
     print(text)

@@ -54,7 +54,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from pipeline_runs import append_row, read_rows, run_pipeline  # noqa: E402
+from pipeline_runs import append_rows, read_rows, run_pipeline  # noqa: E402
 
 NAME = "anomalydiffusion_textures"
 LOCALIZERS = ("anomalydiffusion", "perlin", "oracle")
@@ -464,7 +464,7 @@ def main(argv=None) -> list[dict]:
         print(f"base model: {stack_folder} ({base_info})", flush=True)
     for category in todo:
         row = run_category(stack_folder, base_info, category, args, args.work)
-        append_row(args.results, row)
+        append_rows(args.results, [row])
         rows.append(row)
     rows = [r for r in rows if r.get("name") == NAME and r.get("tiny", False) == args.tiny]
     text = doc_body(rows)

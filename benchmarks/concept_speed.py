@@ -429,11 +429,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(json.dumps(summary), flush=True)
     rows.append(summary)
     if args.results:
-        path = Path(args.results)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("a") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
+        from pipeline_runs import append_rows
+
+        append_rows(Path(args.results), rows)
     if args.doc:
         write_table(args, rows, argv)
     return rows

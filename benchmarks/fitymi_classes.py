@@ -41,13 +41,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from pipeline_runs import append_rows, read_rows, run_pipeline  # noqa: E402
+
 KEYS = ("image_AUROC", "image_AUROC_one_vs_one_mean", "image_AUROC_one_vs_one_closest")
 # per experiment: the classes (Animal-MNIST's closest pairs first) and pixel-FID bands that its checks every 50 steps
 # fall into before the stop (Animal-MNIST: ~300, ~170, then ~55 at the stop; digits: ~21, ~12, then ~2)
@@ -71,13 +74,9 @@ def parse_band(text: str) -> list:
 
 
 def run_train(log_dir: Path, *overrides: str) -> tuple[dict, Path]:
-    """One ``train.py`` run; its metrics and run directory."""
-    out = subprocess.run([sys.executable, str(ROOT / "train.py"), f"paths.log_dir={log_dir}", "logger=csv",
-                          *overrides], capture_output=True, text=True, cwd=ROOT)
-    if out.returncode != 0:
-        raise RuntimeError(f"train.py {' '.join(overrides)} failed:\n{out.stderr[-3000:]}")
-    run_dir = Path(out.stdout.strip().splitlines()[-1])
-    return json.loads((run_dir / "metrics.json").read_text()), run_dir
+    """One ``train.py`` run (:func:`pipeline_runs.run_pipeline`); its metrics and run directory."""
+    run_dir, metrics = run_pipeline(log_dir, *overrides)
+    return metrics, run_dir
 
 
 def run_device(extra: list[str]) -> str:
@@ -219,8 +218,7 @@ def main(argv=None) -> dict:
     classes = args.classes or list(defaults["classes"])
     bands = args.bands if args.bands is not None else [parse_band(b) for b in defaults["bands"]]
     results = Path(args.results) if args.results else None
-    rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()] \
-        if results and results.is_file() else []
+    rows = read_rows(results) if results else []
     rows = [{**r, "experiment": RENAMED.get(r.get("experiment"), r.get("experiment"))} for r in rows]
     other = {r.get("experiment") for r in rows} - {args.experiment}
     if other:
@@ -235,9 +233,7 @@ def main(argv=None) -> dict:
             print(json.dumps(row), flush=True)
             rows.append(row)
             if results:
-                results.parent.mkdir(parents=True, exist_ok=True)
-                with results.open("a") as f:
-                    f.write(json.dumps(row) + "\n")
+                append_rows(results, [row])
     rows = [with_fid_ratios(r) for r in rows]
     summary = summarize(rows)  # every row of the results file, also when --classes named only some
     print(json.dumps(summary), flush=True)

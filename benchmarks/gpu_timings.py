@@ -464,11 +464,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     text = markdown(rows)
     print(text, flush=True)
     if args.results:
-        path = Path(args.results)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("a") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
+        from pipeline_runs import append_rows
+
+        append_rows(Path(args.results), rows)
     if args.doc:
         from docpage import write_doc
 

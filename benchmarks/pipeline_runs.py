@@ -1,4 +1,4 @@
-"""What the table scripts share: one ``train.py`` pipeline run in a subprocess, and a JSON-lines results file.
+"""What the benchmark scripts share: one ``train.py`` run in a subprocess, and a JSON-lines results file.
 
 A table script appends one row per run to its results file as soon as the run ends and skips what is already
 there, so that an interrupted grid continues where it stopped."""
@@ -29,7 +29,9 @@ def read_rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
-def append_row(path: Path, row: dict) -> None:
+def append_rows(path: Path, rows) -> None:
+    """Append ``rows`` (dicts) to the JSON-lines file ``path``, one line each (its folder made when missing)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as f:
-        f.write(json.dumps(row) + "\n")
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
