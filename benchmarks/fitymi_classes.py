@@ -93,7 +93,9 @@ def detector_figures(metrics: dict, detector: str, prefix: str) -> dict:
 
 
 def run_class(experiment: str, normal: str, work: Path, bands: list, extra: list[str], sde_extra: list[str],
-              stop_only: bool = False) -> dict:
+              stop_only: bool = False, recipes: dict[str, list[str]] | None = None) -> dict:
+    """One class's row; ``recipes`` (name -> overrides of the OE stage, e.g. ``model.optimizer.lr=1e-3``) adds an OE
+    run on the stop set per recipe (``oe_recipe_<name>/...``), beside the pipeline's own OE (``oe_sde_stop/...``)."""
     from anomgen.data.synthetic import read_set_info
 
     common = (f"experiment={experiment}", f"datamodule.normal_class={normal}", *extra)
@@ -114,7 +116,21 @@ def run_class(experiment: str, normal: str, work: Path, bands: list, extra: list
                             "~pipeline.sde")
         row[f"fid/{band_set.name}"] = read_set_info(band_set).get("fid")
         row.update(detector_figures(band, "backbone_with_oe", f"oe_sde_{band_set.name}"))
+    stop_set = sde_dir / "sde" / "synthetic_set"
+    for name, overrides in (recipes or {}).items():
+        oe, _ = run_train(work, *common, f"oe.set={stop_set}", f"synthetic_sets.synthetic={stop_set}",
+                          "~pipeline.sde", *overrides)
+        row[f"recipe/{name}"] = list(overrides)
+        row.update(detector_figures(oe, "backbone_with_oe", f"oe_recipe_{name}"))
     return row
+
+
+def parse_recipe(tokens: list[str]) -> tuple[str, list[str]]:
+    """``--recipe NAME OVERRIDE...`` -> (name, overrides)."""
+    name, *overrides = tokens
+    if "=" in name or not overrides:
+        raise argparse.ArgumentTypeError(f"--recipe takes a name, then the OE overrides, got {tokens}")
+    return name, overrides
 
 
 def held_out_fid(row: dict) -> float | None:
@@ -174,6 +190,9 @@ def markdown_table(rows: list[dict], summary: dict) -> str:
     columns += [(f"OE SDE, {b.replace('fid_', 'FID ')}{times_held_out(f'fid_ratio/{b}')}", f"oe_sde_{b}")
                 for b in bands]
     columns += [(f"OE SDE, FID stop{times_held_out('fid_ratio/stop')}", "oe_sde_stop")]
+    recipes = dict.fromkeys(k.split("/")[0][len("oe_recipe_"):] for r in rows for k in r
+                            if k.startswith("oe_recipe_"))
+    columns += [(f"OE SDE stop, recipe {name}", f"oe_recipe_{name}") for name in recipes]
 
     def cell(r: dict, prefix: str) -> str:
         a, c = r.get(f"{prefix}/image_AUROC"), r.get(f"{prefix}/image_AUROC_one_vs_one_closest")
@@ -203,6 +222,9 @@ def main(argv=None) -> dict:
                         help="the SDE run alone (OE on its stop set): no noise-patch run, no band sets; e.g. with "
                              "--sde-extra callbacks.fid_early_stopping.refine_every_n_steps=10 for a stop at the "
                              "target itself")
+    parser.add_argument("--recipe", action="append", nargs="+", default=[], metavar="NAME OVERRIDE",
+                        help="an OE recipe to run on the stop set as well: a name, then overrides of the OE stage "
+                             "(e.g. --recipe lr1e-3 model.optimizer.lr=1e-3 oe.epochs=30); repeat for several")
     parser.add_argument("--work-dir", default=None, help="keep the runs here (default: a temporary folder)")
     parser.add_argument("--extra", nargs="*", default=[], help="more overrides for every run (e.g. debug=tiny)")
     parser.add_argument("--sde-extra", nargs="*", default=[],
@@ -212,6 +234,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--doc-block", default=None,
                         help="the block's name (default: 'fitymi_classes <stem of --results>')")
     args = parser.parse_args(argv)
+    try:
+        recipes = dict(parse_recipe(tokens) for tokens in args.recipe)
+    except argparse.ArgumentTypeError as err:
+        parser.error(str(err))
     if args.doc and not args.results:
         parser.error("--doc needs --results: the table is made from the rows of a results file")
     defaults = EXPERIMENTS[args.experiment]
@@ -229,7 +255,8 @@ def main(argv=None) -> dict:
         for normal in classes:
             if normal in done:
                 continue
-            row = run_class(args.experiment, normal, work / "logs", bands, args.extra, args.sde_extra, args.stop_only)
+            row = run_class(args.experiment, normal, work / "logs", bands, args.extra, args.sde_extra, args.stop_only,
+                            recipes)
             print(json.dumps(row), flush=True)
             rows.append(row)
             if results:

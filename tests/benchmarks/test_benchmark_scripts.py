@@ -117,7 +117,7 @@ def test_fitymi_classes_resumes_and_summarizes(tmp_path, monkeypatch):
 
     made = []
 
-    def fake_run_class(experiment, normal, work, bands, extra, sde_extra, stop_only):
+    def fake_run_class(experiment, normal, work, bands, extra, sde_extra, stop_only, recipes):
         made.append(normal)
         row = {"name": "fitymi_class", "experiment": experiment, "normal_class": normal, "fid_at_stop": 50.0}
         if normal == "Dog":
@@ -187,6 +187,36 @@ def test_fitymi_class_runs(tmp_path, monkeypatch, stop_only):
     assert row["oe_sde_stop/image_AUROC"] == 0.5 and row["fid_at_stop"] == 40.0
     header = fitymi_classes.markdown_table([row], fitymi_classes.summarize([row])).splitlines()[0]
     assert ("OE noise patches" in header) is not stop_only and header.endswith("| OE SDE, FID stop |")
+
+
+def test_fitymi_class_recipes(tmp_path, monkeypatch):
+    """--recipe NAME OVERRIDES...: one more OE run per recipe on the stop set (the SDE stage left out), its figures
+    under oe_recipe_<name>/ and a table column each; a recipe without overrides or with an override as its name is
+    refused."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import fitymi_classes
+
+    calls = []
+
+    def fake_run_train(log_dir, *overrides):
+        calls.append(overrides)
+        auroc = 0.9 if "model.optimizer.lr=1e-3" in overrides else 0.5
+        return {f"evaluate/test/{d}/{k}": auroc for d in ("knn_pixels", "backbone_without_oe", "backbone_with_oe")
+                for k in fitymi_classes.KEYS}, tmp_path
+
+    monkeypatch.setattr(fitymi_classes, "run_train", fake_run_train)
+    row = fitymi_classes.run_class("fitymi_digits", "3", tmp_path, [], [], [], stop_only=True,
+                                   recipes={"lr1e-3": ["model.optimizer.lr=1e-3"]})
+    assert len(calls) == 2
+    assert {f"oe.set={tmp_path / 'sde' / 'synthetic_set'}", "~pipeline.sde", "model.optimizer.lr=1e-3",
+            "datamodule.normal_class=3"} <= set(calls[1])
+    assert row["oe_recipe_lr1e-3/image_AUROC"] == 0.9 and row["oe_sde_stop/image_AUROC"] == 0.5
+    assert row["recipe/lr1e-3"] == ["model.optimizer.lr=1e-3"]
+    header = fitymi_classes.markdown_table([row], fitymi_classes.summarize([row])).splitlines()[0]
+    assert header.endswith("| OE SDE stop, recipe lr1e-3 |")
+    for bad in (["lr1e-3"], ["model.optimizer.lr=1e-3"]):
+        with pytest.raises(SystemExit):
+            fitymi_classes.main(["--recipe", *bad, "--classes", "Dog"])
 
 
 PAGE = """# A page
