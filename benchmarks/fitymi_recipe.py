@@ -31,13 +31,13 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import fitymi_classes  # noqa: E402
 from pipeline_runs import read_rows  # noqa: E402
 
-# OE recipes on the stop set; "default" is the pipeline's own OE (configs/model/vit_oe.yaml, configs/fitymi/small.yaml)
+# OE recipes on the stop set; "default" is the pipeline's own OE (the ``oe`` keys of configs/fitymi/small.yaml)
 DEFAULT = "default"
 RECIPES = {
     DEFAULT: [],
-    "lr1e-3": ["model.optimizer.lr=1e-3"],
-    "lr1.6e-2": ["model.optimizer.lr=1.6e-2"],
-    "lr4e-3_freeze4": ["model.freeze_blocks=4"],
+    "lr1e-3": ["oe.lr=1e-3"],
+    "lr1.6e-2": ["oe.lr=1.6e-2"],
+    "lr4e-3_freeze4": ["oe.freeze_blocks=4"],
 }
 DESCRIPTIONS = {
     DEFAULT: "lr 4e-3, 30 epochs, blocks 0-1 frozen", "lr1e-3": "lr 1e-3, 30 epochs, blocks 0-1 frozen",

@@ -526,4 +526,4 @@ def test_fitymi_recipe_is_chosen_on_every_digit_and_applied_to_animals(tmp_path,
     assert calls[0].count("--recipe") == len(fitymi_recipe.RECIPES) - 1  # every recipe but the pipeline's own
     animals = calls[1]
     assert animals[animals.index("--experiment") + 1] == "fitymi_animals" and "--stop-only" in animals
-    assert animals[animals.index("--recipe"):] == ["--recipe", "lr1e-3", "model.optimizer.lr=1e-3"]
+    assert animals[animals.index("--recipe"):] == ["--recipe", "lr1e-3", "oe.lr=1e-3"]
