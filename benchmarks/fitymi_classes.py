@@ -94,7 +94,7 @@ def detector_figures(metrics: dict, detector: str, prefix: str) -> dict:
 
 def run_class(experiment: str, normal: str, work: Path, bands: list, extra: list[str], sde_extra: list[str],
               stop_only: bool = False, recipes: dict[str, list[str]] | None = None) -> dict:
-    """One class's row; ``recipes`` (name -> overrides of the OE stage, e.g. ``model.optimizer.lr=1e-3``) adds an OE
+    """One class's row; ``recipes`` (name -> overrides of the OE stage, e.g. ``oe.lr=1e-3``) adds an OE
     run on the stop set per recipe (``oe_recipe_<name>/...``), beside the pipeline's own OE (``oe_sde_stop/...``)."""
     from anomgen.data.synthetic import read_set_info
 
@@ -224,7 +224,7 @@ def main(argv=None) -> dict:
                              "target itself")
     parser.add_argument("--recipe", action="append", nargs="+", default=[], metavar="NAME OVERRIDE",
                         help="an OE recipe to run on the stop set as well: a name, then overrides of the OE stage "
-                             "(e.g. --recipe lr1e-3 model.optimizer.lr=1e-3 oe.epochs=30); repeat for several")
+                             "(e.g. --recipe lr1e-3 oe.lr=1e-3 oe.epochs=10); repeat for several")
     parser.add_argument("--work-dir", default=None, help="keep the runs here (default: a temporary folder)")
     parser.add_argument("--extra", nargs="*", default=[], help="more overrides for every run (e.g. debug=tiny)")
     parser.add_argument("--sde-extra", nargs="*", default=[],

@@ -493,3 +493,37 @@ def test_gpu_timings_refuses_cuda_without_a_gpu_and_picks_parts(monkeypatch):
     tiny = gpu_timings.parse_args(["--tiny"])
     assert gpu_timings.resolve_device(tiny).type == "cpu" and (tiny.styles, tiny.pixel_size) == (2, 64)
     assert "--scale" in gpu_timings.concept_argv(tiny, gpu_timings.torch.device("cpu"), 1.0)
+
+
+def test_fitymi_recipe_is_chosen_on_every_digit_and_applied_to_animals(tmp_path, monkeypatch):
+    """fitymi_recipe.py: the recipe with the best mean one-vs-rest AUROC over the ten digits (the pipeline's own OE is
+    "default"), refused until every digit has a row; the Animal-MNIST run gets the chosen recipe's overrides only."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import fitymi_recipe
+
+    def digit_row(digit: str, best: str) -> dict:
+        row = {"normal_class": digit}
+        for recipe in fitymi_recipe.RECIPES:
+            value = 0.8 if recipe == best else 0.6
+            row.update({f"{fitymi_recipe.prefix(recipe)}/{key}": value for key in
+                        ("image_AUROC", "image_AUROC_one_vs_one_closest")})
+        return row
+
+    # lr1e-3 best on 6 digits, the default on 4: lr1e-3 has the higher mean
+    rows = [digit_row(str(d), "lr1e-3" if d < 6 else "default") for d in range(10)]
+    assert fitymi_recipe.choose(rows) == "lr1e-3"
+    assert fitymi_recipe.choose([digit_row(str(d), "default") for d in range(10)]) == "default"
+    with pytest.raises(SystemExit, match=r"\['9'\]"):
+        fitymi_recipe.choose(rows[:9])
+    table = fitymi_recipe.choice_table(rows)
+    assert "| lr 1e-3, 30 epochs, blocks 0-1 frozen **chosen** | 0.720 / 0.720 | 6 |" in table
+    calls = []
+    monkeypatch.setattr(fitymi_recipe.fitymi_classes, "main", lambda argv: calls.append(argv))
+    digits = tmp_path / "digits.jsonl"
+    digits.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert fitymi_recipe.main(["--digits-results", str(digits), "--animals-results", str(tmp_path / "a.jsonl")]) \
+        == "lr1e-3"
+    assert calls[0].count("--recipe") == len(fitymi_recipe.RECIPES) - 1  # every recipe but the pipeline's own
+    animals = calls[1]
+    assert animals[animals.index("--experiment") + 1] == "fitymi_animals" and "--stop-only" in animals
+    assert animals[animals.index("--recipe"):] == ["--recipe", "lr1e-3", "oe.lr=1e-3"]
