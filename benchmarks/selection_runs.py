@@ -67,15 +67,22 @@ def _num(value) -> str:
 def agreement_table(rows: list[dict]) -> str:
     from docpage import table
 
-    lines = []
+    lines, shown = [], {}
     for row in rows:
         for vs in row["validation_sets"]:
             for k in row["k"]:
                 a = row["agreement"][vs][k][BENCHMARK]
                 top1 = round(a["top1_rate"] * len(row["tasks"]))
-                lines.append([row["label"], vs, k, _num(a["spearman"]), _num(a["kendall"]),
-                              f"{top1} / {len(row['tasks'])}", f"{a['regret']:.3f}", f"{a['abs_gap']:.3f}",
-                              _num(a["dataset"]["spearman"]), "yes" if a["dataset"]["top1_agreement"] else "no"])
+                cells = [vs, k, _num(a["spearman"]), _num(a["kendall"]), f"{top1} / {len(row['tasks'])}",
+                         f"{a['regret']:.3f}", f"{a['abs_gap']:.3f}", _num(a["dataset"]["spearman"]),
+                         "yes" if a["dataset"]["top1_agreement"] else "no"]
+                if all(other["agreement"].get(vs, {}).get(k) == row["agreement"][vs][k] for other in rows):
+                    if (vs, k) in shown:  # the same set in every run (a baseline that does not depend on it)
+                        continue
+                    shown[vs, k] = True
+                    lines.append(["every run", *cells])
+                else:
+                    lines.append([row["label"], *cells])
     return table(["run", "validation set", "K", "mean Spearman", "mean Kendall", "top-1", "mean regret",
                   "mean abs(syn − real)", "Spearman of means", "top-1 on means"], lines)
 

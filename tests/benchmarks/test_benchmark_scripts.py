@@ -564,5 +564,7 @@ def test_selection_runs_tables_from_run_folders(tmp_path, monkeypatch):
     again = selection_runs.main(["--results", str(results), "--run", f"good={bad}"])
     assert [r["label"] for r in again] == ["good", "bad"] and len(results.read_text().splitlines()) == 2
     assert again[0]["gap"] == again[1]["gap"]
+    # a set that is the same in every run (here: both rows now read the same folder) is shown once
+    assert [line.split(" | ")[0] for line in selection_runs.agreement_table(again).splitlines()[2:]] == ["| every run"]
     with pytest.raises(SystemExit, match="no selection"):
         selection_runs.main(["--results", str(results), "--run", f"x={tmp_path}"])
