@@ -76,7 +76,8 @@ def agreement_table(rows: list[dict]) -> str:
                 cells = [vs, k, _num(a["spearman"]), _num(a["kendall"]), f"{top1} / {len(row['tasks'])}",
                          f"{a['regret']:.3f}", f"{a['abs_gap']:.3f}", _num(a["dataset"]["spearman"]),
                          "yes" if a["dataset"]["top1_agreement"] else "no"]
-                if all(other["agreement"].get(vs, {}).get(k) == row["agreement"][vs][k] for other in rows):
+                if len(rows) > 1 and all(other["agreement"].get(vs, {}).get(k) == row["agreement"][vs][k]
+                                         for other in rows):
                     if (vs, k) in shown:  # the same set in every run (a baseline that does not depend on it)
                         continue
                     shown[vs, k] = True
@@ -92,10 +93,16 @@ def gap_table(rows: list[dict], k: str = "all") -> str:
     from docpage import table
 
     candidates = rows[0]["candidates"]
-    columns = [(row, vs) for row in rows for vs in row["validation_sets"]]
-    header = ["candidate", "real AUROC", *(f"{row['label']}: {vs}" for row, vs in columns)]
+    columns = []  # (label, row, set): a set that is the same in every run (a baseline) gets one column
+    for vs in dict.fromkeys(vs for row in rows for vs in row["validation_sets"]):
+        having = [row for row in rows if vs in row["validation_sets"]]
+        if len(rows) > 1 and len(having) == len(rows) and all(r["gap"][vs] == rows[0]["gap"][vs] for r in rows):
+            columns.append((f"{vs} (every run)", rows[0], vs))
+        else:
+            columns += [(f"{row['label']}: {vs}", row, vs) for row in having]
+    header = ["candidate", "real AUROC", *(label for label, _, _ in columns)]
     body = [[c, f"{rows[0]['mean_real'][BENCHMARK][c]:.3f}",
-             *(f"{row['gap'][vs][k][BENCHMARK][c]:+.3f}" for row, vs in columns)] for c in candidates]
+             *(f"{row['gap'][vs][k][BENCHMARK][c]:+.3f}" for _, row, vs in columns)] for c in candidates]
     return table(header, body)
 
 

@@ -566,5 +566,7 @@ def test_selection_runs_tables_from_run_folders(tmp_path, monkeypatch):
     assert again[0]["gap"] == again[1]["gap"]
     # a set that is the same in every run (here: both rows now read the same folder) is shown once
     assert [line.split(" | ")[0] for line in selection_runs.agreement_table(again).splitlines()[2:]] == ["| every run"]
+    assert selection_runs.gap_table(again).splitlines()[0] == "| candidate | real AUROC | v (every run) |"
+    assert selection_runs.agreement_table(again[:1]).splitlines()[2].startswith("| good | v | all |")
     with pytest.raises(SystemExit, match="no selection"):
         selection_runs.main(["--results", str(results), "--run", f"x={tmp_path}"])
