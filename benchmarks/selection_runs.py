@@ -67,7 +67,7 @@ def _num(value) -> str:
 def agreement_table(rows: list[dict]) -> str:
     from docpage import table
 
-    lines, shown = [], {}
+    lines, shared = [], {}  # shared: (set, K) -> cells of a set that is the same in every run, tabled last
     for row in rows:
         for vs in row["validation_sets"]:
             for k in row["k"]:
@@ -78,12 +78,10 @@ def agreement_table(rows: list[dict]) -> str:
                          "yes" if a["dataset"]["top1_agreement"] else "no"]
                 if len(rows) > 1 and all(other["agreement"].get(vs, {}).get(k) == row["agreement"][vs][k]
                                          for other in rows):
-                    if (vs, k) in shown:  # the same set in every run (a baseline that does not depend on it)
-                        continue
-                    shown[vs, k] = True
-                    lines.append(["every run", *cells])
+                    shared[vs, k] = ["every run", *cells]  # a baseline that does not depend on the run
                 else:
                     lines.append([row["label"], *cells])
+    lines += list(shared.values())
     return table(["run", "validation set", "K", "mean Spearman", "mean Kendall", "top-1", "mean regret",
                   "mean abs(syn − real)", "Spearman of means", "top-1 on means"], lines)
 
