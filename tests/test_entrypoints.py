@@ -654,3 +654,19 @@ def test_pipeline_resumes_after_being_killed_between_stages(fitymi_digits_run, t
     assert json.loads((run / "oe" / "run.json").read_text())["complete"]
     figures = {k: v for k, v in first.items() if k.startswith("evaluate/")}
     assert {k: again[k] for k in figures} == figures
+
+
+def test_the_documented_stronger_diffstyle_edit_composes_and_reaches_only_the_diffstyle_stage(compose_config):
+    """``experiment=selection_animals model.gamma=1.0 model.mix=slerp ...`` (docs/results/selection.md) composes at the
+    root, and of the stages' models only DiffStyle's has the keys (the noise and digits sets' models do not)."""
+    from anomgen.pipeline import applicable_overrides
+
+    groups = {p.name for p in (ROOT / "configs").iterdir() if p.is_dir()}
+    strong = ["model.gamma=1.0", "model.mix=slerp", "model.t_edit=200", "model.t_boost=100"]
+    root = compose_config("train", ["experiment=selection_animals", *strong])
+    assert (root.model.gamma, root.model.mix, root.model.t_edit, root.model.t_boost) == (1.0, "slerp", 200, 100)
+    diffstyle = compose_config("train", ["experiment=selection_animals", "model=diffstyle"])
+    assert applicable_overrides(strong, diffstyle, groups) == (strong, [])
+    for model in ("noise_set", "dataset_set"):
+        stage = compose_config("train", ["experiment=selection_animals", f"model={model}"])
+        assert applicable_overrides(strong, stage, groups) == ([], strong)
