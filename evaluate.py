@@ -375,6 +375,7 @@ def model_selection(sel: DictConfig, tasks: list, cache, out_dir: Path, files: d
                                 f"{prefix}/kendall_mean": stats["kendall"],
                                 f"{prefix}/top1_rate": stats["top1_rate"],
                                 f"{prefix}/regret_mean": stats["regret"],
+                                f"{prefix}/abs_gap_mean": stats["abs_gap"],
                                 f"{prefix}/dataset_spearman": stats["dataset"]["spearman"],
                                 f"{prefix}/dataset_top1": float(stats["dataset"]["top1_agreement"])})
     return metrics

@@ -21,7 +21,8 @@ first ``grid_size`` samples go to the loggers as an image grid (``train/fid_samp
 with ``train/fid_target`` and ``train/fid_reference``.
 Features come from any ``nn.Module`` (raw pixels for small images; Inception where its weights are available). The
 LightningModule provides ``sample(indices, seed) -> images in [0, 1]``; the samples of a check are seeded by their
-index, so every rank computes the same FID and takes the same decision.
+index, so every rank computes the same FID; under DDP rank 0's FID is broadcast and used by every rank, so that the
+stop, the band exports and the logged curve agree even where devices round differently.
 """
 
 from __future__ import annotations
@@ -158,7 +159,7 @@ class FIDEarlyStopping(Callback):
             return
         was_training = pl_module.training
         pl_module.eval()
-        fid = self.measure(trainer, pl_module)
+        fid = float(trainer.strategy.broadcast(self.measure(trainer, pl_module), src=0))  # rank 0's decides
         pl_module.train(was_training)
         self.curve.append((step, fid))
         pl_module.last_fid = fid

@@ -291,10 +291,11 @@ def summarize(per_task_results: Sequence[Mapping], real_keys: Sequence[str] = RE
     """Agreement of synthetic with real AUROC, per validation set, K and benchmark (``real_keys``).
 
     Returns ``{"tasks", "candidates", "validation_sets", "k", "mean_real": {real key: {candidate: mean over
-    tasks}}, "mean_synthetic": {set: {K: {candidate: mean}}}, "per_task": {task: {set: {K: {real key:
+    tasks}}, "mean_synthetic": {set: {K: {candidate: mean}}}, "gap" / "abs_gap": {set: {K: {real key: {candidate:
+    mean over tasks of synthetic − real AUROC / of its absolute value}}}}, "per_task": {task: {set: {K: {real key:
     rank_agreement}}}}, "agreement": {set: {K: {real key: {"spearman", "kendall" (means over the tasks where they
-    are defined), "num_correlated" (how many), "top1_rate", "regret" (means over tasks), "dataset":
-    rank_agreement of the means over tasks}}}}}``.
+    are defined), "num_correlated" (how many), "top1_rate", "regret" (means over tasks), "abs_gap" (mean of
+    abs_gap over the candidates), "dataset": rank_agreement of the means over tasks}}}}}``.
     """
     if not per_task_results:
         raise ValueError("summarize: no task results")
@@ -324,6 +325,12 @@ def summarize(per_task_results: Sequence[Mapping], real_keys: Sequence[str] = RE
                  for key in real_keys}
     mean_synthetic = {vs: {k: {c: float(np.mean([synthetic_of(r, vs, k)[c] for r in per_task_results]))
                                for c in candidates} for k in ks} for vs in sets}
+    # how far synthetic AUROC is from real, per candidate: mean over tasks of |synthetic - real| (signed: gap)
+    gap = {vs: {k: {key: {c: float(np.mean([synthetic_of(r, vs, k)[c] - real_of(r, key)[c] for r in per_task_results]))
+                          for c in candidates} for key in real_keys} for k in ks} for vs in sets}
+    abs_gap = {vs: {k: {key: {c: float(np.mean([abs(synthetic_of(r, vs, k)[c] - real_of(r, key)[c])
+                                                for r in per_task_results])) for c in candidates}
+                        for key in real_keys} for k in ks} for vs in sets}
     per_task = {res["task"]: {vs: {k: {key: rank_agreement(real_of(res, key), synthetic_of(res, vs, k))
                                        for key in real_keys} for k in ks} for vs in sets}
                 for res in per_task_results}
@@ -341,10 +348,12 @@ def summarize(per_task_results: Sequence[Mapping], real_keys: Sequence[str] = RE
                     "num_correlated": sum(not math.isnan(v) for v in spearman),
                     "top1_rate": float(np.mean([row["top1_agreement"] for row in rows])),
                     "regret": float(np.mean([row["regret"] for row in rows])),
+                    "abs_gap": float(np.mean(list(abs_gap[vs][k][key].values()))),
                     "dataset": rank_agreement(mean_real[key], mean_synthetic[vs][k]),
                 }
     return {"tasks": tasks, "candidates": candidates, "validation_sets": sets, "k": ks, "mean_real": mean_real,
-            "mean_synthetic": mean_synthetic, "per_task": per_task, "agreement": agreement}
+            "mean_synthetic": mean_synthetic, "gap": gap, "abs_gap": abs_gap, "per_task": per_task,
+            "agreement": agreement}
 
 
 # ------------------------------------------------------------------------------------------------------- selection

@@ -72,7 +72,7 @@ def render_selection_markdown(result: SelectionResult, benchmark: str = "image_A
     lines += ["", "## Agreement of synthetic with real AUROC", "",
               ("Per task: means over tasks (Spearman / Kendall over the tasks where both sides vary). Of means: the "
                "same on the per-candidate means over tasks."), ""]
-    header = ["validation set", "K", "benchmark", "Spearman", "Kendall", "top-1 rate", "regret",
+    header = ["validation set", "K", "benchmark", "Spearman", "Kendall", "top-1 rate", "regret", "mean |syn − real|",
               "Spearman of means", "Kendall of means", "selected (means)", "best (means)", "top-1 (means)"]
     rows = []
     for vs in sets:
@@ -81,8 +81,15 @@ def render_selection_markdown(result: SelectionResult, benchmark: str = "image_A
                 a = s["agreement"][vs][kk][key]
                 d = a["dataset"]
                 rows.append([vs, kk, _benchmark(key), _num(a["spearman"]), _num(a["kendall"]), _num(a["top1_rate"]),
-                             _num(a["regret"]), _num(d["spearman"]), _num(d["kendall"]), d["selected"], d["best"],
+                             _num(a["regret"]), _num(a["abs_gap"]), _num(d["spearman"]), _num(d["kendall"]),
+                             d["selected"], d["best"],
                              _num(d["top1_agreement"])])
+    lines += _table(header, rows)
+    lines += ["", f"## How far synthetic AUROC is from real ({_benchmark(benchmark)}, K = {k})", "",
+              "Per candidate, mean over tasks of synthetic − real AUROC (signed) and of its absolute value.", ""]
+    header = ["candidate", *(f"{vs}: synthetic − real / |…|" for vs in sets)]
+    rows = [[c.name, *(f"{_num(s['gap'][vs][k][benchmark][c.name])} / {_num(s['abs_gap'][vs][k][benchmark][c.name])}"
+                       for vs in sets)] for c in result.candidates]
     lines += _table(header, rows)
     lines += ["", f"## Per-task selection ({_benchmark(benchmark)}, K = {k})", ""]
     header = ["task", "validation set", "selected", "best", "selected real", "best real", "regret", "top-1",

@@ -527,3 +527,46 @@ def test_fitymi_recipe_is_chosen_on_every_digit_and_applied_to_animals(tmp_path,
     animals = calls[1]
     assert animals[animals.index("--experiment") + 1] == "fitymi_animals" and "--stop-only" in animals
     assert animals[animals.index("--recipe"):] == ["--recipe", "lr1e-3", "oe.lr=1e-3"]
+
+
+def test_selection_runs_tables_from_run_folders(tmp_path, monkeypatch):
+    """selection_runs.py: each --run folder's selection.json is summarised again (the gap per candidate included),
+    kept as one row per label (a label given again replaces its row), and tabled: agreement per set and K, and
+    synthetic − real per candidate."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import selection_runs
+
+    from anomgen.selection.model_selection import REAL_KEYS
+
+    def run_folder(name: str, synthetic: dict) -> Path:
+        real = {"t1": {"a": 0.9, "b": 0.6}, "t2": {"a": 0.8, "b": 0.7}}
+        tasks = [{"task": t, "candidates": {c: {"real": {key: real[t][c] for key in REAL_KEYS},
+                                                "synthetic": {"v": {"all": synthetic[t][c]}}} for c in "ab"}}
+                 for t in ("t1", "t2")]
+        folder = tmp_path / name / "evaluate" / "selection"
+        folder.mkdir(parents=True)
+        (folder / "selection.json").write_text(json.dumps({"tasks": tasks}))
+        return tmp_path / name
+
+    good = run_folder("good", {"t1": {"a": 0.7, "b": 0.5}, "t2": {"a": 0.9, "b": 0.6}})
+    bad = run_folder("bad", {"t1": {"a": 0.5, "b": 0.7}, "t2": {"a": 0.5, "b": 0.6}})
+    results = tmp_path / "rows.jsonl"
+    rows = selection_runs.main(["--results", str(results), "--run", f"good={good}", "--run", f"bad={bad}"])
+    assert [r["label"] for r in rows] == ["good", "bad"]
+    assert rows[0]["agreement"]["v"]["all"]["image_AUROC"]["top1_rate"] == 1.0
+    assert rows[1]["agreement"]["v"]["all"]["image_AUROC"]["top1_rate"] == 0.0  # picks b on both; a is best
+    # good, candidate a: (0.7 - 0.9 + 0.9 - 0.8) / 2 = -0.05
+    assert rows[0]["gap"]["v"]["all"]["image_AUROC"]["a"] == pytest.approx(-0.05)
+    gaps = selection_runs.gap_table(rows)
+    assert "| a | 0.850 | -0.050 | -0.350 |" in gaps.splitlines()
+    agreement = selection_runs.agreement_table(rows)
+    assert "| good | v | all | 1.00 | 1.00 | 2 / 2 | 0.000 | 0.125 |" in agreement
+    again = selection_runs.main(["--results", str(results), "--run", f"good={bad}"])
+    assert [r["label"] for r in again] == ["good", "bad"] and len(results.read_text().splitlines()) == 2
+    assert again[0]["gap"] == again[1]["gap"]
+    # a set that is the same in every run (here: both rows now read the same folder) is shown once
+    assert [line.split(" | ")[0] for line in selection_runs.agreement_table(again).splitlines()[2:]] == ["| every run"]
+    assert selection_runs.gap_table(again).splitlines()[0] == "| candidate | real AUROC | v (every run) |"
+    assert selection_runs.agreement_table(again[:1]).splitlines()[2].startswith("| good | v | all |")
+    with pytest.raises(SystemExit, match="no selection"):
+        selection_runs.main(["--results", str(results), "--run", f"x={tmp_path}"])

@@ -73,6 +73,26 @@ def test_checks_are_refined_near_the_target(monkeypatch):
     assert fid.stopped_at == (36, 9.0) and trainer.global_step == 36
 
 
+def test_every_rank_decides_on_rank_zeros_fid(monkeypatch):
+    """Under DDP each rank measures the FID of the same seeded samples, but the stop and the band exports follow rank
+    0's value (broadcast), never a rank's own, which could round differently on another device."""
+    fid = FIDEarlyStopping(RawPixels(), every_n_steps=2, num_samples=8, target=10.0, grid_size=0)
+    monkeypatch.setattr(fid, "measure", lambda trainer, module: 50.0)  # this rank's FID: above the target
+    trainer = _trainer([fid], max_steps=10)
+    broadcasts = []
+
+    def rank_zero_fid(obj, src=0):
+        if not isinstance(obj, float):  # Lightning broadcasts other things (the log dir) too
+            return obj
+        broadcasts.append((obj, src))
+        return 5.0  # rank 0's FID: below the target
+
+    monkeypatch.setattr(trainer.strategy, "broadcast", rank_zero_fid)
+    trainer.fit(_model(), datamodule=_datamodule())
+    assert broadcasts == [(50.0, 0)] and fid.curve == [(2, 5.0)] and fid.stopped_at == (2, 5.0)
+    assert trainer.global_step == 2
+
+
 @pytest.mark.parametrize("kw, message", [
     (dict(target=1.0, refine_every_n_steps=20), "1..every_n_steps"),
     (dict(target=1.0, refine_every_n_steps=2, refine_factor=1.0), "> 1"),

@@ -209,6 +209,10 @@ def test_summarize_means_over_tasks_and_on_the_means():
     assert a["dataset"]["spearman"] == pytest.approx(expected["spearman"])
     assert a["dataset"]["selected"] == expected["selected"]
     assert summary["per_task"]["t3"]["v"]["all"]["image_AUROC"]["selected"] == "b"
+    # synthetic - real per candidate, by hand: a (-0.1, -0.25, +0.1), b (-0.1, +0.05, +0.1), c (+0.2, +0.1, -0.3)
+    assert summary["gap"]["v"]["all"]["image_AUROC"] == pytest.approx({"a": -0.25 / 3, "b": 0.05 / 3, "c": 0.0})
+    assert summary["abs_gap"]["v"]["all"]["image_AUROC"] == pytest.approx({"a": 0.45 / 3, "b": 0.25 / 3, "c": 0.6 / 3})
+    assert a["abs_gap"] == pytest.approx((0.45 + 0.25 + 0.6) / 9)
     with pytest.raises(ValueError, match="other validation sets or K values"):
         summarize([t1, {**t3, "candidates": {c: {**v, "synthetic": {"w": {"all": 0.5}}}
                                              for c, v in t3["candidates"].items()}}])

@@ -41,6 +41,8 @@ def test_markdown_holds_the_candidates_the_agreement_and_the_per_task_selection(
     # mean real one-vs-rest (0.97 + 0.93) / 2, synthetic diffstyle (0.90 + 0.80) / 2, noise (0.97 + 0.98) / 2
     assert mean_row == "| vit_b_16 | vit_b_16 | 5 | euclidean | - | 0.950 | 0.940 | 0.930 | 0.850 | 0.975 |"
     assert "| hog | hog | 3 | euclidean | pca:16 |" in text
+    # synthetic - real one-vs-rest per task: diffstyle (-0.07, -0.13), noise (0.00, +0.05)
+    assert "| vit_b_16 | -0.100 / 0.100 | 0.025 / 0.025 |" in lines
     assert sum(line.startswith(("| diffstyle |", "| noise |")) for line in lines) == 2 * 2 * 3  # set × K × benchmark
     assert sum(line.startswith(("| t1 |", "| t2 |")) for line in lines) == 2 * 2  # per task × set
     t1 = rank_agreement(REAL["t1"], SYNTHETIC["t1"]["diffstyle"])
