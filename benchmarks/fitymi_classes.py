@@ -97,6 +97,7 @@ def run_class(experiment: str, normal: str, work: Path, bands: list, extra: list
     """One class's row; ``recipes`` (name -> overrides of the OE stage, e.g. ``oe.lr=1e-3``) adds an OE
     run on the stop set per recipe (``oe_recipe_<name>/...``), beside the pipeline's own OE (``oe_sde_stop/...``)."""
     from anomgen.data.synthetic import read_set_info
+    from anomgen.pipeline import stage_output
 
     common = (f"experiment={experiment}", f"datamodule.normal_class={normal}", *extra)
     band_override = f"callbacks.fid_early_stopping.bands={json.dumps([] if stop_only else bands)}"
@@ -116,7 +117,7 @@ def run_class(experiment: str, normal: str, work: Path, bands: list, extra: list
                             "~pipeline.sde")
         row[f"fid/{band_set.name}"] = read_set_info(band_set).get("fid")
         row.update(detector_figures(band, "backbone_with_oe", f"oe_sde_{band_set.name}"))
-    stop_set = sde_dir / "sde" / "synthetic_set"
+    stop_set = stage_output("sde.synthetic_set", sde_dir) if recipes else None  # as the pipeline recorded it
     for name, overrides in (recipes or {}).items():
         oe, _ = run_train(work, *common, f"oe.set={stop_set}", f"synthetic_sets.synthetic={stop_set}",
                           "~pipeline.sde", *overrides)

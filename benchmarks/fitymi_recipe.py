@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -33,15 +34,16 @@ from pipeline_runs import read_rows  # noqa: E402
 
 # OE recipes on the stop set; "default" is the pipeline's own OE (the ``oe`` keys of configs/fitymi/small.yaml)
 DEFAULT = "default"
+class Recipe(NamedTuple):
+    overrides: list[str]
+    about: str
+
+
 RECIPES = {
-    DEFAULT: [],
-    "lr1e-3": ["oe.lr=1e-3"],
-    "lr1.6e-2": ["oe.lr=1.6e-2"],
-    "lr4e-3_freeze4": ["oe.freeze_blocks=4"],
-}
-DESCRIPTIONS = {
-    DEFAULT: "lr 4e-3, 30 epochs, blocks 0-1 frozen", "lr1e-3": "lr 1e-3, 30 epochs, blocks 0-1 frozen",
-    "lr1.6e-2": "lr 1.6e-2, 30 epochs, blocks 0-1 frozen", "lr4e-3_freeze4": "lr 4e-3, 30 epochs, blocks 0-3 frozen",
+    DEFAULT: Recipe([], "lr 4e-3, 30 epochs, blocks 0-1 frozen"),
+    "lr1e-3": Recipe(["oe.lr=1e-3"], "lr 1e-3, 30 epochs, blocks 0-1 frozen"),
+    "lr1.6e-2": Recipe(["oe.lr=1.6e-2"], "lr 1.6e-2, 30 epochs, blocks 0-1 frozen"),
+    "lr4e-3_freeze4": Recipe(["oe.freeze_blocks=4"], "lr 4e-3, 30 epochs, blocks 0-3 frozen"),
 }
 DIGITS = tuple(str(d) for d in range(10))
 # the main table's SDE settings on Animal-MNIST (docs/results/fitymi.md, "FITYMI per class")
@@ -72,11 +74,11 @@ def choose(rows: list[dict]) -> str:
     if missing:
         raise SystemExit(f"the recipe is chosen on every digit; digits {missing} have no row yet")
     means = recipe_means(rows)
-    return max(RECIPES, key=lambda recipe: (means[recipe], -list(RECIPES).index(recipe)))
+    return max(RECIPES, key=means.__getitem__)  # max keeps the first of equal means
 
 
 def recipe_args(recipes) -> list[str]:
-    return [arg for name in recipes if name != DEFAULT for arg in ("--recipe", name, *RECIPES[name])]
+    return [arg for name in recipes if name != DEFAULT for arg in ("--recipe", name, *RECIPES[name].overrides)]
 
 
 def choice_table(rows: list[dict]) -> str:
@@ -88,7 +90,7 @@ def choice_table(rows: list[dict]) -> str:
     best = [max(RECIPES, key=lambda recipe: r[f"{prefix(recipe)}/image_AUROC"]) for r in rows]
     chosen = choose(rows)
     return table(["OE recipe (on the stop set)", "mean AUROC one-vs-rest / closest (10 digits)", "best on (digits)"],
-                 [[f"{DESCRIPTIONS[name]}" + (" (pipeline default)" if name == DEFAULT else "")
+                 [[RECIPES[name].about + (" (pipeline default)" if name == DEFAULT else "")
                    + (" **chosen**" if name == chosen else ""),
                    f"{means[name]:.3f} / {closest[name]:.3f}", str(best.count(name))] for name in RECIPES])
 
@@ -108,7 +110,7 @@ def main(argv=None) -> str:
                          *(["--classes", *args.classes_digits] if args.classes_digits else []),
                          *recipe_args(RECIPES)])
     chosen = choose(read_rows(Path(args.digits_results)))
-    print(f"chosen on digits: {chosen} ({DESCRIPTIONS[chosen]})", flush=True)
+    print(f"chosen on digits: {chosen} ({RECIPES[chosen].about})", flush=True)
     if args.classes_animals == []:
         return chosen
     doc = ["--doc", args.doc] if args.doc else []
@@ -120,7 +122,7 @@ def main(argv=None) -> str:
 
         write_doc(args.doc, "fitymi_recipe choice", "fitymi_recipe.py", sys.argv[1:] if argv is None else argv,
                   choice_table(read_rows(Path(args.digits_results))),
-                  f"Rows: `{args.digits_results}`. Chosen: {DESCRIPTIONS[chosen]}.")
+                  f"Rows: `{args.digits_results}`. Chosen: {RECIPES[chosen].about}.")
     return chosen
 
 

@@ -55,7 +55,7 @@ def read_run(label: str, run: Path) -> dict:
         from omegaconf import OmegaConf
 
         cfg = OmegaConf.load(config)
-        row["ddpm_dataset"] = OmegaConf.select(cfg, "ddpm_dataset", default="digits")
+        row["ddpm_dataset"] = OmegaConf.select(cfg, "ddpm_dataset")
         row["ddpm_steps"] = OmegaConf.select(cfg, "ddpm_steps")
     return row
 

@@ -325,12 +325,14 @@ def summarize(per_task_results: Sequence[Mapping], real_keys: Sequence[str] = RE
                  for key in real_keys}
     mean_synthetic = {vs: {k: {c: float(np.mean([synthetic_of(r, vs, k)[c] for r in per_task_results]))
                                for c in candidates} for k in ks} for vs in sets}
-    # how far synthetic AUROC is from real, per candidate: mean over tasks of |synthetic - real| (signed: gap)
-    gap = {vs: {k: {key: {c: float(np.mean([synthetic_of(r, vs, k)[c] - real_of(r, key)[c] for r in per_task_results]))
-                          for c in candidates} for key in real_keys} for k in ks} for vs in sets}
-    abs_gap = {vs: {k: {key: {c: float(np.mean([abs(synthetic_of(r, vs, k)[c] - real_of(r, key)[c])
-                                                for r in per_task_results])) for c in candidates}
-                        for key in real_keys} for k in ks} for vs in sets}
+    # how far synthetic AUROC is from real, per candidate: synthetic - real per task, then its mean (gap) and the
+    # mean of its absolute value (abs_gap)
+    diffs = {vs: {k: {key: {c: np.array([synthetic_of(r, vs, k)[c] - real_of(r, key)[c] for r in per_task_results])
+                            for c in candidates} for key in real_keys} for k in ks} for vs in sets}
+    gap = {vs: {k: {key: {c: float(d.mean()) for c, d in by_c.items()} for key, by_c in by_key.items()}
+                for k, by_key in by_k.items()} for vs, by_k in diffs.items()}
+    abs_gap = {vs: {k: {key: {c: float(np.abs(d).mean()) for c, d in by_c.items()} for key, by_c in by_key.items()}
+                    for k, by_key in by_k.items()} for vs, by_k in diffs.items()}
     per_task = {res["task"]: {vs: {k: {key: rank_agreement(real_of(res, key), synthetic_of(res, vs, k))
                                        for key in real_keys} for k in ks} for vs in sets}
                 for res in per_task_results}

@@ -204,6 +204,11 @@ def test_fitymi_class_recipes(tmp_path, monkeypatch):
         return {f"evaluate/test/{d}/{k}": auroc for d in ("knn_pixels", "backbone_without_oe", "backbone_with_oe")
                 for k in fitymi_classes.KEYS}, tmp_path
 
+    from anomgen.pipeline import write_run_record
+
+    # the SDE run's pipeline record names its stop set (the recipe runs read it from there)
+    (tmp_path / "pipeline.json").write_text(json.dumps({"order": ["sde"], "stages": {"sde": str(tmp_path / "sde")}}))
+    write_run_record(tmp_path / "sde", {"synthetic_set": str(tmp_path / "sde" / "synthetic_set")}, {})
     monkeypatch.setattr(fitymi_classes, "run_train", fake_run_train)
     row = fitymi_classes.run_class("fitymi_digits", "3", tmp_path, [], [], [], stop_only=True,
                                    recipes={"lr1e-3": ["model.optimizer.lr=1e-3"]})
