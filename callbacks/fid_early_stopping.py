@@ -38,6 +38,7 @@ from torch.utils.data import ConcatDataset, DataLoader
 from anomgen.data.generation import GeneratedBatch
 from anomgen.data.synthetic import write_set
 from anomgen.encoders.base import extract_features
+from anomgen.errors import ConfigError
 from anomgen.metrics.generation import feature_statistics, frechet_distance
 from anomgen.progress import progress
 from anomgen.visualize import image_grid
@@ -74,20 +75,20 @@ class FIDEarlyStopping(Callback):
         refine_factor: float = 2.0,
     ) -> None:
         if target is not None and target_factor is not None:
-            raise ValueError("give FID early stopping either target (absolute) or target_factor (× reference), "
-                             "not both")
+            raise ConfigError("give FID early stopping either callbacks.fid_early_stopping.target (absolute) or "
+                              "target_factor (× reference), not both")
         if bands and export_dir is None:
-            raise ValueError("FID bands export synthetic sets: set export_dir")
+            raise ConfigError("FID bands export synthetic sets: set callbacks.fid_early_stopping.export_dir")
         if refine_every_n_steps is not None:
             if target is None and target_factor is None:
-                raise ValueError("refine_every_n_steps refines the checks near the target: set target or "
-                                 "target_factor")
+                raise ConfigError("callbacks.fid_early_stopping.refine_every_n_steps refines the checks near the "
+                                  "target: set target or target_factor")
             if not 0 < refine_every_n_steps <= every_n_steps:
-                raise ValueError(f"refine_every_n_steps must be in 1..every_n_steps ({every_n_steps}), "
-                                 f"got {refine_every_n_steps}")
+                raise ConfigError(f"callbacks.fid_early_stopping.refine_every_n_steps must be in "
+                                  f"1..every_n_steps ({every_n_steps}), got {refine_every_n_steps}")
             if refine_factor <= 1:
-                raise ValueError(f"refine_factor is a multiple of the target above which checks stay coarse: "
-                                 f"> 1, got {refine_factor}")
+                raise ConfigError(f"callbacks.fid_early_stopping.refine_factor is a multiple of the target above which "
+                                  f"checks stay coarse: > 1, got {refine_factor}")
         self.extractor = feature_extractor.eval()
         self.every_n_steps, self.num_samples = every_n_steps, num_samples
         self.target, self.target_factor = target, target_factor
@@ -117,8 +118,8 @@ class FIDEarlyStopping(Callback):
             self._real_stats = self._stats(DataLoader(real, batch_size=self.batch_size))
             if self.target_factor is not None and self.reference_fid is None:
                 if len(dm.val_normals) < 2:
-                    raise ValueError("target_factor needs held-out normals for the reference FID "
-                                     "(datamodule.validation=holdout with holdout_fraction > 0)")
+                    raise ConfigError("callbacks.fid_early_stopping.target_factor needs held-out normals for the "
+                                      "reference FID (datamodule.validation=holdout with holdout_fraction > 0)")
                 held_out = self._stats(DataLoader(dm.val_normals, batch_size=self.batch_size))
                 self.reference_fid = float(frechet_distance(*held_out, *self._real_stats))
         return self._real_stats

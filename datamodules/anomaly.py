@@ -33,7 +33,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset
 from anomgen.data import tasks
 from anomgen.data.generation import GenerationRequests
 from anomgen.data.record import GOOD, NORMAL
-from anomgen.errors import ConfigError
+from anomgen.errors import ConfigError, SyntheticSetError
 from anomgen.runtime import loader_workers
 
 PROTOCOLS = ("one_vs_rest", "defects")
@@ -70,8 +70,8 @@ class OutlierExposureSet(Dataset):
         if target_key is not None:
             missing = [r["id"] for r in self.anomalies.rows if target_key not in r["params"]]
             if missing:
-                raise ValueError(f"synthetic set {synthetic_set}: {len(missing)} anomalies have no params.{target_key} "
-                                 f"(e.g. id {missing[0]}); the regression head needs it")
+                raise SyntheticSetError(f"synthetic set {synthetic_set}: {len(missing)} anomalies have no "
+                                        f"params.{target_key} (e.g. id {missing[0]}); the regression head needs it")
 
     def __len__(self) -> int:
         return len(self.normals) + len(self.anomalies)

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from anomgen.data.shipped import load_images, make_dataset
 from anomgen.distributed import rank_generator
+from anomgen.errors import ConfigError
 from anomgen.pixels import augment_batch
 
 
@@ -72,7 +73,8 @@ class ClassificationDataModule(LightningDataModule):
             self.images, self.labels, self.classes = load_images(make_dataset(self.dataset_name, self.split),
                                                                  self.exclude_classes, self.max_images, self.seed)
             if len(self.classes) < 2:
-                raise ValueError(f"pretraining needs at least two classes, got {self.classes}")
+                raise ConfigError(f"pretraining needs at least two classes, got {self.classes} (dataset "
+                                  f"{self.dataset_name!r}, exclude_classes {self.exclude_classes})")
 
     def describe(self) -> dict:
         self.setup()

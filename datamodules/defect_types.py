@@ -28,7 +28,7 @@ import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
 from anomgen.data import tasks
-from anomgen.errors import DatasetError
+from anomgen.errors import ConfigError, DatasetError
 from datamodules.anomaly import AnomalyDataModule
 
 
@@ -85,17 +85,18 @@ class DefectTypeDataModule(AnomalyDataModule):
             kwargs["anomaly_train_fraction"] = 1 / 3
         super().__init__(*args, **kwargs)
         if self.protocol != "defects":
-            raise ValueError(f"the defect-type classifier needs a defect dataset (datamodule.protocol=defects: MVTec "
-                             f"AD, VisA, Folder), got protocol={self.protocol!r}")
+            raise ConfigError(f"the defect-type classifier needs a defect dataset (datamodule.protocol=defects: MVTec "
+                              f"AD, VisA, Folder), got protocol={self.protocol!r}")
         if self.validation not in ("holdout", "none"):
-            raise ValueError(f"the defect-type classifier selects its checkpoint on held-out generated anomalies "
-                             f"(datamodule.validation=holdout) or keeps its last weights (none), got "
-                             f"{self.validation!r}: checkpoints are never picked on the test split (the "
-                             "AnomalyDiffusion reference does; its numbers say so)")
+            raise ConfigError(f"the defect-type classifier selects its checkpoint on held-out generated anomalies "
+                              f"(datamodule.validation=holdout) or keeps its last weights (none), got "
+                              f"{self.validation!r}: checkpoints are never picked on the test split (the "
+                              "AnomalyDiffusion reference does; its numbers say so)")
         if self.outlier_exposure_set:
-            raise ValueError("the defect-type classifier trains on pairs_set; outlier_exposure_set is not used")
+            raise ConfigError("the defect-type classifier trains on datamodule.pairs_set; "
+                              "datamodule.outlier_exposure_set is not used")
         if not 0.0 <= float(val_fraction) < 1.0:
-            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+            raise ConfigError(f"datamodule.val_fraction must be in [0, 1), got {val_fraction!r}")
         self.pairs_set = None if not pairs_set else str(pairs_set)
         self.val_fraction, self.pairs_seed = float(val_fraction), int(pairs_seed)
         if self.pairs_set:
@@ -134,8 +135,8 @@ class DefectTypeDataModule(AnomalyDataModule):
 
     def _require_pairs(self) -> None:
         if not self.pairs_set:
-            raise ValueError("datamodule.pairs_set is required: the synthetic set (a folder) whose anomalies, labelled "
-                             "by their manifest defect_type, train the defect-type classifier")
+            raise ConfigError("datamodule.pairs_set is required: the synthetic set (a folder) whose anomalies, "
+                              "labelled by their manifest defect_type, train the defect-type classifier")
         self.setup()
 
     def describe(self) -> dict:

@@ -31,6 +31,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from anomgen.data import tasks
 from anomgen.data.pairs import EpochDraws, MixedPairs, RecordPairs, holdout_split, synthetic_pairs
+from anomgen.errors import ConfigError
 from datamodules.anomaly import AnomalyDataModule
 
 PAIR_SOURCES = ("perlin", "set", "anomaly_train")
@@ -54,27 +55,30 @@ class LocalizerDataModule(AnomalyDataModule):
         ``anomaly_source_path``). The other arguments are :class:`AnomalyDataModule`'s."""
         super().__init__(*args, **kwargs)
         if self.validation not in ("holdout", "none"):
-            raise ValueError(f"the localizer's validation is held-out normals + held-out generated pairs "
-                             f"(datamodule.validation=holdout) or none, got {self.validation!r}: checkpoints are never "
-                             "picked on the test split (the AnomalyDiffusion reference does; its numbers say so)")
+            raise ConfigError(f"the localizer's validation is held-out normals + held-out generated pairs "
+                              f"(datamodule.validation=holdout) or none, got {self.validation!r}: checkpoints are "
+                              "never picked on the test split (the AnomalyDiffusion reference does; its numbers say "
+                              "so)")
         if self.train_transform is not None or self.train_repeats != 1 or self.outlier_exposure_set:
-            raise ValueError("the localizer's training data are its pairs: datamodule.train_transform, train_repeats "
-                             "and outlier_exposure_set are not used (samples_per_epoch sets an epoch's length)")
+            raise ConfigError("the localizer's training data are its pairs: datamodule.train_transform, "
+                              "train_repeats and outlier_exposure_set are not used (samples_per_epoch sets an "
+                              "epoch's length)")
         if pairs is None:
             pairs = "set" if pairs_set else "perlin"
         if pairs not in PAIR_SOURCES:
-            raise ValueError(f"pairs must be one of {PAIR_SOURCES} (or null: set when pairs_set is given, else "
-                             f"perlin), got {pairs!r}")
+            raise ConfigError(f"datamodule.pairs must be one of {PAIR_SOURCES} (or null: set when pairs_set is "
+                              f"given, else perlin), got {pairs!r}")
         if pairs == "set" and not pairs_set:
-            raise ValueError("pairs=set needs pairs_set: a synthetic set folder of anomaly image-mask pairs")
+            raise ConfigError("datamodule.pairs=set needs datamodule.pairs_set: a synthetic set folder of anomaly "
+                              "image-mask pairs")
         if pairs != "set" and pairs_set:
-            raise ValueError(f"pairs={pairs} but pairs_set={pairs_set!r} is given: choose one (pairs=set, or drop "
-                             "pairs_set)")
+            raise ConfigError(f"datamodule.pairs={pairs} but datamodule.pairs_set={pairs_set!r} is given: choose one "
+                              "(pairs=set, or drop pairs_set)")
         if pairs == "anomaly_train" and self.anomaly_train_fraction is None:
-            raise ValueError("pairs=anomaly_train trains on the real anomalies set aside for generators: set "
-                             "datamodule.anomaly_train_fraction (AnomalyDiffusion: 0.3333333333333333)")
+            raise ConfigError("datamodule.pairs=anomaly_train trains on the real anomalies set aside for generators: "
+                              "set datamodule.anomaly_train_fraction (AnomalyDiffusion: 0.3333333333333333)")
         if int(val_pairs_per_normal) < 0:
-            raise ValueError(f"val_pairs_per_normal must be >= 0, got {val_pairs_per_normal}")
+            raise ConfigError(f"datamodule.val_pairs_per_normal must be >= 0, got {val_pairs_per_normal}")
         self.pairs = pairs
         self.pairs_set = None if not pairs_set else str(pairs_set)
         self.samples_per_epoch = int(samples_per_epoch)

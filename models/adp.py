@@ -33,6 +33,7 @@ from lightning.pytorch import LightningModule
 
 from anomgen.detectors import adp
 from anomgen.distributed import rank_generator
+from anomgen.errors import ConfigError
 
 PHASES = ("normal", "anomaly")
 
@@ -49,12 +50,12 @@ class ADPConcept(LightningModule):
                  gradient_checkpointing: bool = False, frozen_dtype: str | None = None, seed: int = 0) -> None:
         super().__init__()
         if phase not in PHASES:
-            raise ValueError(f"model.phase must be one of {PHASES}, got {phase!r}")
+            raise ConfigError(f"model.phase must be one of {PHASES}, got {phase!r}")
         if phase == "anomaly" and not (init_concept and pseudo_anomalies):
-            raise ValueError("model.phase=anomaly (c_a) needs model.init_concept (the c_n concept file) and "
-                             "model.pseudo_anomalies (a synthetic set of pseudo-anomalies)")
+            raise ConfigError("model.phase=anomaly (c_a) needs model.init_concept (the c_n concept file) and "
+                              "model.pseudo_anomalies (a synthetic set of pseudo-anomalies)")
         if templates is not None and not templates:
-            raise ValueError("model.templates: give at least one prompt template with a {} for the concept")
+            raise ConfigError("model.templates: give at least one prompt template with a {} for the concept")
         self.save_hyperparameters()
         self.templates = tuple(templates or adp.TEMPLATES)
         self.stage_outputs: dict = {}
@@ -80,7 +81,7 @@ class ADPConcept(LightningModule):
             width = self.stack.text_width
             concepts = load_concepts(hp.init_concept, width=width)
             if len(concepts) != 1:
-                raise ValueError(f"model.init_concept {hp.init_concept} holds {len(concepts)} concepts; expected one")
+                raise ConfigError(f"model.init_concept {hp.init_concept} holds {len(concepts)} concepts; expected one")
             initializer = next(iter(concepts.values()))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(hp.seed)

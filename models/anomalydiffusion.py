@@ -36,6 +36,7 @@ from torch import nn
 
 from anomgen.data.generation import GeneratedBatch
 from anomgen.distributed import rank_generator
+from anomgen.errors import ConfigError, DatasetError
 from anomgen.generators.anomalydiffusion import (
     NAME,
     AnomalyAugmentation,
@@ -61,14 +62,14 @@ def training_anomalies(module: LightningModule) -> tuple[object, list[str], str]
     anomalies = getattr(datamodule, "anomaly_train", None)
     stage = type(module).__name__
     if anomalies is None or getattr(datamodule, "train_on", None) != "anomaly_train":
-        raise ValueError(f"{stage} learns from real anomalies with masks: set datamodule.anomaly_train_fraction "
-                         "(AnomalyDiffusion: 0.3333333333333333) and datamodule.train_on=anomaly_train")
+        raise ConfigError(f"{stage} learns from real anomalies with masks: set datamodule.anomaly_train_fraction "
+                          "(AnomalyDiffusion: 0.3333333333333333) and datamodule.train_on=anomaly_train")
     entries = anomalies.entries
     types = list(dict.fromkeys(str(e.defect_type) for e in entries))
     categories = sorted({str(e.category) for e in entries})
     if len(categories) != 1:
-        raise ValueError(f"{stage}: the training anomalies come from {len(categories)} categories {categories}; one "
-                         "category per run (datamodule.dataset.category)")
+        raise ConfigError(f"{stage}: the training anomalies come from {len(categories)} categories {categories}; one "
+                          "category per run (datamodule.dataset.category)")
     return anomalies, types, categories[0]
 
 
@@ -126,7 +127,7 @@ class _TrainsInStack(LightningModule):
         try:
             return [self._type_index[str(t)] for t in batch["defect_type"]]
         except KeyError as err:
-            raise ValueError(f"training batch of defect type {err.args[0]!r}, not one of {self.type_names}") from None
+            raise DatasetError(f"training batch of defect type {err.args[0]!r}, not one of {self.type_names}") from None
 
     def _log_loss(self, loss: torch.Tensor, n: int) -> None:
         if not torch.isfinite(loss):
@@ -283,15 +284,15 @@ class AnomalyDiffusionModel(LightningModule):
         self.save_hyperparameters()
         extra = {"templates": tuple(templates)} if templates else {}
         if defect_types is not None and (isinstance(defect_types, str) or not len(defect_types)):
-            raise ValueError(f"model.defect_types must be null (every type of the files) or a non-empty list of "
-                             f"defect types, got {defect_types!r}")
+            raise ConfigError(f"model.defect_types must be null (every type of the files) or a non-empty list of "
+                              f"defect types, got {defect_types!r}")
         self.config = AnomalyDiffusionConfig(steps=steps, eta=eta, guidance_scale=guidance_scale, aar=aar,
                                              final_blend=final_blend, dilation_factor=dilation_factor, **extra)
         self.mask_config = MaskGenerationConfig(steps=mask_steps, eta=mask_eta, guidance_scale=mask_guidance_scale,
                                                 threshold=mask_threshold, border_fraction=mask_border_fraction,
                                                 max_tries=mask_max_tries, **extra)
         if int(num_per_type) < 1:
-            raise ValueError(f"model.num_per_type must be >= 1, got {num_per_type}")
+            raise ConfigError(f"model.num_per_type must be >= 1, got {num_per_type}")
         self.generator_name = NAME
         self.stack = self.embedding = self.mask_model = None
         self.type_names: list[str] = []
@@ -300,9 +301,9 @@ class AnomalyDiffusionModel(LightningModule):
         hp = self.hparams
         missing = [k for k in ("embedding", "masks") if not hp.get(k)]
         if missing:
-            raise ValueError(f"model=anomalydiffusion needs model.{' and model.'.join(missing)}: the files of the "
-                             "anomalydiffusion_embedding and anomalydiffusion_masks stages (${output:embedding."
-                             "embedding}, ${output:masks.masks})")
+            raise ConfigError(f"model=anomalydiffusion needs model.{' and model.'.join(missing)}: the files of the "
+                              "anomalydiffusion_embedding and anomalydiffusion_masks stages (${output:embedding."
+                              "embedding}, ${output:masks.masks})")
         return str(hp.embedding), str(hp.masks)
 
     def read_types(self) -> list[str]:
@@ -313,15 +314,15 @@ class AnomalyDiffusionModel(LightningModule):
         embedding, masks = self._files()
         types, mask_types = read_file_info(embedding)["type_names"], read_file_info(masks)["type_names"]
         if sorted(types) != sorted(mask_types):
-            raise ValueError(f"the embedding file {embedding} has defect types {types}, the mask file {masks} has "
-                             f"{mask_types}: they must be learned on the same category")
+            raise ConfigError(f"the embedding file {embedding} has defect types {types}, the mask file {masks} has "
+                              f"{mask_types}: they must be learned on the same category")
         asked = self.hparams.get("defect_types")
         if asked is None:
             return list(types)
         unknown = [t for t in asked if t not in types]
         if unknown:
-            raise ValueError(f"model.defect_types {unknown} are not in the embedding file {embedding} (its types: "
-                             f"{types})")
+            raise ConfigError(f"model.defect_types {unknown} are not in the embedding file {embedding} (its types: "
+                              f"{types})")
         return [str(t) for t in asked]
 
     def predict_requests(self, support):
@@ -349,7 +350,7 @@ class AnomalyDiffusionModel(LightningModule):
             for path, made in ((embedding_file, embedding), (mask_file, mask_model)):
                 learned = made.info.get("category")
                 if learned is not None and learned != category:
-                    raise ValueError(f"{path} was learned on category {learned!r}; the datamodule's is {category!r}")
+                    raise ConfigError(f"{path} was learned on category {learned!r}; the datamodule's is {category!r}")
         self.embedding, self.mask_model = embedding.eval(), mask_model.eval()
 
     @property

@@ -19,6 +19,7 @@ from lightning.pytorch import LightningModule
 
 from anomgen.data.generation import GeneratedBatch
 from anomgen.diffusion.ddim import DEFAULT_BETAS, DDIMSchedule
+from anomgen.errors import ConfigError
 from anomgen.generators.asyrp import Asyrp
 from anomgen.seeding import sample_generator
 
@@ -47,7 +48,7 @@ class AsyrpModel(LightningModule):
         :class:`anomgen.generators.asyrp.Asyrp`."""
         super().__init__()
         if alpha_min > alpha_max:
-            raise ValueError(f"model.alpha_min ({alpha_min}) must not exceed model.alpha_max ({alpha_max})")
+            raise ConfigError(f"model.alpha_min ({alpha_min}) must not exceed model.alpha_max ({alpha_max})")
         self.save_hyperparameters(ignore=["unet", "clip", "optimizer"])
         schedule = DDIMSchedule(num_inference_steps, **dict(betas or DEFAULT_BETAS))
         self.asyrp = Asyrp(unet, clip, schedule, **asyrp)

@@ -26,6 +26,7 @@ from anomgen.diffusion.ddim import DEFAULT_BETAS
 from anomgen.diffusion.ddpm import alphas_cumprod, ddpm_loss, ddpm_unet
 from anomgen.diffusion.unets import save_diffusion_unet
 from anomgen.distributed import rank_generator, seed_process
+from anomgen.errors import ConfigError
 from anomgen.pixels import to_diffusion_range
 
 
@@ -54,8 +55,8 @@ class DDPMTraining(LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         images = batch["image"]
         if tuple(images.shape[-2:]) != (self.hparams.image_size,) * 2:
-            raise ValueError(f"DDPM stage: images are {tuple(images.shape[-2:])}, the UNet is "
-                             f"{self.hparams.image_size}²: set datamodule.image_size={self.hparams.image_size}")
+            raise ConfigError(f"DDPM stage: images are {tuple(images.shape[-2:])}, the UNet is "
+                              f"{self.hparams.image_size}²: set datamodule.image_size={self.hparams.image_size}")
         loss = ddpm_loss(self.unet, to_diffusion_range(images), self.alpha_bars, self._noise)  # each rank its own
         if not torch.isfinite(loss):
             raise FloatingPointError(f"DDPM training: loss is {loss.item()} at step {self.global_step}")

@@ -30,6 +30,7 @@ from lightning.pytorch import LightningModule
 from torch import Tensor, nn
 from torchmetrics import Metric
 
+from anomgen.errors import ConfigError
 from anomgen.files import to_json
 from anomgen.pixels import augment_batch, imagenet_normalize, resize
 from anomgen.pretrained import load_state_dict_strict, load_weights_file, torchvision_weights
@@ -83,9 +84,9 @@ class DefectTypeClassifier(LightningModule):
         from torchvision.models import get_model
 
         if arch not in RESNET_ARCHS:
-            raise ValueError(f"model.arch must be a torchvision ResNet, one of {RESNET_ARCHS}, got {arch!r}")
+            raise ConfigError(f"model.arch must be a torchvision ResNet, one of {RESNET_ARCHS}, got {arch!r}")
         if select_on not in SELECT_ON:
-            raise ValueError(f"model.select_on must be one of {SELECT_ON}, got {select_on!r}")
+            raise ConfigError(f"model.select_on must be one of {SELECT_ON}, got {select_on!r}")
         self.save_hyperparameters()
         self.pretrained = None if pretrained is None else str(pretrained)
         with torch.random.fork_rng(devices=[]):  # the same initial weights for the same seed; the global state kept
@@ -105,8 +106,8 @@ class DefectTypeClassifier(LightningModule):
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is None or not hasattr(datamodule, "defect_types"):
-            raise ValueError("model=defect_classifier needs datamodule=defect_types (a DefectTypeDataModule: the "
-                             "generated anomalies and their defect types)")
+            raise ConfigError("model=defect_classifier needs datamodule=defect_types (a DefectTypeDataModule: the "
+                              "generated anomalies and their defect types)")
         datamodule.setup(stage)
         if datamodule.defect_types is None:
             datamodule.train_dataloader()  # raises: says which setting is missing
@@ -122,8 +123,8 @@ class DefectTypeClassifier(LightningModule):
                 head.bias.uniform_(-bound, bound, generator=generator)
             self.head = head.to(self.device)
         elif list(datamodule.defect_types) != self.defect_types:
-            raise ValueError(f"the classifier was made for defect types {self.defect_types}, the datamodule has "
-                             f"{datamodule.defect_types}")
+            raise ConfigError(f"the classifier was made for defect types {self.defect_types}, the datamodule has "
+                              f"{datamodule.defect_types}")
         self.val_counts = DefectCounts(len(self.defect_types)).to(self.device)
         self.test_counts = DefectCounts(len(self.defect_types)).to(self.device)
 
@@ -214,8 +215,8 @@ class DefectTypeClassifier(LightningModule):
         saved = checkpoint.get("defect_classifier") or {}
         if saved.get("defect_types") is not None and self.defect_types is not None \
                 and list(saved["defect_types"]) != self.defect_types:
-            raise ValueError(f"checkpoint made for defect types {saved['defect_types']}, the datamodule has "
-                             f"{self.defect_types}")
+            raise ConfigError(f"checkpoint made for defect types {saved['defect_types']}, the datamodule has "
+                              f"{self.defect_types}")
         self.selected, self._selected_state = saved.get("selected"), saved.get("selected_state")
         self._weights_loaded = True  # the checkpoint's weights replace the ImageNet ones
 

@@ -28,6 +28,7 @@ from anomgen.diffusion import (
     score_fn_from_unet,
 )
 from anomgen.distributed import rank_generator, seed_process
+from anomgen.errors import ConfigError
 from anomgen.pixels import from_diffusion_range, to_diffusion_range
 from anomgen.seeding import sample_generator
 
@@ -55,7 +56,7 @@ class SDENearND(LightningModule):
     ) -> None:
         super().__init__()
         if sampler not in SAMPLERS:
-            raise ValueError(f"model.sampler must be one of {SAMPLERS}, got {sampler!r}")
+            raise ConfigError(f"model.sampler must be one of {SAMPLERS}, got {sampler!r}")
         self.save_hyperparameters(ignore=["unet", "optimizer"])
         self.unet = unet
         self.sde = make_sde(**sde)

@@ -25,6 +25,7 @@ import torch
 from lightning.pytorch import LightningModule
 
 from anomgen.data.generation import GeneratedBatch
+from anomgen.errors import ConfigError
 from anomgen.generators.sdedit import SDEditGenerator
 from anomgen.pixels import resize
 from anomgen.seeding import sample_generator
@@ -98,7 +99,7 @@ class SDEditModel(LightningModule):
         super().__init__()
         prompts = [prompts] if isinstance(prompts, str) else [str(p) for p in prompts]
         if not prompts:
-            raise ValueError("model.prompts: give at least one prompt")
+            raise ConfigError("model.prompts: give at least one prompt")
         stack = (text_to_image if isinstance(text_to_image, EditStack)
                  else build_edit_stack(text_to_image, clip, concept, scheduler))
         self.save_hyperparameters(ignore=["text_to_image"] if isinstance(text_to_image, EditStack) else None)

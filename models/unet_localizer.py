@@ -36,6 +36,7 @@ from anomgen.detectors.localizer import (
     image_scores,
     save_localizer,
 )
+from anomgen.errors import ConfigError
 from anomgen.files import to_json
 from anomgen.metrics import anomaly_metrics
 
@@ -70,7 +71,7 @@ class UNetLocalizerModel(LightningModule):
     ) -> None:
         super().__init__()
         if monitor not in MONITORS:
-            raise ValueError(f"model.monitor must be one of {MONITORS}, got {monitor!r}")
+            raise ConfigError(f"model.monitor must be one of {MONITORS}, got {monitor!r}")
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.network = DiscriminativeSubNetwork(3, 2, base_width)
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler

@@ -34,6 +34,7 @@ from torch import nn
 
 from anomgen.distributed import rank_generator, seed_process
 from anomgen.encoders.vit import build_vit, load_pretrained, save_backbone
+from anomgen.errors import ConfigError
 from anomgen.pixels import augment_batch
 
 HEADS = ("binary", "regression")
@@ -60,7 +61,7 @@ class ViTOE(LightningModule):
     ) -> None:
         super().__init__()
         if head not in HEADS:
-            raise ValueError(f"model.head must be one of {HEADS}, got {head!r}")
+            raise ConfigError(f"model.head must be one of {HEADS}, got {head!r}")
         self.save_hyperparameters(ignore=["optimizer"])
         config = dict(backbone)
         self.pretrained = config.pop("pretrained", None)

@@ -291,6 +291,29 @@ def test_train_and_evaluate_check_the_config_before_any_work(compose_config, run
         assert str(err.value).startswith(key)
 
 
+@pytest.mark.parametrize("overrides, message", [
+    (["model=sde_nearnd", "model.sampler=euler"], "model.sampler must be one of ('pc', 'euler_maruyama'), got 'euler'"),
+    (["model=vit_oe", "model.head=mlp"], "model.head must be one of ('binary', 'regression'), got 'mlp'"),
+    (["model=sde_nearnd", "callbacks=fid", "callbacks.fid_early_stopping.refine_every_n_steps=10",
+      "callbacks.fid_early_stopping.refine_factor=0.5"],
+     "callbacks.fid_early_stopping.refine_factor is a multiple of the target"),
+])
+def test_a_bad_model_or_callback_setting_is_one_error_line(run_train, tmp_path, monkeypatch, capsys, overrides,
+                                                           message):
+    """A setting that a model's or a callback's constructor refuses is a ConfigError that names its key, so the entry
+    point prints one `error:` line instead of a traceback (these were plain ValueErrors)."""
+    from anomgen.runtime import TRACEBACK_ENV, report_errors
+
+    monkeypatch.delenv(TRACEBACK_ENV, raising=False)
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    with pytest.raises(SystemExit) as stopped:
+        with report_errors():
+            run_train(["~experiment", "logger=none", "debug=tiny", *overrides], tmp_path / "run")
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert stopped.value.code == 1 and len(lines) == 1 and lines[0].startswith(f"error: {message}"), lines
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 def test_evaluate_rejects_an_incomplete_set(compose_config, tmp_path):
     from evaluate import evaluate
     from train import train

@@ -89,17 +89,17 @@ def test_classifier_trains_on_generated_selects_on_generated_and_tests_on_real(r
 
 def test_defect_types_datamodule_refuses_test_selection_and_mismatched_sets(task, tmp_path):
     from anomgen.data import MVTecAD
-    from anomgen.errors import DatasetError
+    from anomgen.errors import ConfigError, DatasetError
     from datamodules import DefectTypeDataModule
 
     mvtec, pairs = task
     dataset = partial(MVTecAD, root=str(mvtec), category="bottle", image_size=32)
-    with pytest.raises(ValueError, match="never picked on the test split"):
+    with pytest.raises(ConfigError, match="never picked on the test split"):
         DefectTypeDataModule(dataset, protocol="defects", validation="test", pairs_set=str(pairs))
     # without a set it sets up (the task's splits) but will not load
     bare = DefectTypeDataModule(dataset, protocol="defects")
     bare.setup("fit")
-    with pytest.raises(ValueError, match="pairs_set is required"):
+    with pytest.raises(ConfigError, match="datamodule.pairs_set is required"):
         bare.train_dataloader()
     # a set that lacks one of the real defect types
     samples = [{"image": torch.rand(3, 32, 32), "mask": None, "label": 1, "generator": "toy", "category": "bottle",

@@ -25,7 +25,7 @@ from anomgen.detectors.localizer import (
     load_localizer,
     save_localizer,
 )
-from anomgen.errors import SyntheticSetError
+from anomgen.errors import ConfigError, SyntheticSetError
 from anomgen.generators.perlin import PerlinAnomalies, PerlinPairs
 
 SIZE = 32
@@ -154,9 +154,9 @@ def test_a_set_without_masks_is_refused(tmp_path, mvtec_root):
     no_masks = _pair_set(tmp_path / "no_masks", n=3, masks=False)
     with pytest.raises(SyntheticSetError, match=f"{no_masks}.*3 of 3 anomalies without a mask"):
         _datamodule(mvtec_root, pairs_set=str(no_masks))  # at construction, before any training
-    with pytest.raises(ValueError, match="pairs=set needs pairs_set"):
+    with pytest.raises(ConfigError, match="datamodule.pairs=set needs datamodule.pairs_set"):
         _datamodule(mvtec_root, pairs="set")
-    with pytest.raises(ValueError, match="never picked on the test split"):
+    with pytest.raises(ConfigError, match="never picked on the test split"):
         _datamodule(mvtec_root, validation="test")
 
 
@@ -189,9 +189,9 @@ def test_validation_is_held_out_generated_pairs_never_the_test_split(tmp_path, m
 def test_oracle_pairs_are_the_real_first_third_never_the_test_split(tmp_path, one_thread):
     root = write_mvtec(tmp_path / "mvtec", categories=("bottle",), n_train=6, n_test_good=2, defects=("broken",),
                        n_per_defect=9, size=SIZE)
-    with pytest.raises(ValueError, match="pairs=anomaly_train .*anomaly_train_fraction"):
+    with pytest.raises(ConfigError, match="datamodule.pairs=anomaly_train .*anomaly_train_fraction"):
         _datamodule(root, pairs="anomaly_train")
-    with pytest.raises(ValueError, match="pairs=anomaly_train but pairs_set"):
+    with pytest.raises(ConfigError, match="datamodule.pairs=anomaly_train but datamodule.pairs_set"):
         _datamodule(root, pairs="anomaly_train", pairs_set=str(tmp_path), anomaly_train_fraction=1 / 3)
     dm = _datamodule(root, pairs="anomaly_train", anomaly_train_fraction=1 / 3, val_pairs_per_normal=1)
     dm.setup("fit")
