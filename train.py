@@ -23,6 +23,7 @@ config) end the run with one ``error: ...`` message on stderr and exit code 1; `
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -175,18 +176,22 @@ def run_pipeline(cfg: DictConfig, overrides: list[str]) -> tuple[dict, Path, boo
         folder = Path(folders[name])
         label = f"stage {number}/{len(stages)} {name!r}"
         own = [pipeline.resolve_override(o, cfg) for o in stage.get("overrides") or []]
-        if pipeline.stage_done(folder):
-            pipeline.check_same_stage(folder, name, own)
-            log.info("%s: finished before (%s), skipped", label, folder)
-        else:
-            pipeline.write_stage_overrides(folder, own)
-            if stage.get("foreach") is not None:
-                started = time.monotonic()
-                log.info("%s (foreach): started in %s", label, folder)
-                run_foreach(name, {**stage, "overrides": own}, cfg, overrides, run_dir, folder, label)
-                log.info("%s: done in %s", label, duration(time.monotonic() - started))
+        # a stage in a folder shared by pipelines (its `dir`, a cache) is made by one run at a time; under DDP rank 0
+        # holds the lock, the other ranks wait for rank 0 inside the stage
+        shared = stage.get("dir") is not None and process_rank() == 0
+        with pipeline.stage_lock(folder, label) if shared else contextlib.nullcontext():
+            if pipeline.stage_done(folder):
+                pipeline.check_same_stage(folder, name, own)
+                log.info("%s: finished before (%s), skipped", label, folder)
             else:
-                run_announced(label, {**stage, "overrides": own}, overrides, run_dir, folder)
+                pipeline.write_stage_overrides(folder, own)
+                if stage.get("foreach") is not None:
+                    started = time.monotonic()
+                    log.info("%s (foreach): started in %s", label, folder)
+                    run_foreach(name, {**stage, "overrides": own}, cfg, overrides, run_dir, folder, label)
+                    log.info("%s: done in %s", label, duration(time.monotonic() - started))
+                else:
+                    run_announced(label, {**stage, "overrides": own}, overrides, run_dir, folder)
         records[name] = pipeline.read_run_record(folder) or {}
         metrics_file = records[name].get("outputs", {}).get("metrics")
         if metrics_file and Path(metrics_file).is_file():

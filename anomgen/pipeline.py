@@ -13,7 +13,8 @@ Each stage is composed like a command line (the experiment, then the user's over
 stage's own) and runs in ``<run>/<stage>`` (or in its ``dir``, e.g. a cache shared by pipelines). A later stage names
 an earlier stage's output through the ``${output:STAGE.KEY}`` resolver, never through Python. A stage whose record is
 complete and whose outputs exist is skipped, so a pipeline rerun in the same folder (``hydra.run.dir=<run>``) resumes
-where it stopped.
+where it stopped. A stage with a ``dir`` (a cache that pipelines share) is made by one run at a time
+(:func:`stage_lock`): a pipeline that finds it being made waits, then skips it.
 
 A stage with ``foreach: {key: KEY, values: [...] | all}`` runs once per value, in ``<stage folder>/<value>``, with the
 extra override ``KEY=value`` (e.g. one synthetic validation set per normal class)::
@@ -39,7 +40,9 @@ stages' outputs are there as ``STAGE.KEY``; a plain key is the last stage's that
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+import logging
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +57,7 @@ PIPELINE_RECORD = "pipeline.json"
 STAGE_RECORD = "stage.json"
 LATEST_TRAIN_RUN = "latest_train_run.txt"
 _NO_DEFAULT = object()
+log = logging.getLogger("anomgen")
 
 
 # -- records -------------------------------------------------------------------------------------------------------
@@ -92,6 +96,32 @@ def stage_done(run_dir: str | Path) -> bool:
         return False
     paths = [v for v in record.get("outputs", {}).values() if isinstance(v, str) and v.startswith("/")]
     return all(Path(p).exists() for p in paths)
+
+
+@contextmanager
+def stage_lock(folder: str | Path, label: str = "stage") -> Iterator[Path | None]:
+    """Hold an exclusive lock on ``<folder>.lock`` (a file beside the stage's folder) for the block: a stage cached in
+    a folder that several pipelines share (its ``dir``) is made by one of them, and a pipeline that finds the lock
+    taken waits (saying so), then finds the stage finished and reuses it. POSIX ``flock``: released when the process
+    ends, however it ends. Yields the lock file (``None`` where ``fcntl`` does not exist: no lock)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield None
+        return
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    lock_file = folder.with_name(folder.name + ".lock")
+    with open(lock_file, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("%s: another run is making %s; waiting for it (lock %s)", label, folder, lock_file)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield lock_file
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def write_stage_overrides(run_dir: str | Path, overrides: list[str]) -> Path:

@@ -624,6 +624,44 @@ def test_a_cached_stage_made_with_other_settings_is_refused(fitymi_digits_run, r
         run_train(["experiment=fitymi_digits", *FITYMI_TINY, "pretrain.max_images=32"], tmp_path / "second")
 
 
+def test_a_pipeline_waits_for_another_that_is_making_a_shared_stage(fitymi_digits_run, run_train, tmp_path, caplog):
+    """Two pipelines started at once both found the cached backbone missing and trained it into the same folder. The
+    folder is now locked while a run makes it: here the test holds the lock (as the first run would), the second
+    pipeline waits, then finds the stage finished and reuses it untouched."""
+    import logging
+    import threading
+    import time
+
+    from anomgen.pipeline import PIPELINE_RECORD, stage_lock
+
+    backbone = Path(json.loads((fitymi_digits_run[2] / PIPELINE_RECORD).read_text())["stages"]["backbone"])
+    made = (backbone / "run.json").stat().st_mtime_ns
+    only_backbone = ["experiment=fitymi_digits", *FITYMI_TINY, "~pipeline.sde", "~pipeline.oe", "~pipeline.evaluate"]
+    ended: list = []
+
+    def second_pipeline() -> None:
+        try:
+            ended.append(run_train(only_backbone, tmp_path / "second"))
+        except BaseException as err:  # noqa: BLE001 - handed to the test's thread
+            ended.append(err)
+
+    caplog.set_level(logging.INFO, logger="anomgen")
+    with stage_lock(backbone) as lock_file:
+        assert lock_file == backbone.with_name(backbone.name + ".lock")
+        worker = threading.Thread(target=second_pipeline)
+        worker.start()
+        deadline = time.monotonic() + 120
+        while worker.is_alive() and "another run is making" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(1.0)
+        assert worker.is_alive() and not ended, "the second pipeline must wait while the stage is being made"
+        assert f"another run is making {backbone}; waiting for it" in caplog.text
+    worker.join(timeout=300)
+    assert not worker.is_alive() and len(ended) == 1 and not isinstance(ended[0], BaseException), ended
+    assert (backbone / "run.json").stat().st_mtime_ns == made  # reused, not made a second time
+    assert "finished before" in caplog.text
+
+
 def test_a_pipeline_override_reaches_only_the_stages_that_have_its_key(compose_config, tmp_path):
     """``model.sde.kind=...`` is the SDE stage's; the pretraining and OE stages (other models) do not get it, while
     group choices (``debug=tiny``) and keys every stage has reach them all."""
