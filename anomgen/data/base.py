@@ -39,15 +39,19 @@ def read_image(path: str | Path) -> torch.Tensor:
     8-bit images are divided by 255. A 16-bit grey image (:data:`WIDE_GREY_MODES`) is divided by 65535 and repeated
     to three channels (PIL's own conversion to RGB would clip every value above 255 to white); a value outside
     [0, 65535] (a 32-bit integer image) is an error naming the file. PIL opens a 16-bit RGB PNG as 8-bit RGB (the
-    high bytes) itself."""
+    high bytes) itself. A 32-bit float grey image (PIL mode ``F``, e.g. a float TIFF) is read as it is when its
+    values lie in [0, 1] (PIL's conversion would round them to 0 or 1 of 255: black); other values (or NaN) are an
+    error naming the file, never clipped."""
+    grey = floats = None
     try:
         with Image.open(path) as img:
             img.load()
             if img.mode in WIDE_GREY_MODES:
                 grey = np.asarray(img).astype(np.float64)
+            elif img.mode == "F":
+                floats = np.asarray(img, dtype=np.float32)
             else:
                 array = np.asarray(img.convert("RGB"), dtype=np.uint8)
-                grey = None
     except FileNotFoundError:
         raise DatasetError(f"image file not found: {path}") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as err:
@@ -57,6 +61,12 @@ def read_image(path: str | Path) -> torch.Tensor:
             raise DatasetError(f"image file {path}: grey values span [{grey.min():.0f}, {grey.max():.0f}]; "
                                "expected 8- or 16-bit values (0 to 65535)")
         return torch.from_numpy(grey / 65535.0).float()[None].repeat(3, 1, 1)
+    if floats is not None:
+        if floats.size and not (np.isfinite(floats).all() and floats.min() >= 0 and floats.max() <= 1):
+            raise DatasetError(f"image file {path}: float values span [{np.nanmin(floats):g}, {np.nanmax(floats):g}]"
+                               f"{' with NaN or inf' if not np.isfinite(floats).all() else ''}; expected a float "
+                               "image in [0, 1] (or an 8- or 16-bit image)")
+        return torch.from_numpy(floats.copy())[None].repeat(3, 1, 1)
     return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
 
 

@@ -68,3 +68,25 @@ def test_an_8_bit_image_is_divided_by_255(tmp_path):
     image = read_image(tmp_path / "grey8.png")
     torch.testing.assert_close(image, torch.from_numpy(grey / 255.0).float()[None].expand(3, -1, -1), rtol=0,
                                atol=1e-6)
+
+
+def test_a_float_tiff_in_0_1_reads_as_it_is(tmp_path):
+    values = np.linspace(0, 1, 4 * 5, dtype=np.float32).reshape(4, 5)  # PIL's RGB conversion made this black
+    path = tmp_path / "float.tif"
+    Image.fromarray(values, mode="F").save(path)
+    image = read_image(path)
+    assert image.shape == (3, 4, 5) and image.dtype == torch.float32
+    for channel in image:
+        torch.testing.assert_close(channel, torch.from_numpy(values), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("values, told", [
+    ([[0.0, 150.0, 300.0]], r"span \[0, 300\];"),  # 0-255 or 0-65535 floats: a scale the file does not say
+    ([[-0.5, 0.5, 1.0]], r"span \[-0.5, 1\];"),
+    ([[0.0, float("nan"), 1.0]], r"span \[0, 1\] with NaN or inf;"),
+])
+def test_a_float_image_outside_0_1_names_the_file_instead_of_clipping(tmp_path, values, told):
+    path = tmp_path / "float_bad.tif"
+    Image.fromarray(np.array(values, dtype=np.float32), mode="F").save(path)
+    with pytest.raises(DatasetError, match=rf"float_bad.tif: float values {told} expected a float image in \[0, 1\]"):
+        read_image(path)
