@@ -48,6 +48,7 @@ from anomgen.runtime import (  # noqa: E402
     TRAIN_GROUPS,
     code_version,
     finish_loggers,
+    group_choice,
     instantiate_group,
     report_errors,
     tidy_lightning_logging,
@@ -157,6 +158,8 @@ def run_pipeline(cfg: DictConfig, overrides: list[str]) -> tuple[dict, Path, boo
     from omegaconf import open_dict
 
     run_dir = Path(cfg.paths.output_dir).resolve()
+    experiment = group_choice(cfg, "experiment") or cfg.task_name  # before pipeline_dir is set (a stage has none)
+    group = f"{experiment}/{run_dir.name}"  # the stages' logger runs: one group per pipeline run, named by stage
     with open_dict(cfg):
         cfg.pipeline_dir = str(run_dir)  # ${output:STAGE.KEY} in the stages' overrides reads this pipeline
     stages = OmegaConf.to_container(cfg.pipeline, resolve=False)  # resolved one stage at a time, when it starts
@@ -176,6 +179,7 @@ def run_pipeline(cfg: DictConfig, overrides: list[str]) -> tuple[dict, Path, boo
         folder = Path(folders[name])
         label = f"stage {number}/{len(stages)} {name!r}"
         own = [pipeline.resolve_override(o, cfg) for o in stage.get("overrides") or []]
+        named = {**stage, "overrides": own, "run_name": f"{experiment}/{name}", "run_group": group}
         # a stage in a folder shared by pipelines (its `dir`, a cache) is made by one run at a time; under DDP rank 0
         # holds the lock, the other ranks wait for rank 0 inside the stage
         shared = stage.get("dir") is not None and process_rank() == 0
@@ -188,10 +192,10 @@ def run_pipeline(cfg: DictConfig, overrides: list[str]) -> tuple[dict, Path, boo
                 if stage.get("foreach") is not None:
                     started = time.monotonic()
                     log.info("%s (foreach): started in %s", label, folder)
-                    run_foreach(name, {**stage, "overrides": own}, cfg, overrides, run_dir, folder, label)
+                    run_foreach(name, named, cfg, overrides, run_dir, folder, label)
                     log.info("%s: done in %s", label, duration(time.monotonic() - started))
                 else:
-                    run_announced(label, {**stage, "overrides": own}, overrides, run_dir, folder)
+                    run_announced(label, named, overrides, run_dir, folder)
         records[name] = pipeline.read_run_record(folder) or {}
         metrics_file = records[name].get("outputs", {}).get("metrics")
         if metrics_file and Path(metrics_file).is_file():
@@ -277,7 +281,8 @@ def run_foreach(name: str, stage: dict, cfg: DictConfig, overrides: list[str], r
             log.info("%s: finished before (%s), skipped", each, sub)
             continue
         own = [*stage["overrides"], f"{key}={pipeline.hydra_value(value)}"]
-        run_announced(each, {**stage, "overrides": own}, overrides, run_dir, sub)
+        run_name = f"{stage['run_name']}/{value}" if stage.get("run_name") else None
+        run_announced(each, {**stage, "overrides": own, "run_name": run_name}, overrides, run_dir, sub)
     if process_rank() == 0:
         outputs, metrics = pipeline.foreach_record(runs)
         outputs["metrics"] = str(write_metrics(folder, metrics).resolve())
@@ -298,6 +303,7 @@ def compose_stage(stage: dict, overrides: list[str], run_dir: Path, folder: Path
     entry = stage.get("entry", "train")
     placed = [*stage["overrides"], "pipeline=null", f"pipeline_dir={pipeline.hydra_value(str(run_dir))}",
               f"paths.output_dir={pipeline.hydra_value(str(folder))}"]
+    placed += [f"{key}={pipeline.hydra_value(stage[key])}" for key in ("run_name", "run_group") if stage.get(key)]
     if stage.get("rank_zero") and entry == "train":  # rank 0 alone: one device, whatever the user's trainer.devices
         placed += ["trainer.devices=1", "++trainer.strategy=auto"]
     if stage.get("bare"):  # the pipeline's values (debug sizes included) reach it only through its own overrides

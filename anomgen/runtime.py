@@ -189,7 +189,7 @@ FRACTION_SUFFIX = "_fraction"
 _ABSENT = object()
 
 
-def _group_choice(cfg, group: str) -> str | None:
+def group_choice(cfg, group: str) -> str | None:
     """The option of config group ``group`` this run composed (``datamodule=folder``), when Hydra knows it: only for
     the job's own config (a pipeline's stage is composed apart, with choices of its own that Hydra does not keep)."""
     from omegaconf import OmegaConf
@@ -242,7 +242,7 @@ def validate_config(cfg, groups: tuple[str, ...] = TRAIN_GROUPS) -> None:
         missing = [key for key, node in _walk(cfg[group], group) if node._is_missing()
                    and not node._is_interpolation()]
         if missing:
-            choice = _group_choice(cfg, group)
+            choice = group_choice(cfg, group)
             where = f" for {group}={choice}" if choice else ""
             raise ConfigError(f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} required{where} (the "
                               f"config leaves {'it' if len(missing) == 1 else 'them'} ???): give "

@@ -662,6 +662,32 @@ def test_a_pipeline_waits_for_another_that_is_making_a_shared_stage(fitymi_digit
     assert "finished before" in caplog.text
 
 
+def test_a_pipeline_names_its_stages_logger_runs_and_groups_them(fitymi_digits_run, run_train, compose_config,
+                                                                 tmp_path, monkeypatch):
+    """Every W&B run was named after the entry point ("train"): the stages of a pipeline could not be told apart or
+    gathered. A stage's run is now <experiment>/<stage>, in one group per pipeline run; a run outside a pipeline keeps
+    its task name, and foreach values add theirs."""
+    import train as entry
+
+    seen: dict = {}
+    real_run_entry = entry.run_entry
+
+    def spy(stage_cfg, stage):
+        seen[str(stage_cfg.paths.output_dir)] = (stage_cfg.logger.wandb.name, stage_cfg.logger.wandb.group)
+        return real_run_entry(stage_cfg, stage)
+
+    monkeypatch.setattr(entry, "run_entry", spy)
+    _, run_dir, _ = run_train(["experiment=fitymi_digits", *FITYMI_TINY, "logger=wandb", "~pipeline.oe",
+                               "~pipeline.evaluate"], tmp_path / "named")
+    # the backbone is the shared cached one (skipped: no run); the SDE stage runs
+    assert seen == {str(run_dir / "sde"): ("fitymi_digits/sde", f"fitymi_digits/{run_dir.name}")}
+    alone = compose_config("train", ["model=sde_nearnd", "logger=wandb"])
+    assert (alone.logger.wandb.name, alone.logger.wandb.group) == ("train", None)
+    stage = {"overrides": ["model=diffstyle"], "run_name": "selection_animals/diffstyle/Dog", "run_group": "g/1"}
+    composed = entry.compose_stage(stage, ["experiment=selection_animals"], tmp_path, tmp_path / "diffstyle" / "Dog")
+    assert composed.logger.wandb.name == "selection_animals/diffstyle/Dog" and composed.logger.wandb.group == "g/1"
+
+
 def test_a_pipeline_override_reaches_only_the_stages_that_have_its_key(compose_config, tmp_path):
     """``model.sde.kind=...`` is the SDE stage's; the pretraining and OE stages (other models) do not get it, while
     group choices (``debug=tiny``) and keys every stage has reach them all."""
