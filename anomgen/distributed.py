@@ -47,6 +47,22 @@ def check_ranks_agree(module, tensor: torch.Tensor, what: str, atol: float = 1e-
 # -- per-rank training randomness -----------------------------------------------------------------------------------
 
 
+def gather_strided(strategy, local: torch.Tensor, total: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Rows ``0 .. total-1`` of a tensor whose row ``i`` was made by rank ``i % world`` as its local row
+    ``i // world`` (samples split strided over the ranks), gathered in order on every rank (on the CPU).
+
+    ``local`` is this rank's ``ceil((total - rank) / world)`` rows; it is padded to ``ceil(total / world)`` rows so
+    that every rank sends the same shape, moved to ``device`` for the collective (NCCL gathers GPU tensors), and the
+    padding is dropped after reordering. ``strategy`` is a Lightning strategy (``all_gather`` stacks a new first
+    dimension of size world)."""
+    world = int(strategy.world_size)
+    per_rank = -(-int(total) // world)
+    padded = local.new_zeros((per_rank, *local.shape[1:]))
+    padded[: len(local)] = local
+    gathered = strategy.all_gather(padded.to(device)).cpu()  # world × per_rank × ...
+    return gathered.transpose(0, 1).reshape(world * per_rank, *local.shape[1:])[: int(total)]
+
+
 def rank_seed(seed: int, rank: int) -> int:
     """The training seed of process ``rank``: ``seed + rank`` (the convention of every training module; rank 0 and
     a 1-process run keep ``seed``)."""

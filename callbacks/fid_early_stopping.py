@@ -21,8 +21,10 @@ first ``grid_size`` samples go to the loggers as an image grid (``train/fid_samp
 with ``train/fid_target`` and ``train/fid_reference``.
 Features come from any ``nn.Module`` (raw pixels for small images; Inception where its weights are available). The
 LightningModule provides ``sample(indices, seed) -> images in [0, 1]``; the samples of a check are seeded by their
-index, so every rank computes the same FID; under DDP rank 0's FID is broadcast and used by every rank, so that the
-stop, the band exports and the logged curve agree even where devices round differently.
+index. Under DDP each rank makes its share of a check's samples (sample i on rank i mod world) and every rank gathers
+all their features, so a check measures the same samples as on one device at 1/world of the sampling; rank 0's FID is
+broadcast and used by every rank, so that the stop, the band exports and the logged curve agree even where devices
+round differently.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from torch.utils.data import ConcatDataset, DataLoader
 
 from anomgen.data.generation import GeneratedBatch
 from anomgen.data.synthetic import write_set
+from anomgen.distributed import gather_strided
 from anomgen.encoders.base import extract_features
 from anomgen.errors import ConfigError
 from anomgen.metrics.generation import feature_statistics, frechet_distance
@@ -147,11 +150,21 @@ class FIDEarlyStopping(Callback):
         return torch.cat([pl_module.sample(c, seed=seed).cpu() for c in progress(chunks, desc=desc)])
 
     def measure(self, trainer, pl_module) -> float:
+        """The FID of ``num_samples`` samples (seeded by their index) against the real normals. Under DDP the sampling
+        is split over the ranks: rank r makes samples r, r + world, ... and the features of all are gathered
+        (:func:`~anomgen.distributed.gather_strided`), so a check costs 1/world of the sampling and measures the
+        same samples as on one device. The grid of a check shows rank 0's first samples."""
         real = self._real(trainer)
-        images = self._samples(pl_module, list(range(self.num_samples)), self.sample_seed)
+        world, rank = max(int(trainer.world_size), 1), int(trainer.global_rank)
+        if self.num_samples < world:
+            raise ConfigError(f"callbacks.fid_early_stopping.num_samples ({self.num_samples}) must be at least the "
+                              f"number of processes ({world}): each samples its share of a check")
+        images = self._samples(pl_module, list(range(rank, self.num_samples, world)), self.sample_seed)
         self.last_samples = images[: self.grid_size]
-        fake = self._stats([{"image": images}])
-        return float(frechet_distance(*fake, *real))
+        features = extract_features(self.extractor, [{"image": images}], desc="fid: features")
+        if world > 1:
+            features = gather_strided(trainer.strategy, features, self.num_samples, device=pl_module.device)
+        return float(frechet_distance(*feature_statistics(features), *real))
 
     # -- hooks -----------------------------------------------------------------------------------------------
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -160,7 +173,8 @@ class FIDEarlyStopping(Callback):
             return
         was_training = pl_module.training
         pl_module.eval()
-        fid = float(trainer.strategy.broadcast(self.measure(trainer, pl_module), src=0))  # rank 0's decides
+        # every rank measures the same gathered features; rank 0's value decides (another device may round differently)
+        fid = float(trainer.strategy.broadcast(self.measure(trainer, pl_module), src=0))
         pl_module.train(was_training)
         self.curve.append((step, fid))
         pl_module.last_fid = fid

@@ -131,3 +131,29 @@ def test_outside_a_process_group_this_is_rank_zero_and_barrier_returns(monkeypat
     barrier()
     monkeypatch.setenv("LOCAL_RANK", "1")  # a process a launcher started, before its process group exists
     assert process_rank() == 1
+
+
+def test_gather_strided_puts_every_rank_s_rows_back_in_sample_order():
+    """Sample i made by rank i % world as its row i // world: after the gather every rank holds rows 0..total-1 in
+    order, whatever the remainder (the ranks' shares differ by one; padding is dropped)."""
+    import torch
+
+    from anomgen.distributed import gather_strided
+
+    for world, total in ((3, 7), (2, 8), (4, 5)):
+        rows = torch.arange(total * 2, dtype=torch.float32).reshape(total, 2)
+        shares = [rows[rank::world] for rank in range(world)]
+        padded = []
+
+        class Strategy:
+            world_size = world
+
+            def all_gather(self, tensor):
+                padded.append(tensor)
+                return torch.stack(padded) if len(padded) == world else None
+
+        strategy = Strategy()
+        for rank in range(world - 1):  # the other ranks' sends, then this rank's gather
+            padded.append(torch.cat([shares[rank], shares[rank].new_zeros(-(-total // world) - len(shares[rank]), 2)]))
+        out = gather_strided(strategy, shares[-1], total)
+        torch.testing.assert_close(out, rows, rtol=0, atol=0)

@@ -93,6 +93,43 @@ def test_every_rank_decides_on_rank_zeros_fid(monkeypatch):
     assert trainer.global_step == 2
 
 
+def test_under_ddp_each_rank_samples_its_share_and_the_fid_is_the_one_device_fid():
+    """Every rank used to sample all of a check's images. Rank r now samples r, r + world, ... (seeded by index) and
+    the features are gathered in order, so the FID is the one-device FID of the same samples. Two ranks are played in
+    turn: rank 1's gather is recorded, then rank 0 gathers its own features and rank 1's (an odd count: padding)."""
+    from types import SimpleNamespace
+
+    model = _model().eval()
+    dm = _datamodule()
+    dm.setup("fit")
+    fid = FIDEarlyStopping(RawPixels(), every_n_steps=2, num_samples=7, target=1.0, grid_size=0, batch_size=3)
+    sampled: list[int] = []
+    sample = model.sample
+    model.sample = lambda indices, seed: sampled.extend(indices) or sample(indices, seed=seed)
+
+    one_device = fid.measure(SimpleNamespace(datamodule=dm, world_size=1, global_rank=0), model)
+    assert sampled == list(range(7))
+    sent: dict[int, torch.Tensor] = {}
+
+    class TwoRanks:
+        world_size = 2
+
+        def __init__(self, rank: int) -> None:
+            self.rank = rank
+
+        def all_gather(self, tensor):
+            sent[self.rank] = tensor
+            return torch.stack([sent.get(0, tensor), sent.get(1, tensor)])
+
+    for rank in (1, 0):
+        sampled.clear()
+        fid_of_rank = fid.measure(SimpleNamespace(datamodule=dm, world_size=2, global_rank=rank,
+                                                  strategy=TwoRanks(rank)), model)
+        assert sampled == list(range(rank, 7, 2))  # its share only
+        assert len(sent[rank]) == 4  # padded to ceil(7 / 2) rows
+    assert fid_of_rank == pytest.approx(one_device, rel=1e-4)
+
+
 @pytest.mark.parametrize("kw, message", [
     (dict(target=1.0, refine_every_n_steps=20), "1..every_n_steps"),
     (dict(target=1.0, refine_every_n_steps=2, refine_factor=1.0), "> 1"),
