@@ -264,13 +264,29 @@ def validate_config(cfg, groups: tuple[str, ...] = TRAIN_GROUPS) -> None:
 
 def own_error(err: BaseException) -> AnomgenError | None:
     """The project's own error behind ``err``: ``err`` itself, or the one it was raised from (Hydra raises an
-    ``InstantiationException`` from an error of a constructor it calls); ``None`` when there is none."""
-    seen: set[int] = set()
-    while err is not None and id(err) not in seen:
+    ``InstantiationException`` from an error of a constructor it calls); ``None`` when there is none.
+
+    A plain ``ValueError`` that a component's constructor raised while Hydra instantiated it from the config (e.g.
+    ``model.sde.kind=xx`` reaching ``score_unet``) is a value of the config that the component refused: it comes back
+    as a :class:`~anomgen.errors.ConfigError` naming the config key (``model.unet: unknown SDE kind 'xx'; ...``)."""
+    chain: list[BaseException] = []
+    while err is not None and all(err is not seen for seen in chain):
         if isinstance(err, AnomgenError):
             return err
-        seen.add(id(err))
+        chain.append(err)
         err = err.__cause__
+    return refused_config_value(chain)
+
+
+def refused_config_value(chain: list[BaseException]) -> ConfigError | None:
+    """The innermost Hydra ``InstantiationException`` of ``chain`` (an error and its causes) raised from a
+    ``ValueError``, as a ``ConfigError`` ``"<full_key>: <message>"``; ``None`` when there is none."""
+    from hydra.errors import InstantiationException
+
+    for outer, cause in reversed(list(zip(chain, chain[1:]))):
+        if isinstance(outer, InstantiationException) and type(cause) is ValueError:
+            key = re.search(r"^full_key: (\S+)$", str(outer), re.M)
+            return ConfigError(f"{key.group(1)}: {cause}" if key else str(cause))
     return None
 
 

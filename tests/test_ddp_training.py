@@ -50,7 +50,8 @@ def _runs(tmp_path: Path) -> list[Path]:
 def test_sde_job_on_two_devices_one_run_folder_one_set_and_a_checkpoint_that_resumes(tmp_path):
     """``trainer.devices=2`` alone (no trainer=ddp): DDP with 2 gloo processes; one run folder, written by rank 0;
     the FID checks run on both ranks (each samples half of a check's images, seeded by index, the features are
-    gathered, and both take rank 0's decision); the exported set has every sample once; and the checkpoint resumes on 2 processes where it stopped."""
+    gathered, and both take rank 0's decision); the exported set has every sample once; and the checkpoint resumes on
+    2 processes where it stopped."""
     import torch
 
     from anomgen.data.synthetic import read_manifest

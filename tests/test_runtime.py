@@ -62,6 +62,36 @@ def test_an_error_of_a_dataloader_worker_comes_without_the_worker_s_traceback(no
     assert code == 1 and lines == ["error: cannot read image file /data/000.png: truncated"]
 
 
+def _library_check(kind: str) -> str:
+    """A library function that checks its argument with a plain ValueError (as anomgen.diffusion.sde does)."""
+    if kind not in ("ve", "vp"):
+        raise ValueError(f"unknown SDE kind {kind!r}; expected 've' or 'vp'")
+    return kind
+
+
+class _Holds:
+    def __init__(self, unet) -> None:
+        self.unet = unet
+
+
+class _BuggyInside:
+    def __init__(self) -> None:
+        raise TypeError("a bug in a constructor")
+
+
+def test_a_value_a_component_refused_while_instantiated_is_one_line_naming_the_key(no_traceback_env, capsys):
+    """``model.sde.kind=xx`` reached a library check (a plain ValueError) through Hydra: five lines of Hydra's
+    wrapping before. A ValueError raised while instantiating a config now prints as one line with the config key."""
+    model = {"_target_": f"{__name__}._Holds", "unet": {"_target_": f"{__name__}._library_check", "kind": "xx"}}
+    code, lines = _exit_of(lambda: hydra.utils.instantiate({"model": model}).model, capsys)
+    assert code == 1 and lines == ["error: model.unet: unknown SDE kind 'xx'; expected 've' or 'vp'"]
+    # other errors of a constructor (a bug) keep their traceback; so does a ValueError outside instantiation
+    with pytest.raises(hydra.errors.InstantiationException, match="a bug in a constructor"):
+        with report_errors():
+            hydra.utils.instantiate({"_target_": f"{__name__}._BuggyInside"})
+    assert capsys.readouterr().err == ""
+
+
 @pytest.mark.parametrize("env", [TRACEBACK_ENV, "HYDRA_FULL_ERROR"])
 def test_the_traceback_env_lets_the_error_through(no_traceback_env, monkeypatch, env):
     monkeypatch.setenv(env, "1")
