@@ -532,6 +532,11 @@ def test_fitymi_recipe_is_chosen_on_every_digit_and_applied_to_animals(tmp_path,
     animals = calls[1]
     assert animals[animals.index("--experiment") + 1] == "fitymi_animals" and "--stop-only" in animals
     assert animals[animals.index("--recipe"):] == ["--recipe", "lr1e-3", "oe.lr=1e-3"]
+    # the pipeline's own OE run of every call is the earlier recipe, whatever configs/fitymi/small.yaml says now
+    for argv in calls:
+        at = argv.index("--extra")
+        assert argv[at + 1 : at + 1 + len(fitymi_recipe.BASELINE)] == ["oe.lr=4e-3", "oe.freeze_blocks=2",
+                                                                      "oe.epochs=30"]
 
 
 def test_selection_runs_tables_from_run_folders(tmp_path, monkeypatch):

@@ -126,8 +126,11 @@ def test_model_configs(compose_config, option):
     cfg = compose_config("train", [f"model={option}"])
     model_cfg = cfg.model
     optimizer = model_cfg.optimizer
-    small = option == "vit_oe"  # the small-set recipe: lr ×10, half the blocks frozen
-    assert optimizer._target_ == "torch.optim.SGD" and optimizer.lr == (4e-3 if small else 4e-4)
+    small = option == "vit_oe"  # the small-set recipe (chosen on digits): lr ×40, half the blocks frozen
+    assert optimizer._target_ == "torch.optim.SGD" and optimizer.lr == (1.6e-2 if small else 4e-4)
+    if small:  # the FITYMI pipelines' OE recipe (oe.*) is the same recipe as the model's own defaults
+        oe = compose_config("train", ["experiment=fitymi_animals"]).oe
+        assert (oe.lr, oe.freeze_blocks) == (optimizer.lr, model_cfg.freeze_blocks)
     assert optimizer.weight_decay == 5e-5
     assert optimizer.momentum == 0.0
     if option == "vit_oe":
