@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from anomgen.data.synthetic import SyntheticSet, read_manifest
+from anomgen.errors import ConfigError
 from anomgen.quality.set_scoring import score_set, select_top
 from anomgen.visualize import image_grid, save_png, score_histogram
 from callbacks.export import SyntheticSetExport
@@ -51,11 +52,19 @@ class QualityFilter(Callback):
         """What the run records (``run.json``): the kept set, as ``synthetic_set_<key>_top``."""
         return {} if self.selected is None else {f"synthetic_set_{self.key}_top": str(self.selected.resolve())}
 
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        """When fitting (or generating) starts, not after the generation: the set is scored once exported, so a
+        :class:`~callbacks.export.SyntheticSetExport` must be listed before this callback."""
+        callbacks = list(trainer.callbacks)
+        before = callbacks[: callbacks.index(self)] if self in callbacks else callbacks
+        if not any(isinstance(c, SyntheticSetExport) for c in before):
+            raise ConfigError("callbacks.quality_filter scores the exported set: list callbacks.synthetic_set_export "
+                              "before it (callbacks=eap does)")
+
     def on_predict_end(self, trainer, pl_module) -> None:
         export = next((c for c in trainer.callbacks if isinstance(c, SyntheticSetExport)), None)
         if export is None or export.exported is None:
-            raise RuntimeError("QualityFilter needs a SyntheticSetExport callback listed before it (the set is "
-                               "scored once it has been exported)")
+            raise RuntimeError("QualityFilter: the SyntheticSetExport callback exported no set to score")
         out = self.dirpath or export.dirpath.with_name(f"{export.dirpath.name}_{self.key}_top")
         if trainer.is_global_zero:
             scores = score_set(export.dirpath, self.scorer, self.extractor, trainer.datamodule.support,

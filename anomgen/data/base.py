@@ -71,11 +71,12 @@ def read_image(path: str | Path) -> torch.Tensor:
 
 
 def read_mask(path: str | Path) -> torch.Tensor:
-    """Read a mask file as float H×W in {0, 1}, binarised with ``> 0`` (VisA masks hold small integers)."""
+    """Read a mask file as float H×W in {0, 1}, binarised with ``> 0`` (VisA masks hold small integers; a float mask,
+    PIL mode ``F``, is read as its values: PIL's conversion to 8 bits would round a soft edge below 0.5 to 0)."""
     try:
         with Image.open(path) as img:
             img.load()
-            array = np.asarray(img.convert("L") if img.mode not in ("L", "1", "P", "I", "I;16") else img)
+            array = np.asarray(img.convert("L") if img.mode not in ("L", "1", "P", "I", "I;16", "F") else img)
     except FileNotFoundError:
         raise DatasetError(f"mask file not found: {path}") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as err:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from anomgen.data.base import read_image
+from anomgen.data.base import read_image, read_mask
 from anomgen.errors import DatasetError
 
 
@@ -90,3 +90,10 @@ def test_a_float_image_outside_0_1_names_the_file_instead_of_clipping(tmp_path, 
     Image.fromarray(np.array(values, dtype=np.float32), mode="F").save(path)
     with pytest.raises(DatasetError, match=rf"float_bad.tif: float values {told} expected a float image in \[0, 1\]"):
         read_image(path)
+
+
+def test_a_float_mask_is_binarised_on_its_values(tmp_path):
+    """Every pixel above 0 is anomalous, as for integer masks; PIL's 8-bit conversion rounded 0.3 to 0 before."""
+    path = tmp_path / "mask.tif"
+    Image.fromarray(np.array([[0.0, 0.3, 0.6, 1.0]], dtype=np.float32), mode="F").save(path)
+    torch.testing.assert_close(read_mask(path), torch.tensor([[0.0, 1.0, 1.0, 1.0]]), rtol=0, atol=0)

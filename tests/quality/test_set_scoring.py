@@ -81,3 +81,19 @@ def test_subset_set_errors(a_set, tmp_path):
 def test_score_set_needs_labelled_anomalies(a_set):
     with pytest.raises(ValueError, match="labelled real anomalies"):
         score_set(a_set, NegativeDistanceToLabelled(), RawPixels(), _records([0.0], 0), [], key="q")
+
+
+def test_the_quality_filter_refuses_a_run_without_an_export_before_it_when_the_run_starts(tmp_path):
+    """The missing export callback was found at predict end, after fitting and generating; it is now refused in
+    setup, which Lightning calls before fitting."""
+    from types import SimpleNamespace
+
+    from anomgen.errors import ConfigError
+    from callbacks import QualityFilter, SyntheticSetExport
+
+    quality = QualityFilter(NegativeDistanceToLabelled(), RawPixels(), labelled_anomalies=[])
+    export = SyntheticSetExport(dirpath=str(tmp_path / "set"))
+    for callbacks in ([quality], [quality, export]):
+        with pytest.raises(ConfigError, match="list callbacks.synthetic_set_export before it"):
+            quality.setup(SimpleNamespace(callbacks=callbacks), None, "fit")
+    quality.setup(SimpleNamespace(callbacks=[export, quality]), None, "fit")
