@@ -1,5 +1,6 @@
-"""DDP scaling of the score-SDE stage: samples per second on 1, 2 and 4 processes, for training steps and for
-generation + export, each as a ratio to 1 process. Feeds the table "DDP scaling" of docs/results/performance.md.
+"""DDP scaling of the score-SDE stage: samples per second on 1, 2 and 4 processes, for training steps, for
+generation + export and for an FID check, each as a ratio to 1 process. Feeds the table "DDP scaling" of
+docs/results/performance.md.
 
     python benchmarks/ddp_scaling.py                                  # CPU: gloo processes, 1 thread each
     python benchmarks/ddp_scaling.py --accelerator gpu                # one process per GPU (NCCL)
@@ -14,7 +15,10 @@ Each process count runs in a fresh process of this script (``--worker``), which 
   N × batch images a step); samples/s counts every process's images over the steps after ``--warmup``;
 - **generation + export**: ``--num-generated`` samples (``--sampling-steps`` predictor-corrector steps each), split
   over the processes by the export's sampler, written as shards and merged by rank 0 (strong scaling: a fixed set);
-  samples/s is that number over the wall time of ``Trainer.predict``, the merge included.
+  samples/s is that number over the wall time of ``Trainer.predict``, the merge included;
+- **FID check**: one check of FID early stopping (``FIDEarlyStopping.measure``) on ``--num-generated`` samples, split
+  over the processes (sample i on rank i mod N) with the features gathered; samples/s is that number over the wall
+  time of the check (the real images' statistics are computed before, untimed).
 
 Process start-up and imports are not timed. The ratio to 1 process is the figure to read: on a GPU machine, how far
 from N× DDP gets; on a CPU, where the processes share the cores (``--threads`` each), it measures the overhead of
@@ -38,7 +42,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-KINDS = ("training", "generation")
+KINDS = ("training", "generation", "fid_check")
 
 
 # -- the worker: one Trainer on N devices -------------------------------------------------------------------------
@@ -51,7 +55,8 @@ def _worker(args) -> None:
     sys.path.insert(0, str(ROOT))  # models/, callbacks/, datamodules/: repository folders
     from anomgen.data import Digits
     from anomgen.diffusion import score_unet
-    from callbacks import SyntheticSetExport
+    from anomgen.encoders import RawPixels
+    from callbacks import FIDEarlyStopping, SyntheticSetExport
     from datamodules import AnomalyDataModule
     from models.sde_nearnd import SDENearND
 
@@ -96,12 +101,22 @@ def _worker(args) -> None:
     t0 = time.perf_counter()
     trainer.predict(model, datamodule=dm, return_predictions=False)
     generation_seconds = time.perf_counter() - t0
+    fid = FIDEarlyStopping(RawPixels(), every_n_steps=1, num_samples=args.num_generated,
+                           batch_size=args.eval_batch_size, grid_size=0)
+    fid._real(trainer)  # the real images' statistics: once per run, not part of a check
+    model.eval()
+    trainer.strategy.barrier("ddp_scaling:fid")
+    t0 = time.perf_counter()
+    fid.measure(trainer, model)
+    trainer.strategy.barrier("ddp_scaling:fid_done")
+    fid_seconds = time.perf_counter() - t0
     if trainer.is_global_zero:
         from anomgen.data.synthetic import SyntheticSet
 
         result = {"processes": args.processes, "world_size": trainer.world_size,
                   "training": {"samples": throughput.images, "seconds": throughput.seconds},
                   "generation": {"samples": len(SyntheticSet(out)), "seconds": generation_seconds},
+                  "fid_check": {"samples": args.num_generated, "seconds": fid_seconds},
                   "device": _device(args.accelerator)}
         Path(args.out).write_text(json.dumps(result))
 
@@ -163,8 +178,8 @@ def markdown(rows: list[dict]) -> str:
             r = by[(kind, n)]
             cells += [f"{r['samples_per_s']:.1f}", f"{r['ratio']:.2f}×"]
         body.append(cells)
-    return table(["processes", "training samples/s", "ratio to 1", "generation + export samples/s", "ratio to 1"],
-                 body)
+    return table(["processes", "training samples/s", "ratio to 1", "generation + export samples/s", "ratio to 1",
+                  "FID check samples/s", "ratio to 1"], body)
 
 
 def main(argv=None) -> None:
@@ -207,7 +222,8 @@ def main(argv=None) -> None:
         device = rows[0]["device"]
         note = (f"{device}, {args.threads} thread(s) per process; training: {args.steps - args.warmup} timed steps "
                 f"of {args.batch_size} images per process; generation: {args.num_generated} samples of "
-                f"{args.sampling_steps} PC steps, exported and merged.")
+                f"{args.sampling_steps} PC steps, exported and merged; FID check: the same number of samples, "
+                "pixel features gathered over the processes.")
         write_doc(args.doc, "ddp_scaling", "ddp_scaling.py", sys.argv[1:] if argv is None else argv, text, note)
 
 

@@ -412,21 +412,23 @@ def test_ddp_scaling_ratios_and_table(tmp_path):
     its block of the performance page (a copy)."""
     ddp_scaling = _ddp_scaling()
     measured = {1: {"training": {"samples": 100, "seconds": 2.0}, "generation": {"samples": 64, "seconds": 4.0},
-                    "device": "cpu (2 cores)"},
+                    "fid_check": {"samples": 64, "seconds": 8.0}, "device": "cpu (2 cores)"},
                 2: {"training": {"samples": 200, "seconds": 2.5}, "generation": {"samples": 64, "seconds": 2.0},
-                    "device": "cpu (2 cores)"}}
+                    "fid_check": {"samples": 64, "seconds": 5.0}, "device": "cpu (2 cores)"}}
     rows = ddp_scaling.results(measured)
     assert [(r["name"], r["processes"]) for r in rows] == [("ddp_scaling_training", 1), ("ddp_scaling_training", 2),
                                                            ("ddp_scaling_generation", 1),
-                                                           ("ddp_scaling_generation", 2)]
-    assert [r["samples_per_s"] for r in rows] == [50.0, 80.0, 16.0, 32.0]
-    assert [r["ratio"] for r in rows] == [1.0, 1.6, 1.0, 2.0]
+                                                           ("ddp_scaling_generation", 2),
+                                                           ("ddp_scaling_fid_check", 1), ("ddp_scaling_fid_check", 2)]
+    assert [r["samples_per_s"] for r in rows] == [50.0, 80.0, 16.0, 32.0, 8.0, 12.8]
+    assert [r["ratio"] for r in rows] == [1.0, 1.6, 1.0, 2.0, 1.0, 1.6]
     text = ddp_scaling.markdown(rows)
     assert text.splitlines() == [
-        "| processes | training samples/s | ratio to 1 | generation + export samples/s | ratio to 1 |",
-        "|---|---|---|---|---|",
-        "| 1 | 50.0 | 1.00× | 16.0 | 1.00× |",
-        "| 2 | 80.0 | 1.60× | 32.0 | 2.00× |",
+        "| processes | training samples/s | ratio to 1 | generation + export samples/s | ratio to 1 "
+        "| FID check samples/s | ratio to 1 |",
+        "|---|---|---|---|---|---|---|",
+        "| 1 | 50.0 | 1.00× | 16.0 | 1.00× | 8.0 | 1.00× |",
+        "| 2 | 80.0 | 1.60× | 32.0 | 2.00× | 12.8 | 1.60× |",
     ]
     page = tmp_path / "performance.md"
     page.write_text((BENCHMARKS.parent / "docs" / "results" / "performance.md").read_text())
@@ -445,9 +447,10 @@ def test_ddp_scaling_tiny_runs_on_one_and_two_processes():
     rows = _run("ddp_scaling.py", "--tiny", "--processes", "1", "2")
     assert [(r["name"], r["processes"]) for r in rows] == [("ddp_scaling_training", 1), ("ddp_scaling_training", 2),
                                                            ("ddp_scaling_generation", 1),
-                                                           ("ddp_scaling_generation", 2)]
-    assert all(r["samples_per_s"] > 0 for r in rows) and rows[0]["ratio"] == rows[2]["ratio"] == 1.0
-    assert [r["samples"] for r in rows] == [24, 48, 8, 8]  # 3 timed steps × 8 images × N; the whole set, once
+                                                           ("ddp_scaling_generation", 2),
+                                                           ("ddp_scaling_fid_check", 1), ("ddp_scaling_fid_check", 2)]
+    assert all(r["samples_per_s"] > 0 for r in rows) and rows[0]["ratio"] == rows[2]["ratio"] == rows[4]["ratio"] == 1.0
+    assert [r["samples"] for r in rows] == [24, 48, 8, 8, 8, 8]  # 3 timed steps × 8 images × N; the whole set, once
 
 
 @pytest.mark.slow  # every part at toy sizes (about 20 s); pytest -m slow runs it
