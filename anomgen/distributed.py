@@ -4,6 +4,8 @@
   embeddings) trains them as a submodule, so that the strategy averages their gradients over the ranks: every rank
   then holds the same vectors, and rank 0 writes the one file. :func:`check_ranks_agree` checks that at the end of
   fitting, so that a strategy that did not synchronise them is an error rather than a file of rank 0's vectors alone.
+  Work split over the ranks by index (sample i on rank i mod N, as FID checks do) comes back whole and in order on
+  every rank with :func:`gather_strided`.
 - **Training randomness differs per rank.** Every process of a run starts from ``seed_everything(cfg.seed)`` with the
   same seed, so without more every rank would draw the same diffusion times, noises, crops, flips and dropout masks at
   every step: N devices would average N copies of one draw. A training module draws from :func:`rank_generator` and
@@ -44,9 +46,6 @@ def check_ranks_agree(module, tensor: torch.Tensor, what: str, atol: float = 1e-
                            "strategy (train them as a submodule of the LightningModule)")
 
 
-# -- per-rank training randomness -----------------------------------------------------------------------------------
-
-
 def gather_strided(strategy, local: torch.Tensor, total: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """Rows ``0 .. total-1`` of a tensor whose row ``i`` was made by rank ``i % world`` as its local row
     ``i // world`` (samples split strided over the ranks), gathered in order on every rank (on the CPU).
@@ -61,6 +60,9 @@ def gather_strided(strategy, local: torch.Tensor, total: int, device: torch.devi
     padded[: len(local)] = local
     gathered = strategy.all_gather(padded.to(device)).cpu()  # world × per_rank × ...
     return gathered.transpose(0, 1).reshape(world * per_rank, *local.shape[1:])[: int(total)]
+
+
+# -- per-rank training randomness -----------------------------------------------------------------------------------
 
 
 def rank_seed(seed: int, rank: int) -> int:

@@ -62,10 +62,11 @@ def read_image(path: str | Path) -> torch.Tensor:
                                "expected 8- or 16-bit values (0 to 65535)")
         return torch.from_numpy(grey / 65535.0).float()[None].repeat(3, 1, 1)
     if floats is not None:
-        if floats.size and not (np.isfinite(floats).all() and floats.min() >= 0 and floats.max() <= 1):
+        finite = bool(np.isfinite(floats).all())
+        if floats.size and not (finite and floats.min() >= 0 and floats.max() <= 1):
             raise DatasetError(f"image file {path}: float values span [{np.nanmin(floats):g}, {np.nanmax(floats):g}]"
-                               f"{' with NaN or inf' if not np.isfinite(floats).all() else ''}; expected a float "
-                               "image in [0, 1] (or an 8- or 16-bit image)")
+                               f"{'' if finite else ' with NaN or inf'}; expected a float image in [0, 1] (or an 8- "
+                               "or 16-bit image)")
         return torch.from_numpy(floats.copy())[None].repeat(3, 1, 1)
     return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
 
